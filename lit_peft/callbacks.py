@@ -1,0 +1,67 @@
+"""Lightning plumbing: atomic checkpoint writes and the export of the adapter (or full model) for other tools."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from lit_peft.io import atomic_path, save_adapter, save_lit_checkpoint
+from lit_peft.model import trainable_state_dict
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint IO, but written to a temporary file and renamed into place."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+
+    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        # Lightning checkpoints hold optimizer state and hyperparameters (plain containers), so weights_only holds.
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+
+
+class ExportAdapter(L.Callback):
+    """Write `<out_dir>/adapter` (adapter weights + method settings) or `<out_dir>/model` (full fine-tuning).
+
+    Exported every `every_n_steps` optimizer steps and at the end of training, atomically, on global rank 0 only.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        meta: dict[str, Any],
+        base_dir: str | Path,
+        full: bool,
+        every_n_steps: int | None = None,
+    ) -> None:
+        self.out_dir, self.meta, self.base_dir, self.full = Path(out_dir), meta, Path(base_dir), full
+        self.every_n_steps = every_n_steps
+
+    @property
+    def target(self) -> Path:
+        return self.out_dir / ("model" if self.full else "adapter")
+
+    def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        meta = {**self.meta, "step": trainer.global_step}
+        if self.full:
+            save_lit_checkpoint(self.target, pl_module.model.state_dict(), self.base_dir)
+            with atomic_path(self.target / "lit_peft.json") as tmp:
+                tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        else:
+            save_adapter(self.target, trainable_state_dict(pl_module.model), meta)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != getattr(self, "_last", -1):
+            self._last = step
+            self.export(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.export(trainer, pl_module)

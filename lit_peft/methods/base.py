@@ -1,0 +1,207 @@
+"""The contract every method fulfils: which Linears it targets, the adapter module it wraps them in, merge, off switch.
+
+A method never subclasses the model. It swaps target `nn.Linear`s of a loaded LitGPT `GPT` for `AdapterLinear`s
+that keep the frozen Linear as `.base` and add their own trainable parameters. On the fused `qkv` Linear, the
+adapter sees q, k and v as separate matrices (`parts`), each with its own rows and its own enable flag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from litgpt import GPT
+from torch import nn
+
+from lit_peft.qkv import QKV_LAYOUTS, QKV_PARTS, qkv_rows
+
+TARGETS = ("query", "key", "value", "projection", "mlp", "head")
+# Attribute names of the MLP Linears across LitGPT's MLP classes (LLaMAMLP, GptNeoxMLP, GemmaMLP).
+MLP_LINEARS = ("fc_1", "fc_2", "fc", "proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """A sub-matrix of a Linear that an adapter treats as its own: rows of the output it owns."""
+
+    name: str
+    rows: torch.Tensor  # (n_rows,) indices into the Linear's output features
+
+
+class AdapterLinear(nn.Module):
+    """A frozen Linear plus a method's trainable parameters.
+
+    `parts` lists the output-row groups that get an adapter (one "all" part for a plain Linear; some of
+    query/key/value for fused qkv). Subclasses implement `adapted(x, y)`: the output given input x and base output y,
+    and `delta_weight()`: the dense change to the base weight, for merge.
+    """
+
+    def __init__(self, base: nn.Linear, parts: list[Part]) -> None:
+        super().__init__()
+        if not parts:
+            raise ValueError("an adapter needs at least one part")
+        self.base = base
+        self.base.requires_grad_(False)
+        self.part_names = [p.name for p in parts]
+        rows = torch.cat([p.rows for p in parts])
+        self.register_buffer("rows", rows, persistent=False)
+        self.part_sizes = [len(p.rows) for p in parts]
+        # Adapted rows in natural order [0, out): the output can be replaced whole instead of scattered.
+        self.covers_all = len(rows) == base.out_features and bool((rows == torch.arange(len(rows))).all())
+        self.enabled = True
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # some litgpt code paths read `.weight` of Linears
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
+        return self.adapted(x)
+
+    def adapted(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """Dense `W' - W` over all output rows (out, in), in the base weight's dtype and device."""
+        raise NotImplementedError
+
+    def add_to_rows(self, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """y (..., out) plus delta (..., n_rows) placed at this adapter's rows."""
+        if self.covers_all:
+            return y + delta
+        return y.index_add(-1, self.rows, delta.to(y.dtype))
+
+    @torch.no_grad()
+    def merged_linear(self) -> nn.Linear:
+        """A plain Linear whose output equals this adapter's (enabled) output."""
+        w = self.base.weight
+        merged = nn.Linear(
+            self.in_features, self.out_features, bias=self.base.bias is not None, device=w.device, dtype=w.dtype
+        )
+        merged.weight.copy_(w.float().add(self.delta_weight().float()).to(w.dtype))
+        if self.base.bias is not None:
+            merged.bias.copy_(self.base.bias)
+        return merged
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSettings:
+    """Base for a method's settings: validated, serialisable, rebuilt from the saved adapter config."""
+
+    targets: tuple[str, ...] = ("query", "value")
+    qkv_layout: str = "concatenated"
+
+    def __post_init__(self) -> None:
+        targets = tuple(self.targets)
+        object.__setattr__(self, "targets", targets)
+        bad = [t for t in targets if t not in TARGETS]
+        if bad or not targets:
+            raise ValueError(f"unknown target {bad[0] if bad else '(none)'!r}; valid targets: {', '.join(TARGETS)}")
+        if self.qkv_layout not in QKV_LAYOUTS:
+            raise ValueError(f"unknown qkv_layout {self.qkv_layout!r}; valid: {', '.join(QKV_LAYOUTS)}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MethodSettings:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown setting {unknown[0]!r} for this method; valid settings: {', '.join(sorted(names))}"
+            )
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+class Method:
+    """A fine-tuning method: settings type, the adapter it builds, and which parameters train."""
+
+    name: ClassVar[str]
+    Settings: ClassVar[type[MethodSettings]] = MethodSettings
+    wraps_linears: ClassVar[bool] = True
+
+    def make_adapter(self, base: nn.Linear, parts: list[Part], settings: MethodSettings) -> AdapterLinear:
+        raise NotImplementedError
+
+    def apply(self, model: GPT, settings: MethodSettings) -> list[str]:
+        """Swap every targeted Linear of `model` for an adapter; freeze everything else. Returns adapted names."""
+        model.requires_grad_(False)
+        adapted = []
+        for name, linear, parts in target_linears(model, settings.targets, settings.qkv_layout):
+            parent, attr = _parent(model, name)
+            setattr(parent, attr, self.make_adapter(linear, parts, settings))
+            adapted.append(name)
+        if not adapted:
+            raise ValueError(f"targets {list(settings.targets)} matched no Linear in the model")
+        return adapted
+
+
+def target_linears(
+    model: GPT, targets: tuple[str, ...], qkv_layout: str
+) -> Iterator[tuple[str, nn.Linear, list[Part]]]:
+    """(name, Linear, parts) for every Linear that `targets` selects, in module order."""
+    config = model.config
+    qkv_parts = [p for p in QKV_PARTS if p in targets]
+    rows = qkv_rows(config, qkv_layout) if qkv_parts else {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        *_, parent_name, attr = ("", "", *name.split("."))
+        if parent_name == "attn" and attr == "qkv":
+            if qkv_parts:
+                yield name, module, [Part(p, rows[p]) for p in qkv_parts]
+            continue
+        selected = (
+            (parent_name == "attn" and attr == "proj" and "projection" in targets)
+            or (parent_name == "mlp" and attr in MLP_LINEARS and "mlp" in targets)
+            or (name == "lm_head" and "head" in targets)
+        )
+        if selected:
+            yield name, module, [Part("all", torch.arange(module.out_features))]
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def adapters(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLinear):
+            yield name, module
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the model as its frozen base: every adapter off for the duration (teachers, DPO references)."""
+    mods = [m for _, m in adapters(model)]
+    previous = [m.enabled for m in mods]
+    for m in mods:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m, was in zip(mods, previous, strict=False):
+            m.enabled = was
+
+
+def merge_adapters(model: nn.Module) -> int:
+    """Fold every adapter into its base Linear in place; the model becomes a plain LitGPT model. Returns the count."""
+    found = list(adapters(model))
+    for name, module in found:
+        parent, attr = _parent(model, name)
+        setattr(parent, attr, module.merged_linear())
+    return len(found)

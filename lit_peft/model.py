@@ -1,0 +1,69 @@
+"""Build a LitGPT model from a checkpoint folder, install a method, and move adapter weights in and out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from litgpt import GPT, Config
+
+from lit_peft.io import load_adapter
+from lit_peft.methods import Method, MethodSettings, build_settings
+
+
+class CheckpointNotFound(FileNotFoundError):
+    pass
+
+
+def load_config(checkpoint_dir: str | Path) -> Config:
+    checkpoint_dir = Path(checkpoint_dir)
+    config_file = checkpoint_dir / "model_config.yaml"
+    if not config_file.is_file():
+        raise CheckpointNotFound(
+            f"no LitGPT checkpoint at {checkpoint_dir} (model_config.yaml missing); get it with "
+            f"`python scripts/download.py model=<name>` or `python scripts/download.py --repo-id <org/name>`"
+        )
+    return Config.from_file(config_file)
+
+
+def load_base(checkpoint_dir: str | Path, max_seq_length: int | None = None) -> GPT:
+    """The frozen-or-not base GPT with its pretrained weights (safetensors-free: lit_model.pth, weights_only)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    config = load_config(checkpoint_dir)
+    weights = checkpoint_dir / "lit_model.pth"
+    if not weights.is_file():
+        raise CheckpointNotFound(f"no weights at {weights}; re-run `python scripts/download.py` for this model")
+    model = GPT(config)
+    state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+    state = state.get("model", state)
+    model.load_state_dict(state, strict=True)
+    if max_seq_length is not None:
+        model.max_seq_length = min(max_seq_length, config.block_size)
+    return model
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Exactly the parameters that train (the adapter), by their names in the model."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def install_method(model: GPT, name: str, values: dict[str, Any]) -> tuple[Method, MethodSettings]:
+    method, settings = build_settings(name, values)
+    method.apply(model, settings)
+    return method, settings
+
+
+def load_adapter_into(model: GPT, adapter_dir: str | Path) -> dict[str, Any]:
+    """Install the method saved in `adapter_dir` on `model` and load its weights. Returns the saved metadata."""
+    weights, meta = load_adapter(adapter_dir)
+    install_method(model, meta["method"], meta["settings"])
+    expected = set(trainable_state_dict(model))
+    missing, unexpected = expected - set(weights), set(weights) - expected
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter {adapter_dir} does not fit this model: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}"
+        )
+    model.load_state_dict(weights, strict=False)
+    return meta

@@ -1,0 +1,100 @@
+"""The LightningModule: a LitGPT GPT with a method installed, trained on a task's loss."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from lit_peft.model import trainable_state_dict
+from lit_peft.tasks import Task
+
+
+def warmup_cosine(warmup_steps: int, max_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warmup from 0 to 1 over `warmup_steps`, then cosine down to `min_lr_ratio`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class FineTuneModule(L.LightningModule):
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
+        save_full_state: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.optimizer_factory = optimizer
+        self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
+        # Adapter runs keep only trainable weights in Lightning checkpoints; the frozen base comes from its own folder.
+        self.save_full_state = save_full_state
+        self.strict_loading = save_full_state
+        self._step_start: float | None = None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids)
+
+    def on_train_start(self) -> None:
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        for logger in self.loggers:
+            logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=0)
+        self.print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.3f}%)")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._step_start is None:
+            self._step_start = time.perf_counter()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, metrics = self.task(self.model, batch)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        for k, v in metrics.items():
+            self.log(f"train/{k}", v.float(), on_step=True, on_epoch=False, reduce_fx="sum")
+        self._tokens = getattr(self, "_tokens", 0) + int(batch["input_ids"].numel())
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.trainer.fit_loop._should_accumulate():
+            return
+        elapsed = time.perf_counter() - (self._step_start or time.perf_counter())
+        tokens = getattr(self, "_tokens", 0) * self.trainer.world_size
+        self.log("tokens_per_sec", tokens / max(elapsed, 1e-9), prog_bar=True, on_step=True, on_epoch=False)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, on_step=True, on_epoch=False)
+        self._step_start, self._tokens = None, 0
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, metrics = self.task(self.model, batch)
+        weight = metrics.get("target_tokens", torch.tensor(1)).float()
+        self.log("val_loss", loss, prog_bar=True, on_epoch=True, batch_size=int(weight.clamp(min=1)), sync_dist=True)
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("nothing to train: the method left no parameter with requires_grad=True")
+        optimizer = self.optimizer_factory(params)
+        max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(self.warmup_steps, int(max_steps), self.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self.save_full_state:
+            checkpoint["state_dict"] = {f"model.{k}": v for k, v in trainable_state_dict(self.model).items()}

@@ -1,0 +1,35 @@
+"""Supervised fine-tuning: next-token cross-entropy on the target (response) tokens only."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lit_peft.data.tokenize import IGNORE_INDEX
+
+
+class Task:
+    """batch -> (loss, metrics). `model` is the LitGPT GPT with whatever method is installed."""
+
+    def __call__(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting labels[:, t+1] from position t, over unmasked tokens."""
+    logits = logits[:, :-1].reshape(-1, logits.size(-1))  # (B*(T-1), V)
+    targets = labels[:, 1:].reshape(-1)  # (B*(T-1),)
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
+
+
+class SFT(Task):
+    def __call__(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = model(batch["input_ids"])  # (B, T, V)
+        loss = causal_lm_loss(logits, batch["labels"])
+        n_targets = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        return loss, {"target_tokens": n_targets}

