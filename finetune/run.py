@@ -14,14 +14,14 @@ from omegaconf import DictConfig
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lit_peft.cli import check_group_choices, fail  # noqa: E402
+from lit_peft.cli import check_group_choices, fail, remove_if_only_hydra_files, run_dir_follows_out_dir  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="config")
 def main(cfg: DictConfig) -> dict:
     from lit_peft.train import train
 
-    with fail.on_user_error():
+    with fail.on_user_error(cleanup=lambda: remove_if_only_hydra_files(Path(cfg.out_dir))):
         result = train(cfg)
     print(f"exported: {result['export']}\nlogs: {result['log_dir']}")
     if "val_loss" in result["initial"] and "val_loss" in result["final"]:
@@ -31,4 +31,5 @@ def main(cfg: DictConfig) -> dict:
 
 if __name__ == "__main__":
     check_group_choices(sys.argv[1:], ROOT / "conf")
+    sys.argv = run_dir_follows_out_dir(sys.argv)
     main()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -36,14 +37,31 @@ class fail:  # noqa: N801 - a namespace of two helpers
 
     @staticmethod
     @contextlib.contextmanager
-    def on_user_error() -> Iterator[None]:
+    def on_user_error(cleanup: Callable[[], None] | None = None) -> Iterator[None]:
         """Turn configuration, data and checkpoint errors into `error: <one line>` and exit status 2.
 
-        Set LIT_PEFT_DEBUG=1 to get the traceback instead.
+        `cleanup` runs first (to remove what the failed run began). LIT_PEFT_DEBUG=1 shows the traceback instead.
         """
         try:
             yield
         except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+            if cleanup is not None:
+                cleanup()
             if os.environ.get("LIT_PEFT_DEBUG"):
                 raise
             fail.exit(" ".join(str(e).split()) or type(e).__name__)
+
+
+def run_dir_follows_out_dir(argv: list[str]) -> list[str]:
+    """`out_dir=X` also puts Hydra's own files (.hydra/, run.log) in X, unless hydra.run.dir is given."""
+    out = [a.partition("=")[2] for a in argv if a.startswith("out_dir=")]
+    multirun = "-m" in argv or "--multirun" in argv
+    if out and not multirun and not any(a.startswith("hydra.run.dir=") for a in argv):
+        return [*argv, f"hydra.run.dir={out[-1]}"]
+    return argv
+
+
+def remove_if_only_hydra_files(out_dir: Path) -> None:
+    """Delete a run folder that holds nothing but Hydra's bookkeeping, so a failed run leaves no output behind."""
+    if out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= {".hydra", "run.log"}:
+        shutil.rmtree(out_dir, ignore_errors=True)

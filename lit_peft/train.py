@@ -83,6 +83,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         max_examples=cfg.data.get("max_examples"),
         num_workers=int(cfg.data.get("num_workers", 0)),
     )
+    data.setup("fit")  # fail fast on bad data, before anything is written
     task = get_task(cfg.task.name, **{k: v for k, v in cfg.task.items() if k != "name"})
     full = not method.wraps_linears and cfg.method.name == "full"
     module = FineTuneModule(

@@ -1,4 +1,4 @@
-"""A few checks on the real SmolLM2-135M-Instruct (slow: the model is converted once, then cached under checkpoints/)."""
+"""Checks on the real SmolLM2-135M-Instruct (slow: converted once, then cached under checkpoints/)."""
 
 from __future__ import annotations
 

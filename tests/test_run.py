@@ -52,6 +52,7 @@ def test_lora_run_writes_adapter_logs_and_checkpoint(tiny_checkpoint, tmp_path):
     res = finetune(tiny_checkpoint, out, "method=lora", "method.targets=[query,key,value,mlp]")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "held-out loss:" in res.stdout
+    assert (out / ".hydra" / "config.yaml").is_file() and (out / "run.log").is_file()  # Hydra follows out_dir
 
     weights = load_file(str(out / "adapter" / "adapter.safetensors"))
     meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
@@ -144,7 +145,7 @@ def test_bad_input_is_one_line_and_non_zero(tiny_checkpoint, tmp_path, override,
     assert res.returncode == 2
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(message), res.stderr[-2000:]
-    assert not (out / "adapter").exists() and not (out / "checkpoints").exists()
+    assert not out.exists()  # nothing half-written: not even Hydra's bookkeeping
 
 
 def test_missing_checkpoint_says_how_to_get_it(tmp_path):
@@ -164,3 +165,4 @@ def test_malformed_record_names_file_and_record(tiny_checkpoint, tmp_path):
     res = finetune(tiny_checkpoint, tmp_path / "out", "data=alpaca", f"data.path={data}", "data.val_size=4")
     assert res.returncode == 2
     assert f"error: {data}: record" in res.stderr and "has no field 'output'" in res.stderr
+    assert not (tmp_path / "out").exists()
