@@ -189,7 +189,9 @@ def test_bad_settings_name_the_value_and_the_choices(values, message):
 
 
 def test_unknown_method_lists_the_registry():
-    with pytest.raises(ValueError, match=r"unknown method 'dora'; valid methods: full, lora"):
+    with pytest.raises(
+        ValueError, match=r"unknown method 'dora'; valid methods: ether, etherplus, etherplusHH, full, lora, oft"
+    ):
         build_settings("dora", {})
 
 

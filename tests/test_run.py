@@ -132,7 +132,7 @@ def test_two_point_sweep_runs_each_job(tiny_checkpoint, tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("method=dora", "error: unknown method 'dora'; valid choices: full, lora"),
+        ("method=dora", "error: unknown method 'dora'; valid choices: ether, etherplus, etherplusHH, full, lora, oft"),
         ("model=gpt5", "error: unknown model 'gpt5'; valid choices: llama2-7b, smollm2-135m-instruct, tiny-random"),
         ("data=imagenet", "error: unknown data 'imagenet'; valid choices: alpaca, synthetic"),
         ("method.targets=[query,kv]", "error: unknown target 'kv'; valid targets: query, key, value"),

@@ -13,10 +13,12 @@ from lit_peft.methods.base import (
     adapters_disabled,
     merge_adapters,
 )
+from lit_peft.methods.ether import Ether, EtherPlus, EtherPlusHH
 from lit_peft.methods.full import Full
 from lit_peft.methods.lora import LoRA
+from lit_peft.methods.oft import OFT
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Full, LoRA)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Full, LoRA, Ether, EtherPlus, EtherPlusHH, OFT)}
 
 
 def get_method(name: str) -> Method:

@@ -35,8 +35,8 @@ class AdapterLinear(nn.Module):
     """A frozen Linear plus a method's trainable parameters.
 
     `parts` lists the output-row groups that get an adapter (one "all" part for a plain Linear; some of
-    query/key/value for fused qkv). Subclasses implement `adapted(x, y)`: the output given input x and base output y,
-    and `delta_weight()`: the dense change to the base weight, for merge.
+    query/key/value for fused qkv). Subclasses implement `adapted(x)`, the adapted output, and `merged_parameters()`,
+    the dense weight and bias that give the same output (for merge and for tests against the definition).
     """
 
     def __init__(self, base: nn.Linear, parts: list[Part]) -> None:
@@ -73,8 +73,8 @@ class AdapterLinear(nn.Module):
     def adapted(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def delta_weight(self) -> torch.Tensor:
-        """Dense `W' - W` over all output rows (out, in), in the base weight's dtype and device."""
+    def merged_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Dense (weight, bias) of a plain Linear whose output equals this adapter's, computed in float32."""
         raise NotImplementedError
 
     def add_to_rows(self, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -85,14 +85,13 @@ class AdapterLinear(nn.Module):
 
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
-        """A plain Linear whose output equals this adapter's (enabled) output."""
+        """A plain Linear (base dtype and device) whose output equals this adapter's enabled output."""
         w = self.base.weight
-        merged = nn.Linear(
-            self.in_features, self.out_features, bias=self.base.bias is not None, device=w.device, dtype=w.dtype
-        )
-        merged.weight.copy_(w.float().add(self.delta_weight().float()).to(w.dtype))
-        if self.base.bias is not None:
-            merged.bias.copy_(self.base.bias)
+        weight, bias = self.merged_parameters()
+        merged = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
+        merged.weight.copy_(weight)
+        if bias is not None:
+            merged.bias.copy_(bias)
         return merged
 
 
@@ -201,6 +200,8 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
 def merge_adapters(model: nn.Module) -> int:
     """Fold every adapter into its base Linear in place; the model becomes a plain LitGPT model. Returns the count."""
     found = list(adapters(model))
+    if not found:
+        raise ValueError("nothing to merge: the model has no adapters (already merged, or trained with method=full)")
     for name, module in found:
         parent, attr = _parent(model, name)
         setattr(parent, attr, module.merged_linear())

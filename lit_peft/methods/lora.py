@@ -54,13 +54,13 @@ class LoRALinear(AdapterLinear):
         )  # (B, T, rows)
         return self.add_to_rows(y, delta * self.scaling)
 
-    def delta_weight(self) -> torch.Tensor:
-        w = self.base.weight
-        delta = torch.zeros(self.out_features, self.in_features, device=w.device, dtype=torch.float32)
+    def merged_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight = self.base.weight.float().clone()
         a_parts = self.lora_A.float().split(self.r, dim=0)
-        dense = torch.cat([b.float() @ a for a, b in zip(a_parts, self.lora_B, strict=False)], dim=0)  # (rows, in)
-        delta[self.rows] = dense * self.scaling
-        return delta
+        dense = torch.cat([b.float() @ a for a, b in zip(a_parts, self.lora_B, strict=True)], dim=0)  # (rows, in)
+        weight[self.rows] += dense * self.scaling
+        bias = self.base.bias.float() if self.base.bias is not None else None
+        return weight, bias
 
 
 class LoRA(Method):

@@ -1,0 +1,118 @@
+"""The ETHER family (Bini et al., 2024): block-diagonal Householder-type transforms of a frozen weight.
+
+- ETHER: H_b = I - 2 u_b u_b^T / ||u_b||^2, a reflection (orthogonal, and not the identity at init).
+- ETHER+ (`etherplus`): H_b = I - u_b u_b^T/||u_b||^2 + v_b v_b^T/||v_b||^2, with v = -u at init so H = I.
+- ETHER+HH (`etherplusHH`): ETHER+ on both sides, W' = H_out W H_in.
+One side is the input side (W' = W H) unless `flip_side` puts it on the output side (W' = H W). Blocks follow the
+paper's block-diagonal definition: block b covers features [b*d/nb, (b+1)*d/nb) of the transformed side.
+Each H is applied to activations as a rank-1 (ETHER) or rank-2 (ETHER+) update per block: O(width) per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+
+import torch
+from torch import nn
+
+from lit_peft.methods.base import Method, MethodSettings, Part
+from lit_peft.methods.transform import BlockTransform, TransformLinear
+
+
+def _init_directions(nb: int, block: int) -> torch.Tensor:
+    u = torch.empty(nb, block)
+    nn.init.kaiming_uniform_(u, a=math.sqrt(5))  # as the reference: U(-1/sqrt(block), 1/sqrt(block))
+    return u
+
+
+def _project(x: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """(unit_b^T x_b) unit_b for every block: x (..., nb, block), unit (nb, block)."""
+    return (x * unit).sum(-1, keepdim=True) * unit
+
+
+class Householder(BlockTransform):
+    """H_b = I - 2 u_b u_b^T / ||u_b||^2."""
+
+    def __init__(self, width: int, nb: int, where: str) -> None:
+        super().__init__(width, nb, where)
+        self.u = nn.Parameter(_init_directions(nb, self.block))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xb = x.unflatten(-1, (self.nb, self.block))  # (..., nb, block)
+        unit = nn.functional.normalize(self.u, dim=-1).to(x.dtype)
+        return (xb - 2 * _project(xb, unit)).flatten(-2)
+
+    def blocks(self) -> torch.Tensor:
+        unit = nn.functional.normalize(self.u.float(), dim=-1)
+        eye = torch.eye(self.block, device=unit.device)
+        return eye - 2 * unit[:, :, None] * unit[:, None, :]
+
+
+class HouseholderPlus(BlockTransform):
+    """H_b = I - u_b u_b^T/||u_b||^2 + v_b v_b^T/||v_b||^2, v = -u at init (H = I)."""
+
+    def __init__(self, width: int, nb: int, where: str) -> None:
+        super().__init__(width, nb, where)
+        u = _init_directions(nb, self.block)
+        self.u = nn.Parameter(u)
+        self.v = nn.Parameter(-u.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xb = x.unflatten(-1, (self.nb, self.block))  # (..., nb, block)
+        u = nn.functional.normalize(self.u, dim=-1).to(x.dtype)
+        v = nn.functional.normalize(self.v, dim=-1).to(x.dtype)
+        return (xb - _project(xb, u) + _project(xb, v)).flatten(-2)
+
+    def blocks(self) -> torch.Tensor:
+        u = nn.functional.normalize(self.u.float(), dim=-1)
+        v = nn.functional.normalize(self.v.float(), dim=-1)
+        eye = torch.eye(self.block, device=u.device)
+        return eye - u[:, :, None] * u[:, None, :] + v[:, :, None] * v[:, None, :]
+
+
+@dataclasses.dataclass(frozen=True)
+class EtherSettings(MethodSettings):
+    nb: int = 1
+    flip_side: bool = False  # output side instead of input side; etherplusHH always transforms both
+    dropout: float = 0.0  # on the input of adapted Linears
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (isinstance(self.nb, int) and self.nb >= 1):
+            raise ValueError(f"nb must be a positive integer, got {self.nb!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+
+class Ether(Method):
+    """ETHER; its subclasses below differ only in the transform and the sides it acts on."""
+
+    name = "ether"
+    Settings = EtherSettings
+    transform: type[BlockTransform] = Householder
+    both_sides = False
+
+    def make_adapter(self, base: nn.Linear, parts: list[Part], settings: EtherSettings) -> TransformLinear:
+        side = partial(self.transform, nb=settings.nb)
+        on_input = self.both_sides or not settings.flip_side
+        on_output = self.both_sides or settings.flip_side
+        return TransformLinear(
+            base,
+            parts,
+            make_input=side if on_input else None,
+            make_output=side if on_output else None,
+            dropout=settings.dropout,
+        )
+
+
+class EtherPlus(Ether):
+    name = "etherplus"
+    transform = HouseholderPlus
+
+
+class EtherPlusHH(Ether):
+    name = "etherplusHH"
+    transform = HouseholderPlus
+    both_sides = True
