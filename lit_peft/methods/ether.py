@@ -27,9 +27,10 @@ def _init_directions(nb: int, block: int) -> torch.Tensor:
     return u
 
 
-def _project(x: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
-    """(unit_b^T x_b) unit_b for every block: x (..., nb, block), unit (nb, block)."""
-    return (x * unit).sum(-1, keepdim=True) * unit
+def _reflect(x: torch.Tensor, unit: torch.Tensor, scale: float) -> torch.Tensor:
+    """x_b + scale * (unit_b^T x_b) unit_b for every block b: x (..., nb, block), unit (nb, block)."""
+    coef = torch.einsum("...nb,nb->...n", x, unit)  # (..., nb)
+    return torch.addcmul(x, coef.unsqueeze(-1), unit, value=scale)
 
 
 class Householder(BlockTransform):
@@ -42,7 +43,7 @@ class Householder(BlockTransform):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xb = x.unflatten(-1, (self.nb, self.block))  # (..., nb, block)
         unit = nn.functional.normalize(self.u, dim=-1).to(x.dtype)
-        return (xb - 2 * _project(xb, unit)).flatten(-2)
+        return _reflect(xb, unit, -2.0).flatten(-2)
 
     def blocks(self) -> torch.Tensor:
         unit = nn.functional.normalize(self.u.float(), dim=-1)
@@ -63,7 +64,14 @@ class HouseholderPlus(BlockTransform):
         xb = x.unflatten(-1, (self.nb, self.block))  # (..., nb, block)
         u = nn.functional.normalize(self.u, dim=-1).to(x.dtype)
         v = nn.functional.normalize(self.v, dim=-1).to(x.dtype)
-        return (xb - _project(xb, u) + _project(xb, v)).flatten(-2)
+        return self._plus(xb, u, v).flatten(-2)
+
+    @staticmethod
+    def _plus(xb: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # Both projections read the same x (H = I - uu^T + vv^T), so they cannot be chained as two reflections.
+        cu = torch.einsum("...nb,nb->...n", xb, u).unsqueeze(-1)  # (..., nb, 1)
+        cv = torch.einsum("...nb,nb->...n", xb, v).unsqueeze(-1)
+        return torch.addcmul(torch.addcmul(xb, cu, u, value=-1.0), cv, v)
 
     def blocks(self) -> torch.Tensor:
         u = nn.functional.normalize(self.u.float(), dim=-1)
