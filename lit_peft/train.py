@@ -135,6 +135,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer.validate(module, datamodule=data, verbose=False) if t.validate_first else None
     initial = {k: float(v) for k, v in trainer.callback_metrics.items()}
     trainer.fit(module, datamodule=data, ckpt_path=resume_path(cfg, out_dir))
+    if t.validate_last:
+        trainer.validate(module, datamodule=data, verbose=False)
     final = {k: float(v) for k, v in trainer.callback_metrics.items()}
     return {
         "out_dir": str(out_dir),

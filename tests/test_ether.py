@@ -265,7 +265,12 @@ def test_every_registered_adapter_method_starts_exactly_or_as_documented():
     for name, expected in starts_at_base.items():
         model = tiny_model()
         base = model(idx)
-        m, settings = build_settings(name, {"targets": ["query", "value"]})
+        m, settings = build_settings(name, {"targets": ["query", "value"], **({} if name == "lora" else {"nb": 4})})
         m.apply(model, settings)
         assert torch.allclose(model(idx), base, rtol=0, atol=1e-6) == expected, name
         assert list(adapters(model))
+
+
+def test_oft_refuses_blocks_that_cannot_rotate():
+    with pytest.raises(ValueError, match=r"nb=32 leaves blocks of 1 feature on the input of query \(width 32\)"):
+        make_qkv("oft", ("query",), "concatenated", nb=32)

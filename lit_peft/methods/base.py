@@ -74,7 +74,7 @@ class AdapterLinear(nn.Module):
         raise NotImplementedError
 
     def merged_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Dense (weight, bias) of a plain Linear whose output equals this adapter's, computed in float32."""
+        """Dense (weight, bias) of a plain Linear whose output equals this adapter's, computed in float64."""
         raise NotImplementedError
 
     def add_to_rows(self, y: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,11 @@ from lit_peft.methods.transform import BlockTransform, TransformLinear
 class Cayley(BlockTransform):
     def __init__(self, width: int, nb: int, where: str) -> None:
         super().__init__(width, nb, where)
+        if self.block < 2:
+            raise ValueError(
+                f"nb={nb} leaves blocks of 1 feature on the {where} (width {width}), which cannot rotate; "
+                f"use nb <= {width // 2}"
+            )
         rows, cols = torch.triu_indices(self.block, self.block, offset=1)
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("cols", cols, persistent=False)

@@ -108,14 +108,14 @@ class TransformLinear(AdapterLinear):
         return y if self.in_order else y.index_select(-1, self.inverse)
 
     def merged_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        weight = self.base.weight.float().clone()
-        bias = self.base.bias.float().clone() if self.base.bias is not None else None
+        weight = self.base.weight.double().clone()
+        bias = self.base.bias.double().clone() if self.base.bias is not None else None
         for i, rows in enumerate(self.groups[: len(self.part_names)]):
             w = weight[rows]  # (rows, in)
             if self.t_in is not None:
-                w = w @ self.t_in[i].dense().float()
+                w = w @ self.t_in[i].dense().double()
             if self.t_out is not None:
-                t = self.t_out[i].dense().float()
+                t = self.t_out[i].dense().double()
                 w = t @ w
                 if bias is not None:
                     bias[rows] = t @ bias[rows]

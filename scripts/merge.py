@@ -1,0 +1,38 @@
+"""Merge a trained adapter into its base model: a plain LitGPT checkpoint that chat, eval and the HF export read.
+
+    python scripts/merge.py --adapter outputs/<run>/adapter --out checkpoints/merged/my-model [--base <checkpoint>]
+
+The adapter's saved method name and settings are all that is needed (no Hydra config). The base defaults to the
+checkpoint the adapter was trained on; the output folder must be new (or --overwrite), and is never the base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lit_peft.cli import fail  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", type=Path, required=True, help="an adapter folder written by finetune/run.py")
+    parser.add_argument("--out", type=Path, required=True, help="new folder for the merged checkpoint")
+    parser.add_argument("--base", type=Path, help="base checkpoint (default: the one the adapter was trained on)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never the base)")
+    args = parser.parse_args(argv)
+
+    from lit_peft.merge import merge_checkpoint
+
+    with fail.on_user_error():
+        out = merge_checkpoint(args.adapter, args.out, args.base, overwrite=args.overwrite)
+    print(f"merged checkpoint: {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
