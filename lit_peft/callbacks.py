@@ -47,9 +47,12 @@ class ExportAdapter(L.Callback):
         return self.out_dir / ("model" if self.full else "adapter")
 
     def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        digests = rank_digests(trainable_state_dict(pl_module.model))  # collective: every rank takes part
         if not trainer.is_global_zero:
             return
-        meta = {**self.meta, "step": trainer.global_step}
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"ranks hold different adapter weights at step {trainer.global_step}: {digests}")
+        meta = {**self.meta, "step": trainer.global_step, "rank_digests": digests}
         if self.full:
             save_lit_checkpoint(self.target, pl_module.model.state_dict(), self.base_dir)
             with atomic_path(self.target / "lit_peft.json") as tmp:
@@ -65,3 +68,21 @@ class ExportAdapter(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.export(trainer, pl_module)
+
+
+def rank_digests(weights: dict) -> list[str]:
+    """SHA-256 of the trainable weights on every rank (one entry per rank), to prove the ranks agree."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        h.update(name.encode())
+        h.update(weights[name].detach().float().cpu().numpy().tobytes())
+    digest = h.hexdigest()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [digest]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, digest)
+    return gathered

@@ -9,6 +9,7 @@ from pathlib import Path
 from lit_peft.io import ADAPTER_WEIGHTS, atomic_path, save_lit_checkpoint
 from lit_peft.methods import merge_adapters
 from lit_peft.model import load_adapter_into, load_base
+from lit_peft.quantize import dequantize_base
 
 MERGE_RECORD = "lit_peft_merge.json"
 
@@ -43,6 +44,7 @@ def merge_checkpoint(
     model = load_base(base_dir)
     load_adapter_into(model, adapter_dir)
     merge_adapters(model)
+    dequantize_base(model)  # a 4-bit base becomes a dense checkpoint (the frozen Linears no adapter touched too)
     previous = json.loads(record.read_text()) if record.is_file() else {"adapter_sha256": [], "adapters": []}
     provenance = {
         "adapter_sha256": [*previous["adapter_sha256"], digest],

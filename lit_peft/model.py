@@ -10,6 +10,7 @@ from litgpt import GPT, Config
 
 from lit_peft.io import load_adapter
 from lit_peft.methods import Method, MethodSettings, build_settings
+from lit_peft.quantize import check_mode, quantize_base
 
 
 class CheckpointNotFound(FileNotFoundError):
@@ -48,16 +49,35 @@ def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def install_method(model: GPT, name: str, values: dict[str, Any]) -> tuple[Method, MethodSettings]:
+def install_method(
+    model: GPT, name: str, values: dict[str, Any], quantize: str | None = None
+) -> tuple[Method, MethodSettings]:
+    """Quantize the base (optional, 4-bit) and install the method; validation happens before anything changes."""
     method, settings = build_settings(name, values)
+    check_mode(quantize)
+    if quantize is not None and not method.wraps_linears:
+        raise ValueError(
+            f"quantize={quantize} needs an adapter method: method={name} trains the base weights themselves"
+        )
+    quantize_base(model, quantize)
     method.apply(model, settings)
     return method, settings
+
+
+def enable_gradient_checkpointing(model: GPT) -> None:
+    """Recompute each transformer block's activations in backward instead of keeping them (less memory, more time)."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.transformer.h:
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
 
 def load_adapter_into(model: GPT, adapter_dir: str | Path) -> dict[str, Any]:
     """Install the method saved in `adapter_dir` on `model` and load its weights. Returns the saved metadata."""
     weights, meta = load_adapter(adapter_dir)
-    install_method(model, meta["method"], meta["settings"])
+    install_method(model, meta["method"], meta["settings"], quantize=meta.get("quantize"))
     expected = set(trainable_state_dict(model))
     missing, unexpected = expected - set(weights), set(weights) - expected
     if missing or unexpected:

@@ -16,7 +16,7 @@ from lit_peft.callbacks import AtomicCheckpointIO, ExportAdapter
 from lit_peft.data.module import SFTDataModule, record_loader
 from lit_peft.data.templates import get_template
 from lit_peft.hub import prepare_checkpoint
-from lit_peft.model import install_method, load_base
+from lit_peft.model import enable_gradient_checkpointing, install_method, load_base
 from lit_peft.module import FineTuneModule
 from lit_peft.tasks import get_task
 
@@ -66,7 +66,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = Tokenizer(checkpoint_dir)
     model = load_base(checkpoint_dir, max_seq_length=int(cfg.data.max_seq_length))
     method_values = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"}
-    method, settings = install_method(model, cfg.method.name, method_values)
+    method, settings = install_method(model, cfg.method.name, method_values, quantize=cfg.get("quantize"))
+    if t.get("gradient_checkpointing"):
+        enable_gradient_checkpointing(model)
 
     template = get_template(cfg.model.template, cfg.model.get("system_prompt"))
     load, source = record_loader(OmegaConf.to_container(cfg.data, resolve=True), cfg.seed)
@@ -82,6 +84,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         seed=int(cfg.seed),
         max_examples=cfg.data.get("max_examples"),
         num_workers=int(cfg.data.get("num_workers", 0)),
+        shuffle=bool(cfg.data.get("shuffle", True)),
     )
     data.setup("fit")  # fail fast on bad data, before anything is written
     task = get_task(cfg.task.name, **{k: v for k, v in cfg.task.items() if k != "name"})
@@ -97,6 +100,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     meta = {
         "method": cfg.method.name,
         "settings": settings.to_dict(),
+        "quantize": cfg.get("quantize"),
         "base_checkpoint": str(checkpoint_dir),
         "template": cfg.model.template,
         "lit_peft_version": __version__,
@@ -131,6 +135,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         default_root_dir=out_dir,
         enable_progress_bar=t.progress_bar,
         deterministic=t.get("deterministic", False),
+        use_distributed_sampler=False,  # the DataModule shards by rank itself, in the same order as one process
     )
     trainer.validate(module, datamodule=data, verbose=False) if t.validate_first else None
     initial = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -196,6 +196,16 @@ def test_unknown_method_lists_the_registry():
 
 
 def test_registry_and_conf_method_folder_agree():
+    """Every conf/method file names a registered method; qlora is lora over a 4-bit base, not a method of its own."""
     from conftest import ROOT
+    from omegaconf import OmegaConf
 
-    assert {p.stem for p in (ROOT / "conf" / "method").glob("*.yaml")} == set(METHODS)
+    files = {p.stem: OmegaConf.load(p) for p in (ROOT / "conf" / "method").glob("*.yaml")}
+    assert set(files) == set(METHODS) | {"qlora"}
+    for stem, cfg in files.items():
+        name = cfg.method.name if stem == "qlora" else cfg.name
+        assert name == ("lora" if stem == "qlora" else stem)
+        method, _ = build_settings(
+            name, {k: v for k, v in OmegaConf.to_container(cfg.get("method", cfg)).items() if k != "name"}
+        )  # every YAML setting is a valid setting
+    assert files["qlora"].quantize == "nf4-dq"

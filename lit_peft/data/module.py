@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 from litgpt import Tokenizer
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from lit_peft.data.formats import DataError, get_format, load_records
 from lit_peft.data.synthetic import synthetic_records
@@ -40,13 +40,14 @@ class SFTDataModule(L.LightningDataModule):
         seed: int,
         max_examples: int | None = None,
         num_workers: int = 0,
+        shuffle: bool = True,
     ) -> None:
         super().__init__()
         self.tokenizer, self.template, self.load = tokenizer, template, load
         self.to_messages = get_format(record_format)
         self.source, self.max_seq_length = source, max_seq_length
         self.micro_batch_size, self.val_size, self.seed = micro_batch_size, val_size, seed
-        self.max_examples, self.num_workers = max_examples, num_workers
+        self.max_examples, self.num_workers, self.shuffle = max_examples, num_workers, shuffle
         self.train: list[dict[str, torch.Tensor]] = []
         self.val: list[dict[str, torch.Tensor]] = []
 
@@ -78,19 +79,26 @@ class SFTDataModule(L.LightningDataModule):
         self.val, self.train = examples[:n_val], examples[n_val:]
 
     def _loader(self, data: list, shuffle: bool) -> DataLoader:
+        """One loader for any world size: rank r takes examples r, r + W, ... of the (seeded) order, so a run on W
+        processes sees the same global batches as one process with W times the gradient accumulation."""
         pad_id = self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            sampler = DistributedSampler(data, shuffle=shuffle, seed=self.seed, drop_last=False)
+        elif shuffle:
+            sampler = RandomSampler(data, generator=torch.Generator().manual_seed(self.seed))
+        else:
+            sampler = SequentialSampler(data)
         return DataLoader(
             data,
             batch_size=self.micro_batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            sampler=sampler,
             collate_fn=partial(collate, pad_id=pad_id),
             num_workers=self.num_workers,
             drop_last=False,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train, shuffle=True)
+        return self._loader(self.train, shuffle=self.shuffle)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val, shuffle=False)

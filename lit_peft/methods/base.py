@@ -17,6 +17,7 @@ from litgpt import GPT
 from torch import nn
 
 from lit_peft.qkv import QKV_LAYOUTS, QKV_PARTS, qkv_rows
+from lit_peft.quantize import dense_weight, is_quantized
 
 TARGETS = ("query", "key", "value", "projection", "mlp", "head")
 # Attribute names of the MLP Linears across LitGPT's MLP classes (LLaMAMLP, GptNeoxMLP, GemmaMLP).
@@ -65,6 +66,10 @@ class AdapterLinear(nn.Module):
     def weight(self) -> torch.Tensor:  # some litgpt code paths read `.weight` of Linears
         return self.base.weight
 
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight as a dense tensor (dequantized when the base is 4-bit)."""
+        return dense_weight(self.base)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.base(x)
@@ -86,7 +91,7 @@ class AdapterLinear(nn.Module):
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
         """A plain Linear (base dtype and device) whose output equals this adapter's enabled output."""
-        w = self.base.weight
+        w = self.base_weight()
         weight, bias = self.merged_parameters()
         merged = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
         merged.weight.copy_(weight)
@@ -156,7 +161,7 @@ def target_linears(
     qkv_parts = [p for p in QKV_PARTS if p in targets]
     rows = qkv_rows(config, qkv_layout) if qkv_parts else {}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear) and not is_quantized(module):
             continue
         *_, parent_name, attr = ("", "", *name.split("."))
         if parent_name == "attn" and attr == "qkv":

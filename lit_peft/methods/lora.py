@@ -55,7 +55,7 @@ class LoRALinear(AdapterLinear):
         return self.add_to_rows(y, delta * self.scaling)
 
     def merged_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        weight = self.base.weight.double().clone()
+        weight = self.base_weight().double().clone()
         a_parts = self.lora_A.double().split(self.r, dim=0)
         dense = torch.cat([b.double() @ a for a, b in zip(a_parts, self.lora_B, strict=True)], dim=0)  # (rows, in)
         weight[self.rows] += dense * self.scaling

@@ -92,7 +92,7 @@ class TransformLinear(AdapterLinear):
 
     def adapted(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x)
-        w, b = self.base.weight, self.base.bias
+        w, b = self.base_weight(), self.base.bias
         n_parts = len(self.part_names)
         if self.t_in is None:
             y = F.linear(x, w, b)  # (..., out): one fused matmul, then transform each part's output block
@@ -108,7 +108,7 @@ class TransformLinear(AdapterLinear):
         return y if self.in_order else y.index_select(-1, self.inverse)
 
     def merged_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        weight = self.base.weight.double().clone()
+        weight = self.base_weight().double().clone()
         bias = self.base.bias.double().clone() if self.base.bias is not None else None
         for i, rows in enumerate(self.groups[: len(self.part_names)]):
             w = weight[rows]  # (rows, in)
