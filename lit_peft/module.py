@@ -88,6 +88,11 @@ class FineTuneModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("nothing to train: the method left no parameter with requires_grad=True")
+        if not self.save_full_state:
+            # Lightning has already cast the module to the run's precision (e.g. bf16-true); adapters keep float32
+            # weights so that small updates are not rounded away, and cast to the activations' dtype in forward.
+            for p in params:
+                p.data = p.data.float()
         optimizer = self.optimizer_factory(params)
         max_steps = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         schedule = torch.optim.lr_scheduler.LambdaLR(

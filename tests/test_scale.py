@@ -205,3 +205,47 @@ def test_sharded_strategies_on_gpu(tiny_checkpoint, tmp_path, strategy):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert (out / "adapter" / "adapter.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", ["auto", "ddp", "fsdp", "deepspeed", "deepspeed3"])
+def test_every_strategy_config_builds_its_lightning_strategy(name):
+    from conftest import ROOT
+    from omegaconf import OmegaConf
+
+    from lit_peft.train import build_strategy
+
+    cfg = OmegaConf.load(ROOT / "conf" / "strategy" / f"{name}.yaml")
+    if name.startswith("deepspeed"):
+        pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
+    strategy = build_strategy(cfg)
+    if name == "auto":
+        assert strategy == "auto"
+        return
+    expected = {"ddp": "DDPStrategy", "fsdp": "FSDPStrategy"}.get(name, "DeepSpeedStrategy")
+    assert type(strategy).__name__ == expected
+    if name == "fsdp":
+        from litgpt.model import Block
+
+        policy = strategy.kwargs["auto_wrap_policy"]
+        assert Block in policy._module_classes
+
+
+@pytest.mark.parametrize("precision, method", [("bf16-true", "lora"), ("bf16-mixed", "qlora"), ("bf16-true", "ether")])
+def test_half_precision_runs_keep_float32_adapters(tiny_checkpoint, tmp_path, precision, method):
+    out = tmp_path / "run"
+    extra = ["method.nb=4"] if method == "ether" else []
+    res = run_cli(
+        "finetune/run.py",
+        *TINY_RUN,
+        "data.synthetic.num_examples=48",
+        f"model.checkpoint_dir={tiny_checkpoint}",
+        f"out_dir={out}",
+        f"precision={precision}",
+        f"method={method}",
+        *extra,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    weights = load_file(str(out / "adapter" / "adapter.safetensors"))
+    assert weights and {w.dtype for w in weights.values()} == {torch.float32}
+    meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert meta["config"]["precision"] == precision and meta["quantize"] == ("nf4-dq" if method == "qlora" else None)

@@ -52,7 +52,7 @@ class LoRALinear(AdapterLinear):
         delta = torch.cat(
             [hp @ b.T for hp, b in zip(h.split(self.r, dim=-1), self.lora_B, strict=False)], dim=-1
         )  # (B, T, rows)
-        return self.add_to_rows(y, delta * self.scaling)
+        return self.add_to_rows(y, (delta * self.scaling).to(y.dtype))
 
     def merged_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = self.base_weight().double().clone()
