@@ -45,7 +45,8 @@ TINYLLAMA = dict(
 VARIANTS = {
     "LoRA, fp32 base": (None, "float32"),
     "LoRA, bf16 base": (None, "bfloat16"),
-    "QLoRA (nf4-dq base)": ("nf4-dq", "float32"),
+    "QLoRA, nf4-dq base, fp32 compute": ("nf4-dq", "float32"),
+    "QLoRA, nf4-dq base, bf16 compute": ("nf4-dq", "bfloat16"),
 }
 
 

@@ -50,7 +50,11 @@ def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def install_method(
-    model: GPT, name: str, values: dict[str, Any], quantize: str | None = None
+    model: GPT,
+    name: str,
+    values: dict[str, Any],
+    quantize: str | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[Method, MethodSettings]:
     """Quantize the base (optional, 4-bit) and install the method; validation happens before anything changes."""
     method, settings = build_settings(name, values)
@@ -59,7 +63,7 @@ def install_method(
         raise ValueError(
             f"quantize={quantize} needs an adapter method: method={name} trains the base weights themselves"
         )
-    quantize_base(model, quantize)
+    quantize_base(model, quantize, compute_dtype)
     method.apply(model, settings)
     return method, settings
 

@@ -20,8 +20,11 @@ def check_mode(mode: str | None) -> None:
         raise ValueError(f"unknown quantize mode {mode!r}; valid: {', '.join(QUANTIZE_MODES)} or null")
 
 
-def quantize_base(model: GPT, mode: str | None, compute_dtype: torch.dtype = torch.float32) -> int:
-    """Replace the block Linears of `model` with frozen 4-bit ones, in place. Returns how many were replaced."""
+def quantize_base(model: GPT, mode: str | None, compute_dtype: torch.dtype | None = None) -> int:
+    """Replace the block Linears of `model` with frozen 4-bit ones, in place. Returns how many were replaced.
+
+    Matmuls run in `compute_dtype` (default: the dtype the base was in, e.g. bfloat16 for a bf16 base).
+    """
     check_mode(mode)
     if mode is None:
         return 0
@@ -37,7 +40,7 @@ def quantize_base(model: GPT, mode: str | None, compute_dtype: torch.dtype = tor
                 linear.in_features,
                 linear.out_features,
                 bias=linear.bias is not None,
-                compute_dtype=compute_dtype,
+                compute_dtype=compute_dtype or linear.weight.dtype,
                 compress_statistics=double,
                 quant_type=quant_type,
                 device="meta",

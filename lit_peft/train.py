@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from litgpt import Tokenizer
@@ -33,6 +34,11 @@ def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size
             f" = {per_step}"
         )
     return global_batch_size // per_step
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """The dtype a Lightning precision setting computes in."""
+    return {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0], torch.float32)
 
 
 def build_strategy(cfg: DictConfig) -> Any:
@@ -66,7 +72,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = Tokenizer(checkpoint_dir)
     model = load_base(checkpoint_dir, max_seq_length=int(cfg.data.max_seq_length))
     method_values = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"}
-    method, settings = install_method(model, cfg.method.name, method_values, quantize=cfg.get("quantize"))
+    compute_dtype = precision_dtype(str(cfg.precision))
+    method, settings = install_method(model, cfg.method.name, method_values, cfg.get("quantize"), compute_dtype)
     if t.get("gradient_checkpointing"):
         enable_gradient_checkpointing(model)
 
