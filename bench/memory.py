@@ -4,8 +4,9 @@
     python bench/memory.py --models tinyllama --batch 1 --seq 256
 
 Each variant runs in its own process. On CUDA the figure is torch's peak allocated memory over the steps; on CPU it
-is the process's peak resident memory while stepping (sampled every millisecond), minus what the process held after
-its imports: the model, adapters, optimizer state, activations and temporaries, without the Python runtime.
+is the process's peak resident memory while stepping (sampled every millisecond; glibc's mmap threshold fixed at
+1 MiB so freed buffers leave), minus what the process held after its imports: the model, adapters, optimizer state,
+activations and temporaries, without the Python runtime.
 LoRA r=8 on query, key, value, projection and mlp in every variant; ratios are to the fp32 base, measured in one run.
 """
 
@@ -151,7 +152,10 @@ def main() -> None:
                 "--seq",
                 str(args.seq),
             ]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            # A fixed mmap threshold makes glibc hand large freed buffers (dequantized weights, activations) back
+            # to the OS at once, so resident memory follows what is allocated instead of what malloc kept.
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if out.returncode:
                 sys.exit(f"error: {model_key} / {variant} failed:\n{out.stderr[-2000:]}")
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -10,15 +10,12 @@ Each H is applied to activations as a rank-1 (ETHER) or rank-2 (ETHER+) update p
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from functools import partial
 
 import torch
 from torch import nn
 
-from lit_peft.methods.base import Method, MethodSettings, Part
-from lit_peft.methods.transform import BlockTransform, TransformLinear
+from lit_peft.methods.transform import BlockTransform, BlockTransformMethod
 
 
 def _init_directions(nb: int, block: int) -> torch.Tensor:
@@ -80,39 +77,14 @@ class HouseholderPlus(BlockTransform):
         return eye - u[:, :, None] * u[:, None, :] + v[:, :, None] * v[:, None, :]
 
 
-@dataclasses.dataclass(frozen=True)
-class EtherSettings(MethodSettings):
-    nb: int = 1
-    flip_side: bool = False  # output side instead of input side; etherplusHH always transforms both
-    dropout: float = 0.0  # on the input of adapted Linears
+class Ether(BlockTransformMethod):
+    """ETHER; ETHER+ and ETHER+HH below differ only in the transform and the sides it acts on.
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not (isinstance(self.nb, int) and self.nb >= 1):
-            raise ValueError(f"nb must be a positive integer, got {self.nb!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-
-
-class Ether(Method):
-    """ETHER; its subclasses below differ only in the transform and the sides it acts on."""
+    `flip_side` has no effect on etherplusHH, which always transforms both sides.
+    """
 
     name = "ether"
-    Settings = EtherSettings
-    transform: type[BlockTransform] = Householder
-    both_sides = False
-
-    def make_adapter(self, base: nn.Linear, parts: list[Part], settings: EtherSettings) -> TransformLinear:
-        side = partial(self.transform, nb=settings.nb)
-        on_input = self.both_sides or not settings.flip_side
-        on_output = self.both_sides or settings.flip_side
-        return TransformLinear(
-            base,
-            parts,
-            make_input=side if on_input else None,
-            make_output=side if on_output else None,
-            dropout=settings.dropout,
-        )
+    transform = Householder
 
 
 class EtherPlus(Ether):

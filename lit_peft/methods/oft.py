@@ -8,13 +8,11 @@ with `flip_side` (W' = R W): a (b x b) matmul per block per token; R is formed o
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 
 import torch
 from torch import nn
 
-from lit_peft.methods.base import Method, MethodSettings, Part
-from lit_peft.methods.transform import BlockTransform, TransformLinear
+from lit_peft.methods.transform import BlockSettings, BlockTransform, BlockTransformMethod
 
 
 class Cayley(BlockTransform):
@@ -48,29 +46,11 @@ class Cayley(BlockTransform):
 
 
 @dataclasses.dataclass(frozen=True)
-class OFTSettings(MethodSettings):
+class OFTSettings(BlockSettings):
     nb: int = 32
-    flip_side: bool = False
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not (isinstance(self.nb, int) and self.nb >= 1):
-            raise ValueError(f"nb must be a positive integer, got {self.nb!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
 
-class OFT(Method):
+class OFT(BlockTransformMethod):
     name = "oft"
     Settings = OFTSettings
-
-    def make_adapter(self, base: nn.Linear, parts: list[Part], settings: OFTSettings) -> TransformLinear:
-        side = partial(Cayley, nb=settings.nb)
-        return TransformLinear(
-            base,
-            parts,
-            make_input=None if settings.flip_side else side,
-            make_output=side if settings.flip_side else None,
-            dropout=settings.dropout,
-        )
+    transform = Cayley

@@ -13,13 +13,16 @@ T_out W T_in is formed only by `merged_parameters()`, once, for merge.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from functools import partial
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_peft.methods.base import AdapterLinear, Part
+from lit_peft.methods.base import AdapterLinear, Method, MethodSettings, Part
 
 
 class BlockTransform(nn.Module):
@@ -121,3 +124,39 @@ class TransformLinear(AdapterLinear):
                     bias[rows] = t @ bias[rows]
             weight[rows] = w
         return weight, bias
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSettings(MethodSettings):
+    """Settings shared by the block-transform methods (the ETHER family, OFT)."""
+
+    nb: int = 1  # diagonal blocks; must divide the width of the transformed side
+    flip_side: bool = False  # transform the output side instead of the input side
+    dropout: float = 0.0  # on the input of adapted Linears
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (isinstance(self.nb, int) and self.nb >= 1):
+            raise ValueError(f"nb must be a positive integer, got {self.nb!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+
+class BlockTransformMethod(Method):
+    """A method that is a `BlockTransform` on one side of each target (or on both, with `both_sides`)."""
+
+    Settings: ClassVar[type[MethodSettings]] = BlockSettings
+    transform: ClassVar[type[BlockTransform]]
+    both_sides: ClassVar[bool] = False
+
+    def make_adapter(self, base: nn.Linear, parts: list[Part], settings: BlockSettings) -> TransformLinear:
+        side = partial(self.transform, nb=settings.nb)
+        on_input = self.both_sides or not settings.flip_side
+        on_output = self.both_sides or settings.flip_side
+        return TransformLinear(
+            base,
+            parts,
+            make_input=side if on_input else None,
+            make_output=side if on_output else None,
+            dropout=settings.dropout,
+        )
