@@ -1,0 +1,84 @@
+"""LitGPT checkpoint -> Hugging Face folder (safetensors, config.json, tokenizer, generation config).
+
+The weights are renamed by litgpt's own converter; the config is written here for the architectures whose
+transformers class we know (LLaMA-style: RMSNorm, SwiGLU MLP, rotary on the whole head, no biases), which covers
+SmolLM2, TinyLlama, Llama 2/3 and Mistral-style checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from litgpt import Config
+from safetensors.torch import save_file
+
+from lit_peft.io import atomic_path
+from lit_peft.model import load_config
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+
+
+def llama_hf_config(config: Config) -> dict:
+    """transformers' LlamaConfig for a LLaMA-style LitGPT config; a clear error for anything else."""
+    supported = (
+        config.mlp_class_name == "LLaMAMLP"
+        and config.norm_class_name == "RMSNorm"
+        and not config.bias
+        and config.rotary_percentage == 1.0
+        and not config.parallel_residual
+    )
+    if not supported:
+        raise ValueError(
+            f"HF export supports LLaMA-style models (LLaMAMLP, RMSNorm, no bias, full rotary); {config.name!r} has "
+            f"mlp={config.mlp_class_name}, norm={config.norm_class_name}, bias={config.bias}"
+        )
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.intermediate_size,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_query_groups,
+        "num_hidden_layers": config.n_layer,
+        "head_dim": config.head_size,
+        "vocab_size": config.padded_vocab_size,
+        "max_position_embeddings": config.block_size,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_base,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    }
+
+
+def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads with the same logits."""
+    from litgpt.scripts.convert_lit_checkpoint import convert_lit_checkpoint
+
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    config = load_config(checkpoint_dir)
+    hf_config = llama_hf_config(config)
+    with atomic_path(out_dir) as stage, tempfile.TemporaryDirectory() as scratch:
+        stage.mkdir()
+        convert_lit_checkpoint(checkpoint_dir, Path(scratch))
+        state = torch.load(Path(scratch) / "model.pth", map_location="cpu", weights_only=True)
+        save_file(
+            {k: v.contiguous() for k, v in state.items()}, str(stage / "model.safetensors"), metadata={"format": "pt"}
+        )
+        (stage / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        for name in TOKENIZER_FILES:
+            if (checkpoint_dir / name).is_file():
+                shutil.copy2(checkpoint_dir / name, stage / name)
+    return out_dir

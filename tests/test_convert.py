@@ -1,0 +1,48 @@
+"""LitGPT -> HF export loads in transformers with the same logits; HF -> LitGPT gives back the same model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import run_cli
+
+from lit_peft.model import load_base
+
+
+def test_lit_to_hf_gives_transformers_the_same_logits(tiny_checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    res = run_cli(
+        "scripts/convert_lit_checkpoint.py", "--checkpoint-dir", str(tiny_checkpoint), "--out", str(tmp_path / "hf")
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    lit = load_base(tiny_checkpoint).eval()
+    idx = torch.randint(0, 259, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, lit(idx), rtol=1e-5, atol=1e-5)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert tok.eos_token == "<|im_end|>"
+    again = run_cli(
+        "scripts/convert_lit_checkpoint.py", "--checkpoint-dir", str(tiny_checkpoint), "--out", str(tmp_path / "hf")
+    )
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_round_trip_lit_hf_lit(smollm2_checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    res = run_cli(
+        "scripts/convert_lit_checkpoint.py", "--checkpoint-dir", str(smollm2_checkpoint), "--out", str(tmp_path / "hf")
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    back = tmp_path / "lit" / "SmolLM2-135M-Instruct"
+    res = run_cli("scripts/convert_hf_checkpoint.py", "--hf-dir", str(tmp_path / "hf"), "--out", str(back))
+    assert res.returncode == 0, res.stderr[-2000:]
+    idx = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365]])
+    with torch.no_grad():
+        original = load_base(smollm2_checkpoint)(idx)
+        torch.testing.assert_close(load_base(back)(idx), original, rtol=0, atol=0)
+        hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+        torch.testing.assert_close(hf(idx).logits, original, rtol=1e-4, atol=1e-4)
