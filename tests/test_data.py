@@ -155,3 +155,14 @@ def test_real_alpaca_file_loads_and_masks(tokenizer):
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 4 and batch["input_ids"].shape[1] <= 256
     assert ((batch["labels"] != IGNORE_INDEX).sum(1) > 0).all()
+
+
+def test_generation_prompts_cue_the_assistant(tokenizer):
+    assert get_template("chatml").generation_prompt() == "<|im_start|>assistant\n"
+    assert get_template("zephyr").generation_prompt() == "<|assistant|>\n"
+    # For alpaca and llama2 the user segment already ends with the cue.
+    bos, eos = special_strings(tokenizer)
+    for name, cue in (("alpaca", "### Response:\n"), ("llama2", "[/INST]")):
+        template = get_template(name)
+        text = "".join(t for t, _ in template.segments([{"role": "user", "content": "hi"}], bos, eos))
+        assert (text + template.generation_prompt()).endswith(cue)

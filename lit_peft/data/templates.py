@@ -26,6 +26,10 @@ class Template:
     def segments(self, messages: list[Message], bos: str, eos: str) -> list[Segment]:
         raise NotImplementedError
 
+    def generation_prompt(self) -> str:
+        """Text that cues the assistant's reply after the last user turn (for generation)."""
+        return ""
+
 
 def _system_and_turns(messages: list[Message], default: str | None) -> tuple[str | None, list[Message]]:
     if messages and messages[0]["role"] == "system":
@@ -35,6 +39,9 @@ def _system_and_turns(messages: list[Message], default: str | None) -> tuple[str
 
 class ChatML(Template):
     """<|im_start|>role\\ncontent<|im_end|>\\n (SmolLM2, Qwen, ...)."""
+
+    def generation_prompt(self) -> str:
+        return "<|im_start|>assistant\n"
 
     def segments(self, messages: list[Message], bos: str, eos: str) -> list[Segment]:
         system, turns = _system_and_turns(messages, self.default_system)
@@ -84,6 +91,9 @@ class Alpaca(Template):
 
 class Zephyr(Template):
     """<|system|>\\n...</s>\\n<|user|>\\n...</s>\\n<|assistant|>\\n...</s> (TinyLlama-Chat, Zephyr)."""
+
+    def generation_prompt(self) -> str:
+        return "<|assistant|>\n"
 
     def segments(self, messages: list[Message], bos: str, eos: str) -> list[Segment]:
         system, turns = _system_and_turns(messages, self.default_system)

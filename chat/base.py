@@ -1,0 +1,125 @@
+"""Chat with a base, adapter or merged checkpoint, streaming the reply, with the model's chat template.
+
+    python chat/base.py                                               # the embedded SmolLM2-135M-Instruct
+    python chat/base.py --adapter outputs/<run>/adapter               # base + adapter (method from the adapter)
+    python chat/base.py --checkpoint-dir checkpoints/merged/my-model --temperature 0.7 --top-p 0.9
+    printf 'Hi\\nWhat did I just say?\\n' | python chat/base.py --temperature 0   # scripted: one turn per line
+
+Interactive when stdin is a terminal (empty line, EOF or Ctrl-C ends it); otherwise every stdin line is the next
+user turn of one conversation and only the replies are printed, one per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lit_peft.cli import fail  # noqa: E402
+
+DEFAULT_CHECKPOINT = ROOT / "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def parse_args(argv: list[str] | None):
+    from lit_peft.data.templates import TEMPLATES
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--checkpoint-dir", type=Path, help="LitGPT checkpoint (default: the adapter's base, or SmolLM2)"
+    )
+    parser.add_argument("--adapter", type=Path, help="an adapter folder written by finetune/run.py")
+    parser.add_argument("--template", choices=sorted(TEMPLATES), help="default: the adapter's, else from the tokenizer")
+    parser.add_argument("--system", help="system prompt (default: the template's)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=1234)
+    return parser.parse_args(argv)
+
+
+def guess_template(checkpoint_dir: Path) -> str:
+    config = checkpoint_dir / "tokenizer_config.json"
+    text = config.read_text() if config.is_file() else ""
+    if "<|im_start|>" in text:
+        return "chatml"
+    if "<|assistant|>" in text:
+        return "zephyr"
+    if "[INST]" in text:
+        return "llama2"
+    return "alpaca"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import torch
+    from litgpt import Tokenizer
+    from litgpt.generate.base import generate_fn
+
+    from lit_peft.data.templates import get_template
+    from lit_peft.data.tokenize import encode_text, special_strings
+    from lit_peft.model import load_adapter_into, load_base
+
+    with fail.on_user_error():
+        meta = json.loads((args.adapter / "adapter_config.json").read_text()) if args.adapter else {}
+        if args.adapter and not (args.adapter / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"no adapter at {args.adapter}")
+        checkpoint_dir = args.checkpoint_dir or Path(meta.get("base_checkpoint", DEFAULT_CHECKPOINT))
+        if checkpoint_dir == DEFAULT_CHECKPOINT and not (checkpoint_dir / "lit_model.pth").is_file():
+            from lit_peft.hub import prepare_checkpoint
+
+            prepare_checkpoint({"checkpoint_dir": str(checkpoint_dir), "source": "smollm2-gguf"})
+        model = load_base(checkpoint_dir)
+        if args.adapter:
+            load_adapter_into(model, args.adapter)
+        tokenizer = Tokenizer(checkpoint_dir)
+        template = get_template(args.template or meta.get("template") or guess_template(checkpoint_dir), args.system)
+    torch.manual_seed(args.seed)
+    model.eval()
+    bos, eos = special_strings(tokenizer)
+    interactive = sys.stdin.isatty()
+    history: list[dict[str, str]] = []
+    try:
+        while True:
+            if interactive:
+                print(">> ", end="", flush=True)
+            line = sys.stdin.readline()
+            if not line or (interactive and not line.strip()):
+                break
+            history.append({"role": "user", "content": line.rstrip("\n")})
+            text = "".join(t for t, _ in template.segments(history, bos, eos)) + template.generation_prompt()
+            prompt = torch.tensor(encode_text(tokenizer, text), dtype=torch.long)
+            budget = min(args.max_new_tokens, model.config.block_size - len(prompt))
+            if budget <= 0:
+                fail.exit(f"the conversation ({len(prompt)} tokens) fills the context of {model.config.block_size}")
+            model.set_kv_cache(batch_size=1, max_seq_length=len(prompt) + budget)
+            reply_ids: list[int] = []
+            with torch.inference_mode():
+                for token in generate_fn(
+                    model,
+                    prompt,
+                    len(prompt) + budget,
+                    temperature=args.temperature,
+                    top_k=args.top_k,
+                    top_p=args.top_p,
+                    stop_tokens=([tokenizer.eos_id],),
+                    include_prompt=False,
+                    include_eos=False,
+                ):
+                    reply_ids.extend(token.view(-1).tolist())
+                    if interactive:
+                        print(tokenizer.decode(token), end="", flush=True)
+            model.clear_kv_cache()
+            reply = tokenizer.decode(torch.tensor(reply_ids, dtype=torch.long)) if reply_ids else ""
+            print(reply.replace("\n", "\\n") if not interactive else "", flush=True)
+            history.append({"role": "assistant", "content": reply})
+    except KeyboardInterrupt:
+        print()
+
+
+if __name__ == "__main__":
+    main()
