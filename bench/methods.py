@@ -5,8 +5,10 @@
 
 One step = forward + backward + AdamW step on a fixed batch. All variants share one process and one frozen model
 (installed, timed, removed), interleaved over several rounds so that machine noise hits them alike. "saved for
-backward" counts the activations autograd keeps in one forward (unique storages, parameters excluded); on CUDA the
-peak allocated memory of each variant's first round is reported too. "frozen base" is the floor every adapter
+backward" counts the activations autograd keeps in one forward (unique storages, parameters excluded). Peak memory
+of each variant's first round: on CUDA torch's peak allocated memory; on CPU the resident memory above the level
+before the steps (adapter, optimizer state, activations, temporaries; run with MALLOC_MMAP_THRESHOLD_=1048576 so
+that glibc returns freed buffers and the figure follows what is allocated). "frozen base" is the floor every adapter
 pays: the same forward and backward through the frozen model, gradients flowing to the activations only.
 "rebuild" rows are the original ETHER implementation's formulation: the dense W H formed blockwise every step.
 All methods target query and value (as LoRA's default), ratios are to LoRA r=8 measured in the same run.
@@ -15,9 +17,13 @@ All methods target query and value (as LoRA's default), ratios are to LoRA r=8 m
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import os
 import re
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -152,6 +158,8 @@ def worker(model_key: str, variants: list[str], rounds: int, steps: int, batch: 
                 results[v]["saved_mb"] = saved_activation_bytes(model, idx) / 2**20
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
+                else:
+                    rss = RssPeak()
             for step in range(1 + steps):  # one warm-up step per round
                 sync()
                 start = time.perf_counter()
@@ -164,14 +172,44 @@ def worker(model_key: str, variants: list[str], rounds: int, steps: int, batch: 
                 sync()
                 if step:
                     results[v]["times"].append(time.perf_counter() - start)
-            if r == 0 and device == "cuda":
-                results[v]["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            if r == 0:
+                results[v]["peak_mb"] = (torch.cuda.max_memory_allocated() if device == "cuda" else rss.stop()) / 2**20
             del opt
             remove()
             print(f"  {model_key} round {r + 1}/{rounds} {v}", file=sys.stderr, flush=True)
     for res in results.values():
         res["sec"] = statistics.median(res.pop("times"))
     return list(results.values())
+
+
+class RssPeak:
+    """Peak resident memory above the level at creation (CPU), sampled every millisecond until `stop()`."""
+
+    def __init__(self) -> None:
+        import gc
+
+        gc.collect()
+        with contextlib.suppress(OSError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        self.start = self.peak = _rss()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while not self.done.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.001)
+
+    def stop(self) -> int:
+        self.done.set()
+        self.thread.join()
+        return self.peak - self.start
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def saved_activation_bytes(model, idx) -> int:
@@ -212,16 +250,15 @@ def main() -> None:
             f"\n### {model_key} (batch {args.batch} x {args.seq} tokens, {rows[0]['device']}, median of "
             f"{args.rounds} rounds x {args.steps} steps, variants interleaved)\n"
         )
-        cuda = "peak_mb" in rows[0]
-        print(
-            "| variant | s/step | x LoRA r=8 | trainable params | saved for backward (MiB) |"
-            + (" peak memory (MiB) |" if cuda else "")
-        )
-        print("|---|---:|---:|---:|---:|" + ("---:|" if cuda else ""))
+        peak = "peak allocated" if rows[0]["device"] != "cpu" else "step peak RSS"
+        print(f"| variant | s/step | x LoRA r=8 | trainable params | saved for backward (MiB) | {peak} (MiB) |")
+        print("|---|---:|---:|---:|---:|---:|")
         for r in rows:
             ratio = f"{r['sec'] / lora:.2f}" if lora else "-"
-            peak = f" {r['peak_mb']:.0f} |" if cuda else ""
-            print(f"| {r['variant']} | {r['sec']:.3f} | {ratio} | {r['trainable']:,} | {r['saved_mb']:.0f} |{peak}")
+            print(
+                f"| {r['variant']} | {r['sec']:.3f} | {ratio} | {r['trainable']:,} | {r['saved_mb']:.0f} "
+                f"| {r['peak_mb']:.0f} |"
+            )
         sys.stdout.flush()
 
 
