@@ -11,7 +11,8 @@ before the steps (adapter, optimizer state, activations, temporaries; run with M
 that glibc returns freed buffers and the figure follows what is allocated). "frozen base" is the floor every adapter
 pays: the same forward and backward through the frozen model, gradients flowing to the activations only.
 "rebuild" rows are the original ETHER implementation's formulation: the dense W H formed blockwise every step.
-All methods target query and value (as LoRA's default), ratios are to LoRA r=8 measured in the same run.
+All methods adapt the same Linears (`--targets`, default query and value as LoRA's default); ratios are to LoRA r=8
+measured in the same run.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def load_model(model_key: str):
     return model.requires_grad_(False)
 
 
-def apply_variant(model, variant: str):
+def apply_variant(model, variant: str, targets: list[str]):
     """Install `variant` on the frozen model; returns a function that takes it off again."""
     from lit_peft.methods import adapters, build_settings
 
@@ -85,7 +86,7 @@ def apply_variant(model, variant: str):
         hook = model.transformer.wte.register_forward_hook(lambda m, i, out: out.requires_grad_(True))
         return hook.remove
     name, *rest = variant.split()
-    values = {"targets": ["query", "value"]}
+    values = {"targets": targets}
     if name == "lora":
         values["r"] = int(rest[0].split("=")[1])
     else:
@@ -132,7 +133,9 @@ def _rebuild_class():
     return Rebuild
 
 
-def worker(model_key: str, variants: list[str], rounds: int, steps: int, batch: int, seq: int) -> list[dict]:
+def worker(
+    model_key: str, variants: list[str], rounds: int, steps: int, batch: int, seq: int, targets: list[str]
+) -> list[dict]:
     """Time every variant in one process, interleaved over `rounds`, so machine noise hits all of them alike."""
     import torch
 
@@ -149,7 +152,7 @@ def worker(model_key: str, variants: list[str], rounds: int, steps: int, batch: 
     }
     for r in range(rounds):
         for v in variants:
-            remove = apply_variant(model, v)
+            remove = apply_variant(model, v, targets)
             model.to(device)
             trainable = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
@@ -237,6 +240,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=VARIANTS, metavar="VARIANT")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--targets", nargs="+", default=["query", "value"], help="Linears every method adapts")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
     args = parser.parse_args()
@@ -244,11 +248,11 @@ def main() -> None:
     if bad:
         sys.exit(f"error: unknown variant {bad[0]!r}; valid: {VARIANT_PATTERN.pattern}, e.g. {', '.join(VARIANTS[:4])}")
     for model_key in args.models:
-        rows = worker(model_key, args.variants, args.rounds, args.steps, args.batch, args.seq)
+        rows = worker(model_key, args.variants, args.rounds, args.steps, args.batch, args.seq, args.targets)
         lora = next((r["sec"] for r in rows if r["variant"] == "lora r=8"), None)
         print(
             f"\n### {model_key} (batch {args.batch} x {args.seq} tokens, {rows[0]['device']}, median of "
-            f"{args.rounds} rounds x {args.steps} steps, variants interleaved)\n"
+            f"{args.rounds} rounds x {args.steps} steps, variants interleaved, targets {','.join(args.targets)})\n"
         )
         peak = "peak allocated" if rows[0]["device"] != "cpu" else "step peak RSS"
         print(f"| variant | s/step | x LoRA r=8 | trainable params | saved for backward (MiB) | {peak} (MiB) |")
