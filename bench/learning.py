@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LR = {"lora": 1e-3, "full": 5e-5}  # the ETHER family and OFT take a higher rate (few, bounded parameters)
+LR = {"lora": 1e-3, "oft": 1e-3, "full": 5e-5}  # the ETHER family takes a higher rate (few, bounded parameters)
 
 
 def main() -> None:
