@@ -62,6 +62,27 @@ def release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+class RssPeak:
+    """Peak resident memory above the level at creation (CPU), sampled every millisecond until `stop()`."""
+
+    def __init__(self) -> None:
+        release_free_memory()
+        self.start = self.peak = rss_bytes()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while not self.done.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.001)
+
+    def stop(self) -> int:
+        self.done.set()
+        self.thread.join()
+        return self.peak - self.start
+
+
 def worker(model_key: str, variant: str, steps: int, batch: int, seq: int) -> dict:
     import torch
     from litgpt import GPT, Config
@@ -96,16 +117,7 @@ def worker(model_key: str, variant: str, steps: int, batch: int, seq: int) -> di
     idx = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     idx = idx.to(device)
 
-    peak = [rss_bytes()]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_bytes())
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    sampler = RssPeak()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for _ in range(steps):
@@ -114,9 +126,8 @@ def worker(model_key: str, variant: str, steps: int, batch: int, seq: int) -> di
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    done.set()
-    sampler.join()
-    used = torch.cuda.max_memory_allocated() if cuda else peak[0] - baseline
+    above_start = sampler.stop()
+    used = torch.cuda.max_memory_allocated() if cuda else sampler.start + above_start - baseline
     return {
         "variant": variant,
         "mib": used / 2**20,

@@ -18,18 +18,16 @@ measured in the same run.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import os
 import re
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from memory import RssPeak  # noqa: E402  (bench/ is on sys.path when a bench script runs)
 
 WIDE = dict(
     name="wide-2048x4",
@@ -183,36 +181,6 @@ def worker(
     for res in results.values():
         res["sec"] = statistics.median(res.pop("times"))
     return list(results.values())
-
-
-class RssPeak:
-    """Peak resident memory above the level at creation (CPU), sampled every millisecond until `stop()`."""
-
-    def __init__(self) -> None:
-        import gc
-
-        gc.collect()
-        with contextlib.suppress(OSError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        self.start = self.peak = _rss()
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-
-    def _sample(self) -> None:
-        while not self.done.is_set():
-            self.peak = max(self.peak, _rss())
-            time.sleep(0.001)
-
-    def stop(self) -> int:
-        self.done.set()
-        self.thread.join()
-        return self.peak - self.start
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def saved_activation_bytes(model, idx) -> int:
