@@ -12,7 +12,6 @@ user turn of one conversation and only the replies are printed, one per line.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -42,44 +41,21 @@ def parse_args(argv: list[str] | None):
     return parser.parse_args(argv)
 
 
-def guess_template(checkpoint_dir: Path) -> str:
-    config = checkpoint_dir / "tokenizer_config.json"
-    text = config.read_text() if config.is_file() else ""
-    if "<|im_start|>" in text:
-        return "chatml"
-    if "<|assistant|>" in text:
-        return "zephyr"
-    if "[INST]" in text:
-        return "llama2"
-    return "alpaca"
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import torch
     from litgpt import Tokenizer
     from litgpt.generate.base import generate_fn
 
-    from lit_peft.data.templates import get_template
+    from lit_peft.data.templates import get_template, guess_template
     from lit_peft.data.tokenize import encode_text, special_strings
-    from lit_peft.model import load_adapter_into, load_base
+    from lit_peft.model import load_for_inference
 
     with fail.on_user_error():
-        meta = json.loads((args.adapter / "adapter_config.json").read_text()) if args.adapter else {}
-        if args.adapter and not (args.adapter / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"no adapter at {args.adapter}")
-        checkpoint_dir = args.checkpoint_dir or Path(meta.get("base_checkpoint", DEFAULT_CHECKPOINT))
-        if checkpoint_dir == DEFAULT_CHECKPOINT and not (checkpoint_dir / "lit_model.pth").is_file():
-            from lit_peft.hub import prepare_checkpoint
-
-            prepare_checkpoint({"checkpoint_dir": str(checkpoint_dir), "source": "smollm2-gguf"})
-        model = load_base(checkpoint_dir)
-        if args.adapter:
-            load_adapter_into(model, args.adapter)
+        model, checkpoint_dir, meta = load_for_inference(args.checkpoint_dir, args.adapter, DEFAULT_CHECKPOINT)
         tokenizer = Tokenizer(checkpoint_dir)
         template = get_template(args.template or meta.get("template") or guess_template(checkpoint_dir), args.system)
     torch.manual_seed(args.seed)
-    model.eval()
     bos, eos = special_strings(tokenizer)
     interactive = sys.stdin.isatty()
     history: list[dict[str, str]] = []

@@ -78,6 +78,33 @@ def enable_gradient_checkpointing(model: GPT) -> None:
         block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
 
+def load_for_inference(
+    checkpoint_dir: str | Path | None, adapter_dir: str | Path | None, default_checkpoint: str | Path
+) -> tuple[GPT, Path, dict[str, Any]]:
+    """The model chat and evaluation use: a base or merged checkpoint, plus an adapter if given, in eval mode.
+
+    Without `checkpoint_dir` the adapter's own base is used, else `default_checkpoint` (the embedded SmolLM2, made
+    from its GGUF on first use). Returns the model, the checkpoint folder (tokenizer) and the adapter's metadata.
+    """
+    import json
+
+    meta: dict[str, Any] = {}
+    if adapter_dir is not None:
+        config = Path(adapter_dir) / "adapter_config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"no adapter at {adapter_dir} (adapter_config.json missing)")
+        meta = json.loads(config.read_text())
+    checkpoint_dir = Path(checkpoint_dir or meta.get("base_checkpoint") or default_checkpoint)
+    if checkpoint_dir == Path(default_checkpoint) and not (checkpoint_dir / "lit_model.pth").is_file():
+        from lit_peft.hub import prepare_checkpoint
+
+        prepare_checkpoint({"checkpoint_dir": str(checkpoint_dir), "source": "smollm2-gguf"})
+    model = load_base(checkpoint_dir)
+    if adapter_dir is not None:
+        load_adapter_into(model, adapter_dir)
+    return model.eval().requires_grad_(False), checkpoint_dir, meta
+
+
 def load_adapter_into(model: GPT, adapter_dir: str | Path) -> dict[str, Any]:
     """Install the method saved in `adapter_dir` on `model` and load its weights. Returns the saved metadata."""
     weights, meta = load_adapter(adapter_dir)

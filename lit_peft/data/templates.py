@@ -7,6 +7,7 @@ Segments are tokenized one by one and concatenated, so the mask boundary is exac
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 Segment = tuple[str, bool]  # (text, is_target)
@@ -122,3 +123,16 @@ def instruction_messages(instruction: str, input: str = "", output: str | None =
     if output is not None:
         messages.append({"role": "assistant", "content": output})
     return messages
+
+
+def guess_template(checkpoint_dir: str | Path) -> str:
+    """The chat template a checkpoint's tokenizer was made for (by its special tokens); alpaca when none matches."""
+    config = Path(checkpoint_dir) / "tokenizer_config.json"
+    text = config.read_text() if config.is_file() else ""
+    if "<|im_start|>" in text:
+        return "chatml"
+    if "<|assistant|>" in text:
+        return "zephyr"
+    if "[INST]" in text:
+        return "llama2"
+    return "alpaca"

@@ -1,0 +1,145 @@
+"""Evaluate a base, adapter or merged checkpoint with lm-evaluation-harness: any lm-eval task, any few-shot count.
+
+    python eval/run.py --data-dir ../shared/data --tasks local_arc_easy,local_piqa,local_boolq --limit 300
+    python eval/run.py --adapter outputs/<run>/adapter --compare-base --data-dir ../shared/data --tasks local_core
+    python eval/run.py --checkpoint-dir checkpoints/merged/my-model --tasks local_mmlu --num-fewshot 5 --data-dir DIR
+    python eval/run.py --tasks hellaswag,arc_easy        # lm-eval's own tasks (they download their data sets)
+
+Local tasks (eval/tasks/, no network): local_arc_easy, local_arc_challenge, local_piqa, local_boolq,
+local_winogrande, local_mmlu (57 subjects), local_truthfulqa_mc1, local_truthfulqa_mc2, and the group local_core
+(ARC-easy, ARC-challenge, PIQA, BoolQ). They read their files under --data-dir (layout of ../shared/data).
+--compare-base evaluates the adapter's base (adapters switched off, same weights in memory) and the adapter side
+by side. Writes results.json (lm-eval's results per model, timings, settings) and results.md (the table) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lit_peft.cli import fail  # noqa: E402
+
+DEFAULT_CHECKPOINT = ROOT / "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"
+PRECISIONS = {"32-true": "float32", "bf16-true": "bfloat16", "16-true": "float16"}
+
+
+def parse_args(argv: list[str] | None):
+    from lit_peft.data.templates import TEMPLATES
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint-dir", type=Path, help="LitGPT checkpoint (default: the adapter's base, or SmolLM2)")
+    p.add_argument("--adapter", type=Path, help="an adapter folder written by finetune/run.py")
+    p.add_argument("--compare-base", action="store_true", help="also evaluate with the adapter switched off")
+    p.add_argument("--tasks", default="local_core", help="comma-separated lm-eval task or group names")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples per question (default: each task's own)")
+    p.add_argument("--limit", type=float, help="items per task (a count, or a fraction below 1)")
+    p.add_argument("--data-dir", type=Path, help="folder the local tasks read (e.g. ../shared/data)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, help="longest input in tokens (default: the model's block size)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", choices=sorted(PRECISIONS), help="default: 32-true on CPU, bf16-true on CUDA")
+    p.add_argument("--apply-chat-template", action="store_true", help="wrap prompts in the model's chat template")
+    p.add_argument("--template", choices=sorted(TEMPLATES), help="default: the adapter's, else from the tokenizer")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--log-samples", action="store_true", help="keep every item's scores in results.json")
+    p.add_argument("--out", type=Path, help="output folder (default: outputs/eval/<date>_<time>)")
+    args = p.parse_args(argv)
+    if args.compare_base and args.adapter is None:
+        p.error("--compare-base needs --adapter")
+    if args.limit is not None and (args.limit <= 0 or (args.limit >= 1 and not args.limit.is_integer())):
+        p.error(f"--limit must be a whole count or a fraction in (0, 1), got {args.limit}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    import logging
+
+    import torch
+    from litgpt import Tokenizer
+    from lm_eval.utils import handle_non_serializable
+
+    from lit_peft.data.templates import get_template, guess_template
+    from lit_peft.evaluation import LitLM, check_tasks, comparison_table, evaluate, task_manager
+    from lit_peft.io import atomic_path
+    from lit_peft.methods import adapters_disabled
+    from lit_peft.model import load_for_inference
+
+    # lm-eval warns once per local task that it reads a custom data set: expected here.
+    logging.getLogger("lm_eval.api.task").setLevel(logging.ERROR)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    out = args.out or ROOT / "outputs" / "eval" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    with fail.on_user_error():
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(f"output folder {out} is not empty; pass a new --out")
+        if args.data_dir is not None and not args.data_dir.is_dir():
+            raise NotADirectoryError(f"--data-dir {args.data_dir} is not a folder")
+        manager = task_manager(args.data_dir)
+        check_tasks(tasks, manager)
+        if args.device == "auto":
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            try:
+                device = torch.device(args.device)
+            except RuntimeError:
+                raise ValueError(f"unknown --device {args.device!r}; valid: auto, cpu, cuda, cuda:<index>") from None
+        precision = args.precision or ("bf16-true" if device.type == "cuda" else "32-true")
+        model, checkpoint_dir, meta = load_for_inference(args.checkpoint_dir, args.adapter, DEFAULT_CHECKPOINT)
+        model = model.to(device=device, dtype=getattr(torch, PRECISIONS[precision]))
+        tokenizer = Tokenizer(checkpoint_dir)
+        template = get_template(args.template or meta.get("template") or guess_template(checkpoint_dir))
+        lm = LitLM(model, tokenizer, args.batch_size, args.max_length, template=template, name=checkpoint_dir.name)
+
+        def run() -> dict:
+            return evaluate(
+                lm, tasks, manager, args.num_fewshot, limit, args.seed, args.apply_chat_template, args.log_samples
+            )
+
+        named: dict[str, dict] = {}
+        if args.compare_base:
+            with adapters_disabled(model):
+                named["base"] = run()
+        named["adapter" if args.adapter else "model"] = run()
+
+    table = comparison_table(named, next(iter(named.values())).get("n-samples"))
+    settings = {
+        "checkpoint_dir": str(checkpoint_dir),
+        "adapter": str(args.adapter) if args.adapter else None,
+        "method": meta.get("method"),
+        "tasks": tasks,
+        "num_fewshot": args.num_fewshot,
+        "limit": limit,
+        "data_dir": str(args.data_dir) if args.data_dir else None,
+        "device": str(device),
+        "precision": precision,
+        "batch_size": args.batch_size,
+        "apply_chat_template": args.apply_chat_template,
+        "seed": args.seed,
+    }
+    report = {
+        "settings": settings,
+        "wall_seconds": {name: res["wall_seconds"] for name, res in named.items()},
+        "models": {
+            name: {k: v for k, v in res.items() if k != "samples" or args.log_samples} for name, res in named.items()
+        },
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2, default=handle_non_serializable))
+    timing = ", ".join(f"{name} {sec:.0f} s" for name, sec in report["wall_seconds"].items())
+    md = f"{table}\n\n{checkpoint_dir.name}{' + ' + str(args.adapter) if args.adapter else ''}; {timing}\n"
+    with atomic_path(out / "results.md") as tmp:
+        tmp.write_text(md)
+    print(md + f"results: {out / 'results.json'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

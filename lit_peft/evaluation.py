@@ -1,0 +1,297 @@
+"""lm-evaluation-harness over a loaded LitGPT model (base, adapter or merged), and the local offline tasks.
+
+`LitLM` is an lm-eval `TemplateLM`: lm-eval's own context/continuation encoding (`_encode_pair`, the empty-context
+prefix token), with our batched scoring on the LitGPT model. Tokenization follows lm-eval's HF backend so that the
+same model scores the same through either (tests/test_eval.py checks it on an exported model).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+TASKS_DIR = Path(__file__).resolve().parents[1] / "eval" / "tasks"
+
+Request = tuple[tuple[str, str] | None, list[int], list[int]]
+
+
+class LitLM(TemplateLM):
+    """Scores and generates with a LitGPT model already on its device.
+
+    batch_size: sequences per forward in loglikelihood requests (longest first, right-padded).
+    max_length: the longest input; longer ones are cut from the left, as lm-eval's HF backend does.
+    template: a lit_peft chat template, used when lm-eval is asked to apply a chat template.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        batch_size: int = 16,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        template=None,
+        name: str = "lit-peft",
+    ) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.lit_tokenizer = tokenizer
+        self.batch_size = int(batch_size)
+        self._max_length = int(max_length or model.config.block_size)
+        self._max_gen_toks = max_gen_toks
+        self.template = template
+        self.name = name
+        self._device = next(model.parameters()).device
+        self.model.max_seq_length = self._max_length
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+
+    # ---------------------------------------------------------------- tokenization (as lm-eval's HF backend)
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.lit_tokenizer.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.lit_tokenizer.bos_id
+        return bos if bos is not None else self.lit_tokenizer.eos_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.lit_tokenizer, "model_name", self.name))
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        tok = self.lit_tokenizer
+        if add_special_tokens is None:
+            bos = tok.processor.id_to_token(self.prefix_token_id) if tok.backend == "huggingface" else None
+            add_special_tokens = not (bos and string.startswith(bos))
+        if tok.backend == "huggingface":
+            # The tokenizer.json post-processor decides BOS, exactly as transformers' fast tokenizer does.
+            return tok.processor.encode(string, add_special_tokens=add_special_tokens).ids
+        return tok.encode(string, bos=None if add_special_tokens else False).tolist()
+
+    def tok_decode(self, tokens: list[int]) -> str:
+        return self.lit_tokenizer.decode(torch.tensor(tokens, dtype=torch.long))
+
+    # ---------------------------------------------------------------- scoring
+
+    @torch.inference_mode()
+    def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False, **kwargs):
+        def sort_key(req: Request):
+            toks = req[1] + req[2]
+            return -len(toks), tuple(toks)
+
+        # Requests whose context + continuation[:-1] agree (one-token answers to one question) share one forward.
+        order = Collator(requests, sort_fn=sort_key, group_by="contexts", group_fn=lambda r: r[-2] + r[-1][:-1])
+        results: list[tuple[float, bool]] = []
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="loglikelihood")
+        for chunk in order.get_batched(n=self.batch_size):
+            inputs, lengths = [], []
+            for _, context, continuation in chunk:
+                if not context or not continuation:
+                    raise ValueError("lm-eval passed an empty context or continuation")
+                window = (context + continuation)[-(self.max_length + 1) :][:-1]
+                inputs.append(window)
+                lengths.append(len(window))
+            width = max(lengths)
+            batch = torch.zeros((len(inputs), width), dtype=torch.long)
+            for i, window in enumerate(inputs):
+                batch[i, : len(window)] = torch.tensor(window, dtype=torch.long)
+            logprobs = F.log_softmax(self.model(batch.to(self._device)).float(), dim=-1)
+            for (key, context, continuation), row, length in zip(chunk, logprobs, lengths, strict=True):
+                row = row[length - len(continuation) : length].unsqueeze(0)  # (1, cont, vocab)
+                greedy = row.argmax(dim=-1)
+                for key_, cont, row_ in order.get_cache(
+                    req_str=key, cxt_toks=context, cont_toks=continuation, logits=row
+                ):
+                    cont_t = torch.tensor(cont, dtype=torch.long, device=row_.device).unsqueeze(0)
+                    exact = bool((greedy[:, -cont_t.shape[1] :] == cont_t).all())
+                    logp = float(torch.gather(row_, 2, cont_t.unsqueeze(-1)).sum())
+                    results.append((logp, exact))
+                    if key_ is not None:
+                        self.cache_hook.add_partial("loglikelihood", key_, (logp, exact))
+                    bar.update(1)
+        bar.close()
+        return order.get_original(results)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Whole-text log-likelihood in disjoint windows of `max_length` tokens (perplexity tasks)."""
+        windows: list[Request] = []
+        owners: list[int] = []
+        for i, (text,) in enumerate(req.args for req in requests):
+            for context, continuation in map(
+                make_disjoint_window,
+                get_rolling_token_windows(
+                    token_list=self.tok_encode(text),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            ):
+                windows.append((None, context, continuation))
+                owners.append(i)
+        totals = [0.0] * len(requests)
+        for owner, (logp, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm), strict=True):
+            totals[owner] += logp
+        for req, total in zip(requests, totals, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    @torch.inference_mode()
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or sampled, when the task asks) continuation until a stop string, EOS or max_gen_toks."""
+        from litgpt.generate.base import generate_fn
+
+        tok = self.lit_tokenizer
+        eos_id = self.eot_token_id
+        eos_text = tok.processor.decode([eos_id], skip_special_tokens=False) if tok.backend == "huggingface" else None
+        outputs = []
+        for req in tqdm(requests, disable=disable_tqdm, desc="generate_until"):
+            context, gen_kwargs = req.args
+            kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+            budget = int(kwargs.pop("max_gen_toks"))
+            if budget >= self.max_length:
+                raise ValueError(f"max_gen_toks {budget} must be below the model's max length {self.max_length}")
+            prompt_ids = self.tok_encode(context)[-(self.max_length - budget) :]
+            prompt = torch.tensor(prompt_ids, dtype=torch.long, device=self._device)
+            sample = kwargs.get("do_sample") and kwargs.get("temperature", 0.0) > 0
+            self.model.set_kv_cache(batch_size=1, max_seq_length=len(prompt) + budget, device=self._device)
+            ids: list[int] = []
+            text = ""
+            try:
+                for token in generate_fn(
+                    self.model,
+                    prompt,
+                    len(prompt) + budget,
+                    temperature=float(kwargs.get("temperature", 0.0)) if sample else 0.0,
+                    top_k=kwargs.get("top_k"),
+                    top_p=float(kwargs.get("top_p", 1.0)),
+                    stop_tokens=([self.eot_token_id],),
+                    include_prompt=False,
+                    include_eos=False,
+                ):
+                    ids.extend(token.view(-1).tolist())
+                    text = self.tok_decode(ids)
+                    if any(stop and stop in text for stop in until):
+                        break
+            finally:
+                self.model.clear_kv_cache()
+            for stop in filter(None, until):
+                text = text.split(stop)[0]
+            outputs.append(text)
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+        return outputs
+
+    # ---------------------------------------------------------------- chat template (`--apply-chat-template`)
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return type(self.template).__name__ if (chat_template and self.template is not None) else None
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        if self.template is None:
+            raise ValueError("this model has no chat template; pass --template")
+        from lit_peft.data.tokenize import special_strings
+
+        bos, eos = special_strings(self.lit_tokenizer)
+        text = "".join(t for t, _ in self.template.segments(chat_history, bos, eos))
+        return text + (self.template.generation_prompt() if add_generation_prompt else "")
+
+
+def task_manager(data_dir: str | Path | None):
+    """lm-eval's task index plus the local tasks of eval/tasks/, which read their files under `data_dir`."""
+    from lm_eval.tasks import TaskManager
+
+    metadata = {"data_dir": str(Path(data_dir).expanduser().resolve())} if data_dir else None
+    return TaskManager(include_path=str(TASKS_DIR), metadata=metadata)
+
+
+def check_tasks(names: list[str], manager) -> None:
+    known = set(manager.all_tasks)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        local = sorted(n for n in known if n.startswith("local_") and not n.startswith("local_mmlu_"))
+        raise ValueError(
+            f"unknown task {unknown[0]!r}; local tasks: {', '.join(local)}, or any of lm-eval's "
+            f"{len(known) - len(local)} tasks (`lm_eval ls tasks`)"
+        )
+
+
+def evaluate(
+    lm: LitLM,
+    tasks: list[str],
+    manager,
+    num_fewshot: int | None = None,
+    limit: int | float | None = None,
+    seed: int = 1234,
+    apply_chat_template: bool = False,
+    log_samples: bool = False,
+) -> dict[str, Any]:
+    """lm-eval's `simple_evaluate` on our model; adds the wall time to the results."""
+    from lm_eval import simple_evaluate
+
+    start = time.perf_counter()
+    results = simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        log_samples=log_samples,
+        apply_chat_template=apply_chat_template,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+        bootstrap_iters=0,
+    )
+    results["wall_seconds"] = time.perf_counter() - start
+    return results
+
+
+def headline(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} with lm-eval's 'acc,none' keys shortened to 'acc' and stderr left out."""
+    table: dict[str, dict[str, float]] = {}
+    for task, metrics in results["results"].items():
+        row = {}
+        for key, value in metrics.items():
+            metric, _, filt = key.partition(",")
+            if isinstance(value, (int, float)) and "stderr" not in metric and metric not in ("alias", "sample_len"):
+                row[metric if filt in ("none", "") else f"{metric} ({filt})"] = float(value)
+        table[task] = row
+    return table
+
+
+def comparison_table(named: dict[str, dict[str, Any]], samples: dict[str, dict[str, int]] | None = None) -> str:
+    """A Markdown table: one row per task and metric, one column per evaluated model, and the change to the first."""
+    heads = {name: headline(res) for name, res in named.items()}
+    names = list(heads)
+    cols = names + ([f"{names[-1]} - {names[0]}"] if len(names) > 1 else [])
+    lines = ["| task | metric | n | " + " | ".join(cols) + " |", "|---|---|---:|" + "---:|" * len(cols)]
+    first = heads[names[0]]
+    for task in sorted(first):
+        for metric in first[task]:
+            values = [heads[n].get(task, {}).get(metric) for n in names]
+            cells = [f"{v:.4f}" if v is not None else "-" for v in values]
+            if len(names) > 1 and values[0] is not None and values[-1] is not None:
+                cells.append(f"{values[-1] - values[0]:+.4f}")
+            n = (samples or {}).get(task, {}).get("effective", "")
+            lines.append(f"| {task} | {metric} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
