@@ -27,6 +27,30 @@ def warmup_cosine(warmup_steps: int, max_steps: int, min_lr_ratio: float) -> Cal
     return factor
 
 
+def clip_sharded_grad_norm_(wrapped: nn.Module, module: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm of an FSDP-sharded model; returns the norm before clipping.
+
+    FSDP's own `clip_grad_norm_` reduces the shards across ranks but covers only its root's subtree, so it is called
+    with an infinite bound on every root (one when the whole model is wrapped) to measure; parameters outside any
+    FSDP unit are replicated and counted once. Then every local gradient is scaled by the same factor.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    roots = FSDP.fsdp_modules(wrapped, root_only=True) or FSDP.fsdp_modules(module, root_only=True)
+    managed = {id(p) for r in roots for p in r.parameters()}
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    device = grads[0].device
+    squares = [r.clip_grad_norm_(float("inf")).float().to(device) ** 2 for r in roots]
+    squares += [p.grad.float().pow(2).sum() for p in module.parameters() if p.grad is not None and id(p) not in managed]
+    total = torch.stack(squares).sum().sqrt()
+    factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(factor.to(g.device, g.dtype))
+    return total
+
+
 class FineTuneModule(L.LightningModule):
     def __init__(
         self,
@@ -106,9 +130,8 @@ class FineTuneModule(L.LightningModule):
         from lightning.pytorch.strategies import FSDPStrategy
 
         if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy) and gradient_clip_algorithm != "value":
-            # Lightning's FSDP precision plugin refuses norm clipping; FSDP's own clip_grad_norm_ computes the total
-            # norm across the shards of every rank (found on a GPU run of tests/test_scale.py).
-            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            # Lightning's FSDP precision plugin refuses norm clipping (found on a GPU run of tests/test_scale.py).
+            clip_sharded_grad_norm_(self.trainer.strategy.model, self, float(gradient_clip_val))
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 

@@ -209,3 +209,20 @@ def test_registry_and_conf_method_folder_agree():
             name, {k: v for k, v in OmegaConf.to_container(cfg.get("method", cfg)).items() if k != "name"}
         )  # every YAML setting is a valid setting
     assert files["qlora"].quantize == "nf4-dq"
+
+
+def test_sharded_clip_without_fsdp_units_is_plain_global_norm_clipping():
+    """The FSDP clipping path (GPU-only end to end) falls back to the global norm over local gradients."""
+    from lit_peft.module import clip_sharded_grad_norm_
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(5, 4)
+    for m in (a, b):
+        (m(x) ** 2).sum().mul(10).backward()
+    expected = torch.nn.utils.clip_grad_norm_(a.parameters(), 0.5)
+    got = clip_sharded_grad_norm_(b, b, 0.5)
+    assert got == pytest.approx(float(expected), rel=1e-6) and float(expected) > 0.5  # it did clip
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pb.grad, pa.grad)
