@@ -13,6 +13,7 @@ from torch import nn
 
 from lit_peft.model import trainable_state_dict
 from lit_peft.tasks import Task
+from lit_peft.tasks.sft import COUNTS
 
 
 def warmup_cosine(warmup_steps: int, max_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
@@ -85,11 +86,26 @@ class FineTuneModule(L.LightningModule):
         if self._step_start is None:
             self._step_start = time.perf_counter()
 
+    def on_fit_start(self) -> None:
+        self.task.setup(self, self.trainer.datamodule)
+
+    def on_validation_start(self) -> None:
+        self.task.setup(self, self.trainer.datamodule)  # also for a validation before training (idempotent)
+
+    def _log_metrics(self, prefix: str, metrics: dict[str, torch.Tensor], train: bool) -> None:
+        for k, v in metrics.items():
+            if k in COUNTS:
+                if train:
+                    self.log(f"train/{k}", v.float(), on_step=True, on_epoch=False, reduce_fx="sum")
+            elif train:
+                self.log(f"train/{k}", v.float(), on_step=True, on_epoch=False)
+            else:
+                self.log(f"val_{k}", v.float(), on_epoch=True, sync_dist=True)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, metrics = self.task(self.model, batch)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        for k, v in metrics.items():
-            self.log(f"train/{k}", v.float(), on_step=True, on_epoch=False, reduce_fx="sum")
+        self._log_metrics("train", metrics, train=True)
         self._tokens = getattr(self, "_tokens", 0) + int(batch["input_ids"].numel())
         return loss
 
@@ -102,11 +118,22 @@ class FineTuneModule(L.LightningModule):
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, on_step=True, on_epoch=False)
         self._step_start, self._tokens = None, 0
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss x tokens, tokens)
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, metrics = self.task(self.model, batch)
-        weight = metrics.get("target_tokens", torch.tensor(1)).float()
+        weight = metrics.get("target_tokens", metrics.get("pairs", torch.tensor(1))).float()
         self.log("val_loss", loss, prog_bar=True, on_epoch=True, batch_size=int(weight.clamp(min=1)), sync_dist=True)
+        self._log_metrics("val", metrics, train=False)
+        self._val_sums += torch.stack([loss.detach().double() * weight.double(), weight.double()]).to(self.device)
         return loss
+
+    def on_validation_epoch_end(self) -> None:
+        if self.task.perplexity:
+            total = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+            if total[1] > 0:
+                self.log("val_ppl", torch.exp(total[0] / total[1]).float(), sync_dist=False)
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -136,5 +163,9 @@ class FineTuneModule(L.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["task_state"] = self.task.state_dict()
         if not self.save_full_state:
             checkpoint["state_dict"] = {f"model.{k}": v for k, v in trainable_state_dict(self.model).items()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.task.load_state_dict(checkpoint.get("task_state") or {})

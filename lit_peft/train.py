@@ -14,8 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from lit_peft import __version__
 from lit_peft.callbacks import AtomicCheckpointIO, ExportAdapter
+from lit_peft.data.formats import format_kind
 from lit_peft.data.module import SFTDataModule, record_loader
+from lit_peft.data.preference import PreferenceDataModule
 from lit_peft.data.templates import get_template
+from lit_peft.data.text import TextDataModule
 from lit_peft.hub import prepare_checkpoint
 from lit_peft.model import enable_gradient_checkpointing, install_method, load_base
 from lit_peft.module import FineTuneModule
@@ -60,6 +63,44 @@ def resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
     return str(path)
 
 
+def build_datamodule(cfg: DictConfig, tokenizer: Tokenizer, template, task, out_dir: Path) -> L.LightningDataModule:
+    """The DataModule for the data format's kind (conversation, text or preference pairs), checked against the task."""
+    d = OmegaConf.to_container(cfg.data, resolve=True)
+    kind = format_kind(str(d["format"]))
+    if kind not in task.data_kinds:
+        wanted = " or ".join(task.data_kinds)
+        raise ConfigError(
+            f"task={cfg.task.name} trains on {wanted} data; data.format={d['format']} is {kind} data "
+            f"(pick a data= config of that kind, e.g. {EXAMPLE_DATA[task.data_kinds[0]]})"
+        )
+    common = dict(
+        max_seq_length=int(d["max_seq_length"]),
+        micro_batch_size=int(cfg.trainer.micro_batch_size),
+        val_size=d["val_size"],
+        seed=int(cfg.seed),
+        num_workers=int(d.get("num_workers", 0)),
+        shuffle=bool(d.get("shuffle", True)),
+    )
+    if kind == "text":
+        return TextDataModule(
+            tokenizer,
+            d.get("path"),
+            d["format"],
+            split=d.get("split", "train"),
+            columns=d.get("columns") or {},
+            separator=d.get("separator"),
+            streaming=bool(d.get("streaming", False)),
+            cache_dir=d.get("cache_dir") or out_dir / "tokens",
+            **common,
+        )
+    load, source = record_loader(d, cfg.seed)
+    cls = PreferenceDataModule if kind == "preference" else SFTDataModule
+    return cls(tokenizer, template, load, d["format"], source, max_examples=d.get("max_examples"), **common)
+
+
+EXAMPLE_DATA = {"conversation": "data=alpaca", "text": "data=text", "preference": "data=hh_rlhf"}
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one fine-tuning job. Returns paths of what it wrote and the final metrics."""
     out_dir = Path(cfg.out_dir)
@@ -78,23 +119,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         enable_gradient_checkpointing(model)
 
     template = get_template(cfg.model.template, cfg.model.get("system_prompt"))
-    load, source = record_loader(OmegaConf.to_container(cfg.data, resolve=True), cfg.seed)
-    data = SFTDataModule(
-        tokenizer,
-        template,
-        load,
-        record_format=cfg.data.format,
-        source=source,
-        max_seq_length=int(cfg.data.max_seq_length),
-        micro_batch_size=int(t.micro_batch_size),
-        val_size=cfg.data.val_size,
-        seed=int(cfg.seed),
-        max_examples=cfg.data.get("max_examples"),
-        num_workers=int(cfg.data.get("num_workers", 0)),
-        shuffle=bool(cfg.data.get("shuffle", True)),
-    )
-    data.setup("fit")  # fail fast on bad data, before anything is written
     task = get_task(cfg.task.name, **{k: v for k, v in cfg.task.items() if k != "name"})
+    data = build_datamodule(cfg, tokenizer, template, task, out_dir)
+    data.setup("fit")  # fail fast on bad data, before anything is written
     full = not method.wraps_linears and cfg.method.name == "full"
     module = FineTuneModule(
         model,

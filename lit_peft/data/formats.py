@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -11,8 +13,21 @@ from lit_peft.data.templates import Message, instruction_messages
 LOCAL_EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+
+
+def data_suffix(path: Path) -> str:
+    """The data file type, looking through a compression suffix: a.jsonl.gz -> .jsonl."""
+    suffixes = [x for x in path.suffixes if x not in COMPRESSIONS]
+    return suffixes[-1] if suffixes and path.suffix in (*COMPRESSIONS, suffixes[-1]) else path.suffix
+
+
 class DataError(ValueError):
     """A data set problem, reported with the file, the record index and the field."""
+
+
+class SkipRecord(DataError):
+    """A well-formed record that cannot be used (counted and reported, not fatal)."""
 
 
 def _field(record: Mapping[str, Any], name: str, source: str, index: int, required: bool = True) -> str:
@@ -26,6 +41,51 @@ def _field(record: Mapping[str, Any], name: str, source: str, index: int, requir
     return value
 
 
+def _text(value: Any, source: str, index: int, field: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{source}: record {index} field {field!r} is {type(value).__name__}, expected a string")
+    return value
+
+
+def _list(record: Mapping[str, Any], name: str, source: str, index: int, required: bool = True) -> list:
+    value = record.get(name)
+    if value is None and not required:
+        return []
+    if value is None:
+        raise DataError(f"{source}: record {index} has no field {name!r} (fields: {', '.join(sorted(record))})")
+    if not isinstance(value, list):
+        raise DataError(f"{source}: record {index} field {name!r} is {type(value).__name__}, expected a list")
+    return value
+
+
+ROLES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "prompter": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+}
+
+
+def _turns(items: list, source: str, index: int, field: str, role_key: str, content_key: str) -> list[Message]:
+    """[{role_key: ..., content_key: ...}, ...] -> messages with roles normalised (human/gpt/... -> user/assistant)."""
+    messages = []
+    for j, item in enumerate(items):
+        where = f"{field}[{j}]"
+        if not isinstance(item, Mapping) or role_key not in item or content_key not in item:
+            raise DataError(f"{source}: record {index} field {where!r} needs {role_key!r} and {content_key!r}")
+        role = ROLES.get(str(item[role_key]).lower())
+        if role is None:
+            raise DataError(
+                f"{source}: record {index} field {where!r} has role {item[role_key]!r}; valid: {', '.join(ROLES)}"
+            )
+        messages.append({"role": role, "content": _text(item[content_key], source, index, f"{where}.{content_key}")})
+    return messages
+
+
 def alpaca(record: Mapping[str, Any], source: str, index: int) -> list[Message]:
     """{instruction, input (optional), output}."""
     return instruction_messages(
@@ -35,12 +95,175 @@ def alpaca(record: Mapping[str, Any], source: str, index: int) -> list[Message]:
     )
 
 
-FORMATS: dict[str, Callable[[Mapping[str, Any], str, int], list[Message]]] = {"alpaca": alpaca}
+def dolly(record: Mapping[str, Any], source: str, index: int) -> list[Message]:
+    """databricks-dolly-15k: {instruction, context (optional), response}."""
+    return instruction_messages(
+        _field(record, "instruction", source, index),
+        _field(record, "context", source, index, required=False),
+        _field(record, "response", source, index),
+    )
+
+
+def lima(record: Mapping[str, Any], source: str, index: int) -> list[Message]:
+    """LIMA as LLaMA-Factory ships it: earlier turns in `history` ([[user, assistant], ...]), then
+    {instruction, input (optional), output} as the last exchange."""
+    messages: list[Message] = []
+    for j, pair in enumerate(_list(record, "history", source, index, required=False)):
+        if not (isinstance(pair, list | tuple) and len(pair) == 2):
+            raise DataError(f"{source}: record {index} field 'history[{j}]' must be a [user, assistant] pair")
+        messages.append({"role": "user", "content": _text(pair[0], source, index, f"history[{j}][0]")})
+        messages.append({"role": "assistant", "content": _text(pair[1], source, index, f"history[{j}][1]")})
+    return messages + alpaca(record, source, index)
+
+
+def sharegpt(record: Mapping[str, Any], source: str, index: int) -> list[Message]:
+    """ShareGPT exports: {conversations: [{from: human|gpt|system, value}], system (optional)}."""
+    messages = _turns(_list(record, "conversations", source, index), source, index, "conversations", "from", "value")
+    system = record.get("system")
+    if system and not (messages and messages[0]["role"] == "system"):
+        messages.insert(0, {"role": "system", "content": _text(system, source, index, "system")})
+    return messages
+
+
+def openai_messages(record: Mapping[str, Any], source: str, index: int) -> list[Message]:
+    """OpenAI chat style: {messages: [{role: system|user|assistant, content}]}."""
+    return _turns(_list(record, "messages", source, index), source, index, "messages", "role", "content")
+
+
+_HUMAN = re.compile(r"###\s*(Human|Assistant)\s*:\s*")
+_INST = re.compile(r"\[INST\](.*?)\[/INST\](.*?)(?=<s>\s*\[INST\]|\[INST\]|$)", re.DOTALL)
+_SYS = re.compile(r"<<SYS>>(.*?)<</SYS>>", re.DOTALL)
+
+
+def guanaco(record: Mapping[str, Any], source: str, index: int) -> list[Message]:
+    """OpenAssistant/guanaco dialogues in one `text` field, in either shape: `### Human: ... ### Assistant: ...`
+    or Llama-2 `<s>[INST] ... [/INST] ... </s>` (an optional <<SYS>> block in the first turn is the system)."""
+    text = _field(record, "text", source, index)
+    messages: list[Message] = []
+    if "[INST]" in text:
+        for user, reply in _INST.findall(text):
+            system = _SYS.search(user)
+            if system and not messages:
+                messages.append({"role": "system", "content": system.group(1).strip()})
+            user = _SYS.sub("", user).strip()
+            messages.append({"role": "user", "content": user})
+            reply = reply.replace("</s>", "").strip()
+            if reply:
+                messages.append({"role": "assistant", "content": reply})
+    elif _HUMAN.search(text):
+        parts = _HUMAN.split(text)  # ["", "Human", "...", "Assistant", "...", ...]
+        for role, content in zip(parts[1::2], parts[2::2], strict=True):
+            messages.append({"role": "user" if role == "Human" else "assistant", "content": content.strip()})
+    else:
+        raise DataError(
+            f"{source}: record {index} field 'text' is neither '### Human: ... ### Assistant: ...' "
+            "nor Llama-2 '[INST] ... [/INST]' dialogue"
+        )
+    return messages
+
+
+FORMATS: dict[str, Callable[[Mapping[str, Any], str, int], list[Message]]] = {
+    "alpaca": alpaca,
+    "dolly": dolly,
+    "lima": lima,
+    "sharegpt": sharegpt,
+    "messages": openai_messages,
+    "guanaco": guanaco,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preference:
+    """One preference pair: a conversation so far (ending with the user's turn) and two assistant replies."""
+
+    prompt: list[Message]
+    chosen: str
+    rejected: str
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ \t]?")
+
+
+def _hh_dialogue(text: str, source: str, index: int, field: str) -> list[Message]:
+    parts = _HH_TURN.split("\n\n" + text.lstrip("\n") if not text.startswith("\n\n") else text)
+    if len(parts) < 3 or parts[0].strip():
+        raise DataError(f"{source}: record {index} field {field!r} is not a '\\n\\nHuman: ... Assistant: ...' dialogue")
+    return [
+        {"role": "user" if role == "Human" else "assistant", "content": content.strip()}
+        for role, content in zip(parts[1::2], parts[2::2], strict=True)
+    ]
+
+
+def hh_rlhf(record: Mapping[str, Any], source: str, index: int) -> Preference:
+    """Anthropic hh-rlhf: {chosen, rejected}, each the whole dialogue; the reply pair is the last assistant turn."""
+    chosen = _hh_dialogue(_field(record, "chosen", source, index), source, index, "chosen")
+    rejected = _hh_dialogue(_field(record, "rejected", source, index), source, index, "rejected")
+    for name, dialogue in (("chosen", chosen), ("rejected", rejected)):
+        if dialogue[-1]["role"] != "assistant" or len(dialogue) < 2:
+            raise DataError(f"{source}: record {index} field {name!r} does not end with an assistant turn")
+    if chosen[:-1] != rejected[:-1]:
+        raise SkipRecord(f"{source}: record {index}: 'chosen' and 'rejected' dialogues differ before the last reply")
+    return Preference(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"])
+
+
+def _reply(value: Any, source: str, index: int, field: str) -> str:
+    """A reply as a string or as a one-turn {from/role, value/content} message (LLaMA-Factory)."""
+    if isinstance(value, Mapping):
+        value = value.get("value", value.get("content"))
+    if value is None:
+        raise DataError(f"{source}: record {index} has no field {field!r}")
+    return _text(value, source, index, field)
+
+
+def sharegpt_pairs(record: Mapping[str, Any], source: str, index: int) -> Preference:
+    """LLaMA-Factory preference data: {conversations: [...ShareGPT turns], chosen: {from, value}, rejected}."""
+    prompt = sharegpt(record, source, index)
+    return Preference(
+        prompt,
+        _reply(record.get("chosen"), source, index, "chosen"),
+        _reply(record.get("rejected"), source, index, "rejected"),
+    )
+
+
+def pairs(record: Mapping[str, Any], source: str, index: int) -> Preference:
+    """Flat {prompt, chosen, rejected} (prompt a string or a list of role/content messages; system optional)."""
+    prompt = record.get("prompt")
+    if isinstance(prompt, list):
+        messages = _turns(prompt, source, index, "prompt", "role", "content")
+    else:
+        messages = [{"role": "user", "content": _field(record, "prompt", source, index)}]
+    if record.get("system"):
+        messages.insert(0, {"role": "system", "content": _text(record["system"], source, index, "system")})
+    return Preference(
+        messages,
+        _reply(record.get("chosen"), source, index, "chosen"),
+        _reply(record.get("rejected"), source, index, "rejected"),
+    )
+
+
+PREFERENCE_FORMATS: dict[str, Callable[[Mapping[str, Any], str, int], Preference]] = {
+    "hh_rlhf": hh_rlhf,
+    "sharegpt_pairs": sharegpt_pairs,
+    "pairs": pairs,
+}
+TEXT_FORMATS = ("text", "tokens")  # raw documents ({text}, .txt) and pre-tokenized documents ({input_ids})
+
+
+def format_kind(name: str) -> str:
+    """'conversation', 'preference' or 'text' for a data.format value; one-line error for an unknown one."""
+    if name in FORMATS:
+        return "conversation"
+    if name in PREFERENCE_FORMATS:
+        return "preference"
+    if name in TEXT_FORMATS:
+        return "text"
+    valid = sorted([*FORMATS, *PREFERENCE_FORMATS, *TEXT_FORMATS])
+    raise ValueError(f"unknown data format {name!r}; valid formats: {', '.join(valid)}")
 
 
 def get_format(name: str) -> Callable[[Mapping[str, Any], str, int], list[Message]]:
     if name not in FORMATS:
-        raise ValueError(f"unknown data format {name!r}; valid formats: {', '.join(sorted(FORMATS))}")
+        raise ValueError(f"unknown data format {name!r}; valid conversation formats: {', '.join(sorted(FORMATS))}")
     return FORMATS[name]
 
 
@@ -54,13 +277,16 @@ def load_records(path: str, split: str = "train", columns: Mapping[str, str] | N
     local = Path(path).expanduser()
     try:
         if local.is_file():
-            builder = LOCAL_EXTENSIONS.get(local.suffix)
+            builder = LOCAL_EXTENSIONS.get(data_suffix(local))
             if builder is None:
-                raise DataError(f"{path}: unsupported file type {local.suffix!r}; valid: {', '.join(LOCAL_EXTENSIONS)}")
+                raise DataError(
+                    f"{path}: unsupported file type {data_suffix(local)!r}; valid: {', '.join(LOCAL_EXTENSIONS)} "
+                    f"(optionally .gz/.bz2/.xz/.zst compressed)"
+                )
             ds = datasets.load_dataset(builder, data_files=str(local), split="train")
         elif local.is_dir():
             ds = datasets.load_dataset(str(local), split=split)
-        elif path.startswith((".", "/", "~")) or local.suffix in LOCAL_EXTENSIONS:
+        elif path.startswith((".", "/", "~")) or data_suffix(local) in LOCAL_EXTENSIONS:
             raise DataError(f"data file not found: {path}")
         else:
             ds = datasets.load_dataset(path, split=split)

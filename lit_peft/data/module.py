@@ -12,7 +12,7 @@ import torch
 from litgpt import Tokenizer
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-from lit_peft.data.formats import DataError, get_format, load_records
+from lit_peft.data.formats import DataError, SkipRecord, get_format, load_records
 from lit_peft.data.synthetic import synthetic_records
 from lit_peft.data.templates import Template
 from lit_peft.data.tokenize import collate, encode_segments, special_strings
@@ -24,6 +24,30 @@ def split_sizes(n: int, val_size: float | int) -> int:
     if not 0 < n_val < n:
         raise DataError(f"val_size={val_size} leaves no train or no validation examples out of {n}")
     return n_val
+
+
+def report_skipped(skipped: list[str], total: int) -> None:
+    if skipped:
+        print(f"skipped {len(skipped)} of {total} records that cannot be used, e.g. {skipped[0]}", flush=True)
+
+
+def make_loader(data, micro_batch_size: int, shuffle: bool, seed: int, collate_fn, num_workers: int = 0) -> DataLoader:
+    """One loader for any world size: rank r takes examples r, r + W, ... of the (seeded) order, so a run on W
+    processes sees the same global batches as one process with W times the gradient accumulation."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        sampler = DistributedSampler(data, shuffle=shuffle, seed=seed, drop_last=False)
+    elif shuffle:
+        sampler = RandomSampler(data, generator=torch.Generator().manual_seed(seed))
+    else:
+        sampler = SequentialSampler(data)
+    return DataLoader(
+        data,
+        batch_size=micro_batch_size,
+        sampler=sampler,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        drop_last=False,
+    )
 
 
 class SFTDataModule(L.LightningDataModule):
@@ -54,11 +78,17 @@ class SFTDataModule(L.LightningDataModule):
     def encode_records(self, records: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
         bos, eos = special_strings(self.tokenizer)
         examples = []
+        skipped: list[str] = []
         for i, record in enumerate(records):
-            segments = self.template.segments(self.to_messages(record, self.source, i), bos, eos)
+            try:
+                segments = self.template.segments(self.to_messages(record, self.source, i), bos, eos)
+            except SkipRecord as e:
+                skipped.append(str(e))
+                continue
             example = encode_segments(self.tokenizer, segments, self.max_seq_length)
             if example is not None:
                 examples.append(example)
+        report_skipped(skipped, len(records))
         if not examples:
             raise DataError(
                 f"{self.source}: none of {len(records)} records has a response token within "
@@ -79,22 +109,9 @@ class SFTDataModule(L.LightningDataModule):
         self.val, self.train = examples[:n_val], examples[n_val:]
 
     def _loader(self, data: list, shuffle: bool) -> DataLoader:
-        """One loader for any world size: rank r takes examples r, r + W, ... of the (seeded) order, so a run on W
-        processes sees the same global batches as one process with W times the gradient accumulation."""
         pad_id = self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 0
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            sampler = DistributedSampler(data, shuffle=shuffle, seed=self.seed, drop_last=False)
-        elif shuffle:
-            sampler = RandomSampler(data, generator=torch.Generator().manual_seed(self.seed))
-        else:
-            sampler = SequentialSampler(data)
-        return DataLoader(
-            data,
-            batch_size=self.micro_batch_size,
-            sampler=sampler,
-            collate_fn=partial(collate, pad_id=pad_id),
-            num_workers=self.num_workers,
-            drop_last=False,
+        return make_loader(
+            data, self.micro_batch_size, shuffle, self.seed, partial(collate, pad_id=pad_id), self.num_workers
         )
 
     def train_dataloader(self) -> DataLoader:

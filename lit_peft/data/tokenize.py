@@ -41,18 +41,35 @@ def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
     return ids
 
 
+def encode_plain(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of raw text, no bos/eos added (special-token strings in the text map to their ids)."""
+    if tokenizer.backend == "huggingface":
+        return tokenizer.processor.encode(text, add_special_tokens=False).ids
+    return list(tokenizer.processor.encode(text))
+
+
 def encode_segments(
     tokenizer: Tokenizer, segments: list[Segment], max_seq_length: int
 ) -> dict[str, torch.Tensor] | None:
-    """input_ids and labels for one example, cut to `max_seq_length`; None if no target token survives the cut."""
+    """input_ids and labels for one example; None if no target token fits in `max_seq_length`.
+
+    A conversation too long for `max_seq_length` is cut after the last assistant turn that fits whole (the turn
+    boundary); only when even the first reply does not fit is it cut inside that reply.
+    """
     ids: list[int] = []
     labels: list[int] = []
+    turn_ends: list[int] = []
     for text, target in segments:
         piece = encode_text(tokenizer, text)
         ids += piece
         labels += piece if target else [IGNORE_INDEX] * len(piece)
-    ids, labels = ids[:max_seq_length], labels[:max_seq_length]
-    # labels[t] is the token predicted at position t-1; position 0 is never a target.
+        if target and piece:
+            turn_ends.append(len(ids))
+    if len(ids) > max_seq_length:
+        # labels[t] is the token predicted at position t-1; position 0 is never a target.
+        whole = [end for end in turn_ends if end <= max_seq_length and end > 1]
+        cut = whole[-1] if whole else max_seq_length
+        ids, labels = ids[:cut], labels[:cut]
     if all(lab == IGNORE_INDEX for lab in labels[1:]):
         return None
     return {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}

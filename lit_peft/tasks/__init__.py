@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from lit_peft.tasks.dpo import DPO
+from lit_peft.tasks.pretrain import Pretrain
 from lit_peft.tasks.sft import SFT, Task
 
-TASKS: dict[str, type[Task]] = {"sft": SFT}
+TASKS: dict[str, type[Task]] = {"sft": SFT, "pretrain": Pretrain, "dpo": DPO}
 
 
 def get_task(name: str, **settings) -> Task:
@@ -13,4 +15,4 @@ def get_task(name: str, **settings) -> Task:
     return TASKS[name](**settings)
 
 
-__all__ = ["SFT", "TASKS", "Task", "get_task"]
+__all__ = ["DPO", "SFT", "TASKS", "Pretrain", "Task", "get_task"]

@@ -10,7 +10,24 @@ from lit_peft.data.tokenize import IGNORE_INDEX
 
 
 class Task:
-    """batch -> (loss, metrics). `model` is the LitGPT GPT with whatever method is installed."""
+    """batch -> (loss, metrics). `model` is the LitGPT GPT with whatever method is installed.
+
+    `data_kinds`: the data formats' kinds the task trains on ('conversation', 'text', 'preference'). Metrics named
+    in COUNTS are summed over a step; the others are averaged, and logged as train/<name> and val_<name>.
+    `setup(module, datamodule)` runs before the first step; `state_dict()` is saved with Lightning checkpoints.
+    """
+
+    data_kinds: tuple[str, ...] = ("conversation",)
+    perplexity = False
+
+    def setup(self, module, datamodule) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def __call__(
         self, model: nn.Module, batch: dict[str, torch.Tensor]
@@ -25,7 +42,13 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
 
 
+COUNTS = ("target_tokens", "pairs")
+
+
 class SFT(Task):
+    data_kinds = ("conversation",)
+    perplexity = True
+
     def __call__(
         self, model: nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -1,0 +1,151 @@
+"""Direct Preference Optimization (and IPO) against a reference that is the model itself before training.
+
+Loss on summed reply log-probabilities (Rafailov et al.), with conservative label smoothing:
+    z = (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))
+    sigmoid: -(1 - eps) log sigmoid(beta z) - eps log sigmoid(-beta z)
+    ipo:     (z - 1 / (2 beta))^2, on log-probabilities averaged over the reply's tokens (Azar et al.)
+The reference for adapter methods is the same model with its adapters switched off (no second copy of the weights);
+for `full` the reference log-probabilities are computed once before training and saved in the checkpoint
+(`reference: precompute`), or taken from a frozen copy (`reference: copy`, twice the weight memory).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lit_peft.data.tokenize import IGNORE_INDEX
+from lit_peft.methods import adapters, adapters_disabled
+from lit_peft.tasks.sft import Task
+
+LOSSES = ("sigmoid", "ipo")
+REFERENCES = ("auto", "adapters_off", "precompute", "copy")
+
+
+def reply_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the target tokens' log-probabilities, number of target tokens) per row."""
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    token_logps = torch.gather(F.log_softmax(logits, dim=-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+    loss: str = "sigmoid",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    z = chosen_ratio - rejected_ratio
+    if loss == "ipo":
+        losses = (z - 1 / (2 * beta)) ** 2
+    else:
+        losses = -F.logsigmoid(beta * z) * (1 - label_smoothing) - F.logsigmoid(-beta * z) * label_smoothing
+    chosen_reward, rejected_reward = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+    return losses.mean(), {
+        "rewards_chosen": chosen_reward.mean(),
+        "rewards_rejected": rejected_reward.mean(),
+        "reward_accuracy": (chosen_reward > rejected_reward).float().mean(),
+        "reward_margin": (chosen_reward - rejected_reward).mean(),
+    }
+
+
+class DPO(Task):
+    data_kinds = ("preference",)
+
+    def __init__(
+        self, beta: float = 0.1, label_smoothing: float = 0.0, loss: str = "sigmoid", reference: str = "auto"
+    ) -> None:
+        if loss not in LOSSES:
+            raise ValueError(f"unknown task.loss {loss!r}; valid: {', '.join(LOSSES)}")
+        if reference not in REFERENCES:
+            raise ValueError(f"unknown task.reference {reference!r}; valid: {', '.join(REFERENCES)}")
+        if not beta > 0:
+            raise ValueError(f"task.beta must be positive, got {beta}")
+        if not 0 <= label_smoothing < 0.5:
+            raise ValueError(f"task.label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        self.beta, self.label_smoothing, self.loss, self.reference = beta, label_smoothing, loss, reference
+        self.mode: str | None = None
+        self.table: torch.Tensor | None = None  # (pairs, 2 sides, [sum of log-probs, tokens]) for `precompute`
+        self.frozen: nn.Module | None = None
+
+    # ---------------------------------------------------------------- reference
+
+    def resolve_mode(self, model: nn.Module) -> str:
+        has_adapters = next(adapters(model), None) is not None
+        if self.reference == "auto":
+            return "adapters_off" if has_adapters else "precompute"
+        if self.reference == "adapters_off" and not has_adapters:
+            raise ValueError("task.reference=adapters_off needs an adapter method; method=full has no off switch")
+        return self.reference
+
+    def setup(self, module, datamodule) -> None:
+        """Before the first step: pick the reference, and compute its log-probabilities once if precomputing."""
+        model = module.model
+        self.mode = self.resolve_mode(model)
+        if self.mode == "copy" and self.frozen is None:
+            self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
+        if self.mode == "precompute" and self.table is None:
+            self.table = self.precompute(model, datamodule, module.device)
+
+    @torch.no_grad()
+    def precompute(self, model: nn.Module, datamodule, device: torch.device) -> torch.Tensor:
+        examples = datamodule.all_examples()
+        table = torch.zeros(len(examples), 2, 2, dtype=torch.float64)
+        was_training = model.training
+        model.eval()
+        loader = datamodule._loader(examples, shuffle=False)
+        for batch in loader:
+            s, n = reply_logps(model(batch["input_ids"].to(device)), batch["labels"].to(device))
+            index = batch["index"]
+            table[index] = torch.stack([s, n.to(s.dtype)], -1).view(2, len(index), 2).transpose(0, 1).double().cpu()
+        model.train(was_training)
+        return table
+
+    def reference_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        mode = self.mode or self.resolve_mode(model)
+        if mode == "precompute":
+            if self.table is None:
+                raise RuntimeError("DPO reference log-probabilities were not computed before training")
+            rows = self.table[batch["index"].cpu()]  # (B, 2, 2)
+            sums = torch.cat([rows[:, 0, 0], rows[:, 1, 0]]).to(batch["input_ids"].device, torch.float32)
+            counts = torch.cat([rows[:, 0, 1], rows[:, 1, 1]]).to(batch["input_ids"].device).long()
+            return sums, counts
+        with torch.no_grad():
+            if mode == "copy":
+                return reply_logps(self.frozen(batch["input_ids"]), batch["labels"])
+            with adapters_disabled(model):
+                return reply_logps(model(batch["input_ids"]), batch["labels"])
+
+    # ---------------------------------------------------------------- loss
+
+    def __call__(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        sums, counts = reply_logps(model(batch["input_ids"]), batch["labels"])
+        ref_sums, ref_counts = self.reference_logps(model, batch)
+        if self.loss == "ipo":
+            sums, ref_sums = sums / counts.clamp(min=1), ref_sums / ref_counts.clamp(min=1)
+        policy_chosen, policy_rejected = sums.chunk(2)
+        ref_chosen, ref_rejected = ref_sums.chunk(2)
+        loss, metrics = dpo_loss(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta, self.label_smoothing, self.loss
+        )
+        return loss, {**metrics, "pairs": torch.tensor(len(policy_chosen))}
+
+    # ---------------------------------------------------------------- checkpointed state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference_table": self.table} if self.table is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("reference_table") is not None:
+            self.table = state["reference_table"]

@@ -1,0 +1,209 @@
+"""DPO and continued pretraining: losses against hand computations, the adapters-off reference, entry-point runs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import run_cli, shared_data, tiny_config
+from litgpt import GPT
+
+from lit_peft.methods import adapters, build_settings
+from lit_peft.tasks.dpo import DPO, dpo_loss, reply_logps
+
+RUN = [
+    "model=tiny-random",
+    "data.max_seq_length=96",
+    "trainer.max_steps=4",
+    "trainer.global_batch_size=4",
+    "trainer.micro_batch_size=2",
+    "trainer.val_check_interval=4",
+    "trainer.save_every_n_steps=2",
+    "trainer.progress_bar=false",
+    "trainer.log_every_n_steps=1",
+]
+
+
+def test_dpo_loss_matches_the_formula_by_hand():
+    pc, pr = torch.tensor([-10.0, -7.0]), torch.tensor([-12.0, -6.0])
+    rc, rr = torch.tensor([-11.0, -7.5]), torch.tensor([-11.5, -6.5])
+    beta = 0.5
+    # z = (pc - rc) - (pr - rr): pair 0: 1 - (-0.5) = 1.5; pair 1: 0.5 - 0.5 = 0
+    z = [1.5, 0.0]
+    sig = [-math.log(1 / (1 + math.exp(-beta * x))) for x in z]
+    loss, m = dpo_loss(pc, pr, rc, rr, beta)
+    assert loss.item() == pytest.approx(sum(sig) / 2)
+    eps = 0.1
+    smooth = [(1 - eps) * s - eps * math.log(1 / (1 + math.exp(beta * x))) for s, x in zip(sig, z, strict=True)]
+    assert dpo_loss(pc, pr, rc, rr, beta, eps)[0].item() == pytest.approx(sum(smooth) / 2)
+    ipo = [(x - 1 / (2 * beta)) ** 2 for x in z]
+    assert dpo_loss(pc, pr, rc, rr, beta, loss="ipo")[0].item() == pytest.approx(sum(ipo) / 2)
+    assert m["rewards_chosen"].item() == pytest.approx(beta * (1.0 + 0.5) / 2)
+    assert m["rewards_rejected"].item() == pytest.approx(beta * (-0.5 + 0.5) / 2)
+    assert m["reward_accuracy"].item() == 0.5  # pair 0 prefers chosen, pair 1 is a tie
+    assert m["reward_margin"].item() == pytest.approx(beta * 1.5 / 2)
+
+
+def test_reply_logps_sum_the_reply_tokens_log_probs():
+    logits = torch.randn(2, 5, 7, dtype=torch.float64)
+    labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, 6, 0]])
+    sums, counts = reply_logps(logits, labels)
+    logp = F.log_softmax(logits, -1)
+    expected0 = logp[0, 1, 3] + logp[0, 2, 4]
+    expected1 = logp[1, 0, 1] + logp[1, 1, 2] + logp[1, 2, 6] + logp[1, 3, 0]
+    torch.testing.assert_close(sums.double(), torch.stack([expected0, expected1]).double())
+    assert counts.tolist() == [2, 4]
+
+
+def pair_batch(vocab=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (4, 12), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = -100  # prompt
+    labels[1, 10:] = -100  # padding on one row
+    return {"input_ids": ids, "labels": labels, "index": torch.tensor([0, 1])}
+
+
+@pytest.mark.parametrize(
+    "name, values", [("lora", {"r": 4}), ("etherplus", {"nb": 2}), ("etherplusHH", {"nb": 2}), ("oft", {"nb": 4})]
+)
+def test_dpo_with_adapters_starts_at_log2_and_the_reference_is_the_untouched_base(name, values):
+    torch.manual_seed(0)
+    config = tiny_config()
+    base = GPT(config).eval()
+    model = GPT(config).eval()
+    model.load_state_dict(base.state_dict())
+    method, settings = build_settings(name, {**values, "targets": ["query", "value", "mlp"]})
+    method.apply(model, settings)
+    task = DPO(beta=0.1)
+    batch = pair_batch()
+    loss, metrics = task(model, batch)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)  # identity at init: policy = reference
+    # The reference forward ran with adapters off and put every adapter back on.
+    assert all(layer.enabled for _, layer in adapters(model))
+    ref_sums, _ = task.reference_logps(model, batch)
+    torch.testing.assert_close(ref_sums, reply_logps(base(batch["input_ids"]), batch["labels"])[0])
+    # Train the adapter a little: the policy moves, the reference (base) does not, and the base weights stay frozen.
+    params = [p for p in model.parameters() if p.requires_grad]
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.SGD(params, lr=0.5)
+    for _ in range(3):
+        loss, _ = task(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert task(model, batch)[0].item() < math.log(2)
+    torch.testing.assert_close(task.reference_logps(model, batch)[0], ref_sums)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_dpo_reference_modes_for_full_finetuning():
+    with pytest.raises(ValueError, match="task.reference=adapters_off needs an adapter method"):
+        DPO(reference="adapters_off").resolve_mode(GPT(tiny_config()))
+    assert DPO().resolve_mode(GPT(tiny_config())) == "precompute"
+    with pytest.raises(ValueError, match="unknown task.loss 'kto'; valid: sigmoid, ipo"):
+        DPO(loss="kto")
+
+
+# ---------------------------------------------------------------- through the entry point
+
+
+def finetune(tiny_checkpoint, out, *overrides):
+    return run_cli("finetune/run.py", *RUN, f"model.checkpoint_dir={tiny_checkpoint}", f"out_dir={out}", *overrides)
+
+
+def scalars(out):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    return {t: [e.value for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dpo") / "pairs.jsonl"
+    rows = [{"prompt": f"Say {w}.", "chosen": f"{w}!", "rejected": f"No {w}."} for w in "abcdefghijklmnopqrst"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_dpo_run_with_lora_logs_rewards_and_starts_at_log2(tiny_checkpoint, tmp_path, pairs_file):
+    out = tmp_path / "dpo"
+    res = finetune(tiny_checkpoint, out, "task=dpo", "data=pairs", f"data.path={pairs_file}", "data.val_size=4")
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = scalars(out)
+    assert s["val_loss"][0] == pytest.approx(math.log(2), abs=1e-5)  # validate_first: adapters start as identity
+    for name in ("train/reward_accuracy", "train/reward_margin", "train/rewards_chosen", "val_reward_accuracy"):
+        assert name in s, sorted(s)
+    assert (out / "adapter" / "adapter.safetensors").is_file()
+
+
+def test_dpo_full_finetuning_precomputes_the_reference_and_keeps_it_on_resume(tiny_checkpoint, tmp_path, pairs_file):
+    out = tmp_path / "full"
+    args = ["task=dpo", "data=pairs", f"data.path={pairs_file}", "data.val_size=4", "method=full", "optim.lr=1e-3"]
+    res = finetune(tiny_checkpoint, out, *args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert scalars(out)["val_loss"][0] == pytest.approx(math.log(2), abs=1e-5)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    table = ckpt["task_state"]["reference_table"]
+    assert table.shape == (20, 2, 2) and (table[:, :, 1] > 0).all()  # every pair, both sides, token counts
+    res = finetune(tiny_checkpoint, out, *args, "trainer.max_steps=6", "resume=true")
+    assert res.returncode == 0, res.stderr[-3000:]
+    again = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert again["global_step"] == 6
+    torch.testing.assert_close(again["task_state"]["reference_table"], table)  # not recomputed from trained weights
+
+
+def test_pretrain_run_logs_perplexity(tiny_checkpoint, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"The {i}th line of plain text for pretraining.\n" for i in range(400)))
+    out = tmp_path / "pt"
+    res = finetune(tiny_checkpoint, out, "task=pretrain", "data=text", f"data.path={corpus}", "data.val_size=4")
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = scalars(out)
+    assert s["val_ppl"][0] == pytest.approx(math.exp(s["val_loss"][0]), rel=1e-4)
+    assert s["val_loss"][-1] < s["val_loss"][0]
+
+
+def test_streaming_pretrain_run(tiny_checkpoint, tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i} " * 8}) + "\n" for i in range(200)))
+    out = tmp_path / "st"
+    res = finetune(
+        tiny_checkpoint,
+        out,
+        "task=pretrain",
+        "data=text",
+        f"data.path={corpus}",
+        "data.streaming=true",
+        "data.val_size=4",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert list((out / "tokens").glob("tokens-*.bin"))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["task=dpo", "data=text", "data.path=x.txt"], "task=dpo trains on preference data; data.format=text is text"),
+        (["task=pretrain"], "task=pretrain trains on text data; data.format=alpaca is conversation data"),
+        (["task=dpo", "data=pairs", "data.path=p.jsonl", "task.loss=kto"], "unknown task.loss 'kto'"),
+    ],
+)
+def test_task_and_data_mismatch_is_a_one_line_error(tiny_checkpoint, tmp_path, overrides, message):
+    out = tmp_path / "bad"
+    res = finetune(tiny_checkpoint, out, *overrides)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+    assert not out.exists()
+
+
+def test_sft_on_lima_multi_turn_through_the_entry_point(tiny_checkpoint, tmp_path):
+    lima = shared_data("lima/lima.json")
+    out = tmp_path / "lima"
+    res = finetune(tiny_checkpoint, out, "data=lima", f"data.path={lima}", "data.max_examples=40", "data.val_size=8")
+    assert res.returncode == 0, res.stderr[-3000:]
