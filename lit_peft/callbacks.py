@@ -10,7 +10,7 @@ import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from lit_peft.io import atomic_path, save_adapter, save_lit_checkpoint
-from lit_peft.model import trainable_state_dict
+from lit_peft.strategies import gathered_parameters
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -47,18 +47,20 @@ class ExportAdapter(L.Callback):
         return self.out_dir / ("model" if self.full else "adapter")
 
     def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        digests = rank_digests(trainable_state_dict(pl_module.model))  # collective: every rank takes part
+        # Collective under FSDP (every rank gathers the shards), then compared across ranks.
+        weights = gathered_parameters(trainer.strategy, pl_module.model, trainable_only=not self.full)
+        digests = rank_digests(weights)
         if not trainer.is_global_zero:
             return
         if len(set(digests)) > 1:
             raise RuntimeError(f"ranks hold different adapter weights at step {trainer.global_step}: {digests}")
         meta = {**self.meta, "step": trainer.global_step, "rank_digests": digests}
         if self.full:
-            save_lit_checkpoint(self.target, pl_module.model.state_dict(), self.base_dir)
+            save_lit_checkpoint(self.target, weights, self.base_dir)
             with atomic_path(self.target / "lit_peft.json") as tmp:
                 tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         else:
-            save_adapter(self.target, trainable_state_dict(pl_module.model), meta)
+            save_adapter(self.target, weights, meta)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step

@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from lit_peft.model import trainable_state_dict
+from lit_peft.strategies import plain_name
 from lit_peft.tasks import Task
 from lit_peft.tasks.sft import COUNTS
 
@@ -92,7 +92,7 @@ class FineTuneModule(L.LightningModule):
     def on_validation_start(self) -> None:
         self.task.setup(self, self.trainer.datamodule)  # also for a validation before training (idempotent)
 
-    def _log_metrics(self, prefix: str, metrics: dict[str, torch.Tensor], train: bool) -> None:
+    def _log_metrics(self, prefix: str, metrics: dict[str, torch.Tensor], train: bool, batch_size: int = 1) -> None:
         for k, v in metrics.items():
             if k in COUNTS:
                 if train:
@@ -100,7 +100,7 @@ class FineTuneModule(L.LightningModule):
             elif train:
                 self.log(f"train/{k}", v.float(), on_step=True, on_epoch=False)
             else:
-                self.log(f"val_{k}", v.float(), on_epoch=True, sync_dist=True)
+                self.log(f"val_{k}", v.float(), on_epoch=True, sync_dist=True, batch_size=batch_size)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, metrics = self.task(self.model, batch)
@@ -125,7 +125,7 @@ class FineTuneModule(L.LightningModule):
         loss, metrics = self.task(self.model, batch)
         weight = metrics.get("target_tokens", metrics.get("pairs", torch.tensor(1))).float()
         self.log("val_loss", loss, prog_bar=True, on_epoch=True, batch_size=int(weight.clamp(min=1)), sync_dist=True)
-        self._log_metrics("val", metrics, train=False)
+        self._log_metrics("val", metrics, train=False, batch_size=int(weight.clamp(min=1)))
         self._val_sums += torch.stack([loss.detach().double() * weight.double(), weight.double()]).to(self.device)
         return loss
 
@@ -165,7 +165,10 @@ class FineTuneModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["task_state"] = self.task.state_dict()
         if not self.save_full_state:
-            checkpoint["state_dict"] = {f"model.{k}": v for k, v in trainable_state_dict(self.model).items()}
+            # Only the adapter: the frozen base comes from its own folder. Keys are filtered (not re-read from the
+            # parameters), since under FSDP the strategy has already gathered them from the shards.
+            keep = {f"model.{plain_name(n)}" for n, p in self.model.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if plain_name(k) in keep}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.task.load_state_dict(checkpoint.get("task_state") or {})

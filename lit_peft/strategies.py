@@ -4,7 +4,63 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from hydra.utils import get_class
+from lightning.pytorch.strategies import FSDPStrategy
+from torch import nn
+
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def plain_name(name: str) -> str:
+    """A parameter's name without the wrapper modules FSDP, activation checkpointing or compile put in its path."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def gathered_parameters(strategy, module: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """`module`'s parameters by plain name, whole on every rank (gathered from FSDP shards when sharded)."""
+
+    def collect() -> dict[str, torch.Tensor]:
+        return {
+            plain_name(n): p.detach().clone()
+            for n, p in module.named_parameters(remove_duplicate=False)  # tied weights under each of their names
+            if p.requires_grad or not trainable_only
+        }
+
+    if isinstance(strategy, FSDPStrategy):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(strategy.model, writeback=False):
+            return collect()
+    return collect()
+
+
+class GatheringFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDP, with checkpoints gathered by `summon_full_params` instead of FSDP's state-dict hooks.
+
+    On a GPU run (torch 2.11, use_orig_params, LitGPT blocks that mix frozen base and trainable adapter weights),
+    FSDP's full-state-dict hook asserted that frozen parameters were missing; gathering the parameters directly
+    avoids the hooks. Adapter runs save only the trainable parameters (the module's `save_full_state` is False).
+    """
+
+    def lightning_module_state_dict(self) -> dict[str, torch.Tensor]:
+        module = self.lightning_module
+        trainable_only = not getattr(module, "save_full_state", True)
+        return gathered_parameters(self, module, trainable_only)
+
+    def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        state = checkpoint["state_dict"]
+        with FSDP.summon_full_params(self.model, writeback=True), torch.no_grad():
+            params = {plain_name(n): p for n, p in self.lightning_module.named_parameters()}
+            unknown = set(state) - set(params)
+            if unknown:
+                raise KeyError(f"checkpoint holds parameters this model lacks: {sorted(unknown)[:3]}")
+            for name, value in state.items():
+                params[name].copy_(value.to(params[name].device, params[name].dtype))
 
 
 def fsdp(wrap: list[str] | None = None, activation_checkpointing: list[str] | None = None, **kwargs: Any):
@@ -12,10 +68,8 @@ def fsdp(wrap: list[str] | None = None, activation_checkpointing: list[str] | No
 
     With frozen base weights and trainable adapters in one unit, `use_orig_params=True` keeps the mix legal.
     """
-    from lightning.pytorch.strategies import FSDPStrategy
-
     wrap_classes = {get_class(path) for path in wrap or []}
     checkpoint_classes = {get_class(path) for path in activation_checkpointing or []}
-    return FSDPStrategy(
+    return GatheringFSDPStrategy(
         auto_wrap_policy=wrap_classes or None, activation_checkpointing_policy=checkpoint_classes or None, **kwargs
     )

