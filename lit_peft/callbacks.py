@@ -10,6 +10,7 @@ import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from lit_peft.io import atomic_path, save_adapter, save_lit_checkpoint
+from lit_peft.model import architecture
 from lit_peft.strategies import gathered_parameters
 
 
@@ -54,9 +55,14 @@ class ExportAdapter(L.Callback):
             return
         if len(set(digests)) > 1:
             raise RuntimeError(f"ranks hold different adapter weights at step {trainer.global_step}: {digests}")
-        meta = {**self.meta, "step": trainer.global_step, "rank_digests": digests}
+        meta = {
+            **self.meta,
+            "architecture": architecture(pl_module.model),
+            "step": trainer.global_step,
+            "rank_digests": digests,
+        }
         if self.full:
-            save_lit_checkpoint(self.target, weights, self.base_dir)
+            save_lit_checkpoint(self.target, weights, self.base_dir, architecture=architecture(pl_module.model))
             with atomic_path(self.target / "lit_peft.json") as tmp:
                 tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         else:

@@ -68,6 +68,13 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     from litgpt.scripts.convert_lit_checkpoint import convert_lit_checkpoint
 
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    from lit_peft.model import read_architecture
+
+    if read_architecture(checkpoint_dir).get("cqil"):
+        raise ValueError(
+            f"{checkpoint_dir} is a CQIL model (concurrent layer groups): it is not a plain Llama and has no Hugging "
+            "Face equivalent; use lit-peft's chat and eval on it, or export the original (un-rewired) checkpoint"
+        )
     config = load_config(checkpoint_dir)
     hf_config = llama_hf_config(config)
     with atomic_path(out_dir) as stage, tempfile.TemporaryDirectory() as scratch:

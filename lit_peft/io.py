@@ -70,8 +70,19 @@ def load_adapter(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict
     return load_file(str(weights_path)), json.loads(meta_path.read_text())
 
 
-def save_lit_checkpoint(out_dir: str | Path, state_dict: dict[str, torch.Tensor], source_dir: str | Path) -> Path:
-    """Write a plain LitGPT checkpoint folder: lit_model.pth plus the config and tokenizer files of `source_dir`."""
+def save_lit_checkpoint(
+    out_dir: str | Path,
+    state_dict: dict[str, torch.Tensor],
+    source_dir: str | Path,
+    architecture: dict[str, Any] | None = None,
+) -> Path:
+    """Write a LitGPT checkpoint folder: lit_model.pth plus the config and tokenizer files of `source_dir`.
+
+    `architecture` (e.g. CQIL groups) is written to lit_peft_arch.json so that every loader rebuilds the same model;
+    None keeps whatever `source_dir` had.
+    """
+    from lit_peft.cqil import ARCH_FILE
+
     out_dir, source_dir = Path(out_dir), Path(source_dir)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
@@ -79,4 +90,8 @@ def save_lit_checkpoint(out_dir: str | Path, state_dict: dict[str, torch.Tensor]
             if f.is_file() and f.name != "lit_model.pth" and not f.name.endswith((".safetensors", ".bin")):
                 shutil.copy2(f, tmp / f.name)
         torch.save({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp / "lit_model.pth")
+        if architecture is not None:
+            (tmp / ARCH_FILE).unlink(missing_ok=True)
+            if architecture:
+                (tmp / ARCH_FILE).write_text(json.dumps(architecture, indent=2) + "\n")
     return out_dir

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lit_peft.io import ADAPTER_WEIGHTS, atomic_path, save_lit_checkpoint
 from lit_peft.methods import merge_adapters
-from lit_peft.model import load_adapter_into, load_base
+from lit_peft.model import architecture, load_adapter_into, load_base
 from lit_peft.quantize import dequantize_base
 
 MERGE_RECORD = "lit_peft_merge.json"
@@ -42,7 +42,7 @@ def merge_checkpoint(
         )
 
     model = load_base(base_dir)
-    load_adapter_into(model, adapter_dir)
+    load_adapter_into(model, adapter_dir)  # installs the adapter's architecture edits (CQIL) too
     merge_adapters(model)
     dequantize_base(model)  # a 4-bit base becomes a dense checkpoint (the frozen Linears no adapter touched too)
     previous = json.loads(record.read_text()) if record.is_file() else {"adapter_sha256": [], "adapters": []}
@@ -53,7 +53,7 @@ def merge_checkpoint(
             {"path": str(adapter_dir), "method": meta["method"], "settings": meta["settings"], "base": str(base_dir)},
         ],
     }
-    save_lit_checkpoint(out_dir, model.state_dict(), base_dir)
+    save_lit_checkpoint(out_dir, model.state_dict(), base_dir, architecture=architecture(model))
     with atomic_path(out_dir / MERGE_RECORD) as tmp:
         tmp.write_text(json.dumps(provenance, indent=2) + "\n")
     return out_dir

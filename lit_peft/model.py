@@ -41,7 +41,32 @@ def load_base(checkpoint_dir: str | Path, max_seq_length: int | None = None) -> 
     model.load_state_dict(state, strict=True)
     if max_seq_length is not None:
         model.max_seq_length = min(max_seq_length, config.block_size)
+    install_architecture(model, read_architecture(checkpoint_dir))
     return model
+
+
+def read_architecture(folder: str | Path) -> dict[str, Any]:
+    """Architecture edits saved beside a checkpoint (lit_peft_arch.json), e.g. {"cqil": {"groups": [...]}}."""
+    import json
+
+    from lit_peft.cqil import ARCH_FILE
+
+    path = Path(folder) / ARCH_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def install_architecture(model: GPT, arch: dict[str, Any]) -> None:
+    """Apply saved architecture edits (CQIL groups) unless the model already has them."""
+    from lit_peft import cqil
+
+    if arch.get("cqil") and getattr(model, "cqil", None) is None:
+        cqil.install(model, cqil.build_settings(arch["cqil"], model.config.n_layer))
+
+
+def architecture(model: GPT) -> dict[str, Any]:
+    """The model's architecture edits, as saved with adapters and checkpoints."""
+    settings = getattr(model, "cqil", None)
+    return {"cqil": settings.to_dict()} if settings is not None else {}
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -108,6 +133,7 @@ def load_for_inference(
 def load_adapter_into(model: GPT, adapter_dir: str | Path) -> dict[str, Any]:
     """Install the method saved in `adapter_dir` on `model` and load its weights. Returns the saved metadata."""
     weights, meta = load_adapter(adapter_dir)
+    install_architecture(model, meta.get("architecture") or {})
     install_method(model, meta["method"], meta["settings"], quantize=meta.get("quantize"))
     expected = set(trainable_state_dict(model))
     missing, unexpected = expected - set(weights), set(weights) - expected

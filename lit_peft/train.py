@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from litgpt import Tokenizer
 from omegaconf import DictConfig, OmegaConf
 
-from lit_peft import __version__
+from lit_peft import __version__, cqil
 from lit_peft.callbacks import AtomicCheckpointIO, ExportAdapter
 from lit_peft.data.formats import format_kind
 from lit_peft.data.module import SFTDataModule, record_loader
@@ -114,6 +114,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = load_base(checkpoint_dir, max_seq_length=int(cfg.data.max_seq_length))
     method_values = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"}
     compute_dtype = precision_dtype(str(cfg.precision))
+    cqil.install(model, cqil.build_settings(cfg.get("cqil"), model.config.n_layer))  # before the method wraps Linears
     method, settings = install_method(model, cfg.method.name, method_values, cfg.get("quantize"), compute_dtype)
     if t.get("gradient_checkpointing"):
         enable_gradient_checkpointing(model)

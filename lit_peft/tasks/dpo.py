@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lit_peft.cqil import original_model
 from lit_peft.data.tokenize import IGNORE_INDEX
-from lit_peft.methods import adapters, adapters_disabled
+from lit_peft.methods import adapters
 from lit_peft.tasks.sft import Task
 
 LOSSES = ("sigmoid", "ipo")
@@ -122,7 +123,7 @@ class DPO(Task):
         with torch.no_grad():
             if mode == "copy":
                 return reply_logps(self.frozen(batch["input_ids"]), batch["labels"])
-            with adapters_disabled(model):
+            with original_model(model):  # adapters off, CQIL undone: the model before training
                 return reply_logps(model(batch["input_ids"]), batch["labels"])
 
     # ---------------------------------------------------------------- loss
