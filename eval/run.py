@@ -8,8 +8,9 @@
 Local tasks (eval/tasks/, no network): local_arc_easy, local_arc_challenge, local_piqa, local_boolq,
 local_winogrande, local_mmlu (57 subjects), local_truthfulqa_mc1, local_truthfulqa_mc2, and the group local_core
 (ARC-easy, ARC-challenge, PIQA, BoolQ). They read their files under --data-dir (layout of ../shared/data).
---compare-base evaluates the adapter's base (adapters switched off, same weights in memory) and the adapter side
-by side. Writes results.json (lm-eval's results per model, timings, settings) and results.md (the table) to --out.
+--compare-base evaluates the original model (adapters switched off, CQIL undone: the same weights in memory) beside
+the adapter (and, for a CQIL adapter, the rewired model without the adapter: three columns). Writes results.json
+(lm-eval's results per model, timings, settings) and results.md (the table) to --out.
 """
 
 from __future__ import annotations
@@ -35,7 +36,13 @@ def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint-dir", type=Path, help="LitGPT checkpoint (default: the adapter's base, or SmolLM2)")
     p.add_argument("--adapter", type=Path, help="an adapter folder written by finetune/run.py")
-    p.add_argument("--compare-base", action="store_true", help="also evaluate with the adapter switched off")
+    p.add_argument(
+        "--compare-base",
+        action="store_true",
+        help="also evaluate the original model (adapters off, CQIL undone) and, for CQIL, the rewired one",
+    )
+    p.add_argument("--cqil", help="rewire the loaded model first: groups such as pairs:12-27 or [[12,13],[14,15]]")
+    p.add_argument("--cqil-bypass", type=int, default=0, help="CQIL bypass d (with --cqil)")
     p.add_argument("--tasks", default="local_core", help="comma-separated lm-eval task or group names")
     p.add_argument("--num-fewshot", type=int, help="few-shot examples per question (default: each task's own)")
     p.add_argument("--limit", type=float, help="items per task (a count, or a fraction below 1)")
@@ -50,8 +57,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--log-samples", action="store_true", help="keep every item's scores in results.json")
     p.add_argument("--out", type=Path, help="output folder (default: outputs/eval/<date>_<time>)")
     args = p.parse_args(argv)
-    if args.compare_base and args.adapter is None:
-        p.error("--compare-base needs --adapter")
+    if args.compare_base and args.adapter is None and args.cqil is None:
+        p.error("--compare-base needs --adapter or --cqil")
     if args.limit is not None and (args.limit <= 0 or (args.limit >= 1 and not args.limit.is_integer())):
         p.error(f"--limit must be a whole count or a fraction in (0, 1), got {args.limit}")
     return args
@@ -65,6 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
     from litgpt import Tokenizer
     from lm_eval.utils import handle_non_serializable
 
+    from lit_peft import cqil
+    from lit_peft.cqil import original_model
     from lit_peft.data.templates import get_template, guess_template
     from lit_peft.evaluation import LitLM, check_tasks, comparison_table, evaluate, task_manager
     from lit_peft.io import atomic_path
@@ -92,6 +101,11 @@ def main(argv: list[str] | None = None) -> dict:
                 raise ValueError(f"unknown --device {args.device!r}; valid: auto, cpu, cuda, cuda:<index>") from None
         precision = args.precision or ("bf16-true" if device.type == "cuda" else "32-true")
         model, checkpoint_dir, meta = load_for_inference(args.checkpoint_dir, args.adapter, DEFAULT_CHECKPOINT)
+        if args.cqil:
+            import yaml
+
+            spec = yaml.safe_load(args.cqil) if args.cqil.lstrip().startswith("[") else args.cqil
+            cqil.install(model, cqil.build_settings({"groups": spec, "bypass": args.cqil_bypass}, model.config.n_layer))
         model = model.to(device=device, dtype=getattr(torch, PRECISIONS[precision]))
         tokenizer = Tokenizer(checkpoint_dir)
         template = get_template(args.template or meta.get("template") or guess_template(checkpoint_dir))
@@ -103,16 +117,21 @@ def main(argv: list[str] | None = None) -> dict:
             )
 
         named: dict[str, dict] = {}
+        rewired = getattr(model, "cqil", None) is not None
         if args.compare_base:
-            with adapters_disabled(model):
+            with original_model(model):
                 named["base"] = run()
-        named["adapter" if args.adapter else "model"] = run()
+            if rewired and args.adapter:
+                with adapters_disabled(model):
+                    named["rewired"] = run()
+        named["adapter" if args.adapter else ("rewired" if rewired else "model")] = run()
 
     table = comparison_table(named, next(iter(named.values())).get("n-samples"))
     settings = {
         "checkpoint_dir": str(checkpoint_dir),
         "adapter": str(args.adapter) if args.adapter else None,
         "method": meta.get("method"),
+        "architecture": (model.cqil.to_dict() if getattr(model, "cqil", None) else None),
         "tasks": tasks,
         "num_fewshot": args.num_fewshot,
         "limit": limit,

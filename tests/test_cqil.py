@@ -273,3 +273,32 @@ def test_cqil_settings_travel_with_adapter_merge_and_loading(cqil_run, tiny_chec
     res = run_cli("scripts/convert_lit_checkpoint.py", "--checkpoint-dir", str(merged), "--out", str(tmp_path / "hf2"))
     assert res.returncode == 2 and "not a plain Llama" in res.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "hf2").exists()
+
+
+def test_eval_compares_original_rewired_and_distilled(cqil_run, tmp_path):
+    data = tmp_path / "data" / "llmfoundry_eval/world_knowledge"
+    data.mkdir(parents=True)
+    rows = [
+        {"query": f"Question: {w}?", "choices": ["yes", "no", "maybe"], "gold": i % 3} for i, w in enumerate("abcd")
+    ]
+    (data / "arc_easy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "eval"
+    res = run_cli(
+        "eval/run.py",
+        "--adapter",
+        str(cqil_run / "adapter"),
+        "--compare-base",
+        "--tasks",
+        "local_arc_easy",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--out",
+        str(out),
+        "--log-samples",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    assert list(report["models"]) == ["base", "rewired", "adapter"]
+    ll = {k: [s["resps"][0][0][0] for s in v["samples"]["local_arc_easy"]] for k, v in report["models"].items()}
+    assert ll["base"] != ll["rewired"]  # the rewiring changes the model; the base column is the original
+    assert report["settings"]["architecture"] == {"groups": [[0, 1]], "bypass": 0}
