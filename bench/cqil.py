@@ -135,15 +135,16 @@ def main() -> None:
                 cqil.set_mode(model, mode)
             rows[name] = measure(model, args.prompt, args.decode, args.rounds, args.device)
             del model
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        out = str(ROOT / f".bench_cqil_{os.getpid()}.pt")
-        args.model = model_key
-        mp.start_processes(distributed_worker, args=(2, port, args, out), nprocs=2, join=True, start_method="spawn")
-        backend = "nccl" if args.device == "cuda" and torch.cuda.device_count() >= 2 else "gloo"
-        rows[f"CQIL distributed (2 ranks, {backend})"] = torch.load(out, weights_only=True)
-        os.unlink(out)
+        if args.device != "cuda" or torch.cuda.device_count() >= 2:  # one rank per GPU; gloo ranks on CPU
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            out = str(ROOT / f".bench_cqil_{os.getpid()}.pt")
+            args.model = model_key
+            mp.start_processes(distributed_worker, args=(2, port, args, out), nprocs=2, join=True, start_method="spawn")
+            backend = "nccl" if args.device == "cuda" else "gloo"
+            rows[f"CQIL distributed (2 ranks, {backend})"] = torch.load(out, weights_only=True)
+            os.unlink(out)
         device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {args.threads} threads"
         base_prefill, base_decode = rows["original"]
         print(

@@ -219,7 +219,7 @@ def test_self_teacher_needs_something_to_switch_off():
     class Module:
         model = tiny_model()
 
-    with pytest.raises(ValueError, match="task.teacher=self needs an adapter method or CQIL groups"):
+    with pytest.raises(ValueError, match="task.teacher=self needs an adapter method"):
         Distill().setup(Module(), None)
 
 
@@ -302,3 +302,57 @@ def test_eval_compares_original_rewired_and_distilled(cqil_run, tmp_path):
     ll = {k: [s["resps"][0][0][0] for s in v["samples"]["local_arc_easy"]] for k, v in report["models"].items()}
     assert ll["base"] != ll["rewired"]  # the rewiring changes the model; the base column is the original
     assert report["settings"]["architecture"] == {"groups": [[0, 1]], "bypass": 0}
+
+
+@pytest.mark.parametrize("method", ["ether", "oft", "qlora"])
+def test_distill_with_cqil_runs_with_other_methods(tiny_checkpoint, tmp_path, method):
+    out = tmp_path / method
+    extra = ["method.nb=4"] if method in ("ether", "oft") else []
+    res = run_cli(
+        "finetune/run.py",
+        "model=tiny-random",
+        f"model.checkpoint_dir={tiny_checkpoint}",
+        f"out_dir={out}",
+        "task=distill",
+        "task.alpha=0.5",
+        "cqil.groups=pairs:0-1",
+        f"method={method}",
+        *extra,
+        "data.synthetic.num_examples=32",
+        "data.val_size=8",
+        "data.max_seq_length=96",
+        "trainer.max_steps=2",
+        "trainer.global_batch_size=4",
+        "trainer.micro_batch_size=2",
+        "trainer.val_check_interval=4",
+        "trainer.progress_bar=false",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert meta["method"] == ("lora" if method == "qlora" else method)  # qlora = lora over a 4-bit base
+    assert meta["architecture"]["cqil"]["groups"] == [[0, 1]] and (meta["quantize"] is not None) == (method == "qlora")
+
+
+def test_distill_from_a_checkpoint_teacher(tiny_checkpoint, tmp_path):
+    out = tmp_path / "ckpt-teacher"
+    res = run_cli(
+        "finetune/run.py",
+        "model=tiny-random",
+        f"model.checkpoint_dir={tiny_checkpoint}",
+        f"out_dir={out}",
+        "task=distill",
+        "task.teacher=checkpoint",
+        f"task.teacher_checkpoint={tiny_checkpoint}",
+        "method=full",
+        "optim.lr=1e-4",
+        "data.synthetic.num_examples=32",
+        "data.val_size=8",
+        "data.max_seq_length=96",
+        "trainer.max_steps=2",
+        "trainer.global_batch_size=4",
+        "trainer.micro_batch_size=2",
+        "trainer.val_check_interval=4",
+        "trainer.progress_bar=false",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "held-out loss: 0.0000" in res.stdout  # the teacher is the student's own starting point: KL 0 at step 0

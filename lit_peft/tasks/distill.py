@@ -79,10 +79,10 @@ class Distill(Task):
         if self.teacher == "self":
             from lit_peft.methods import adapters
 
-            if next(adapters(module.model), None) is None and getattr(module.model, "cqil", None) is None:
+            if next(adapters(module.model), None) is None:
                 raise ValueError(
-                    "task.teacher=self needs an adapter method or CQIL groups: with neither, the teacher would be "
-                    "the student itself; use task.teacher=checkpoint task.teacher_checkpoint=<folder>"
+                    "task.teacher=self needs an adapter method: with method=full the weights the teacher would use "
+                    "are the ones being trained; use task.teacher=checkpoint task.teacher_checkpoint=<the base folder>"
                 )
             return
         if self._teachers:
