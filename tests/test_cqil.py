@@ -341,6 +341,7 @@ def test_distill_from_a_checkpoint_teacher(tiny_checkpoint, tmp_path):
         f"model.checkpoint_dir={tiny_checkpoint}",
         f"out_dir={out}",
         "task=distill",
+        "task.alpha=1.0",
         "task.teacher=checkpoint",
         f"task.teacher_checkpoint={tiny_checkpoint}",
         "method=full",
