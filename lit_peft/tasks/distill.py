@@ -115,4 +115,8 @@ class Distill(Task):
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         teacher = self.teacher_logits(model, batch["input_ids"])
         student = model(batch["input_ids"])
-        return distill_loss(student, teacher, batch["labels"], self.alpha, self.temperature, self.kl)
+        loss, metrics = distill_loss(student, teacher, batch["labels"], self.alpha, self.temperature, self.kl)
+        if self.alpha == 1:  # CE is not part of the loss: still report the student's
+            metrics["ce"] = causal_lm_loss(student.detach(), batch["labels"])
+        metrics["teacher_ce"] = causal_lm_loss(teacher, batch["labels"])  # the same tokens under the teacher
+        return loss, metrics
