@@ -31,6 +31,20 @@ TINY = dict(
 )
 
 
+# Overrides for a few-second run of finetune/run.py on the tiny model (tests add data and task overrides).
+TINY_RUN = [
+    "model=tiny-random",
+    "data.max_seq_length=96",
+    "trainer.max_steps=4",
+    "trainer.global_batch_size=4",
+    "trainer.micro_batch_size=2",
+    "trainer.val_check_interval=4",
+    "trainer.save_every_n_steps=2",
+    "trainer.progress_bar=false",
+    "trainer.log_every_n_steps=1",
+]
+
+
 def tiny_config(**overrides) -> Config:
     return Config(**{"vocab_size": 259, **TINY, **overrides})
 

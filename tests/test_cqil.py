@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import run_cli, tiny_config
+from conftest import TINY_RUN, run_cli, tiny_config
 from litgpt import GPT
 from litgpt.model import Block
 
@@ -231,20 +231,14 @@ def cqil_run(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("cqil") / "run"
     res = run_cli(
         "finetune/run.py",
-        "model=tiny-random",
         f"model.checkpoint_dir={tiny_checkpoint}",
         f"out_dir={out}",
         "task=distill",
         "task.alpha=1.0",
         "cqil.groups=[[0,1]]",
+        *TINY_RUN,
         "data.synthetic.num_examples=48",
         "data.val_size=8",
-        "data.max_seq_length=96",
-        "trainer.max_steps=4",
-        "trainer.global_batch_size=4",
-        "trainer.micro_batch_size=2",
-        "trainer.val_check_interval=4",
-        "trainer.progress_bar=false",
         "method.targets=[query,value,mlp]",
     )
     assert res.returncode == 0, res.stderr[-3000:]
@@ -310,7 +304,6 @@ def test_distill_with_cqil_runs_with_other_methods(tiny_checkpoint, tmp_path, me
     extra = ["method.nb=4"] if method in ("ether", "oft") else []
     res = run_cli(
         "finetune/run.py",
-        "model=tiny-random",
         f"model.checkpoint_dir={tiny_checkpoint}",
         f"out_dir={out}",
         "task=distill",
@@ -318,14 +311,10 @@ def test_distill_with_cqil_runs_with_other_methods(tiny_checkpoint, tmp_path, me
         "cqil.groups=pairs:0-1",
         f"method={method}",
         *extra,
+        *TINY_RUN,
         "data.synthetic.num_examples=32",
         "data.val_size=8",
-        "data.max_seq_length=96",
         "trainer.max_steps=2",
-        "trainer.global_batch_size=4",
-        "trainer.micro_batch_size=2",
-        "trainer.val_check_interval=4",
-        "trainer.progress_bar=false",
     )
     assert res.returncode == 0, res.stderr[-3000:]
     meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
@@ -337,7 +326,6 @@ def test_distill_from_a_checkpoint_teacher(tiny_checkpoint, tmp_path):
     out = tmp_path / "ckpt-teacher"
     res = run_cli(
         "finetune/run.py",
-        "model=tiny-random",
         f"model.checkpoint_dir={tiny_checkpoint}",
         f"out_dir={out}",
         "task=distill",
@@ -346,14 +334,10 @@ def test_distill_from_a_checkpoint_teacher(tiny_checkpoint, tmp_path):
         f"task.teacher_checkpoint={tiny_checkpoint}",
         "method=full",
         "optim.lr=1e-4",
+        *TINY_RUN,
         "data.synthetic.num_examples=32",
         "data.val_size=8",
-        "data.max_seq_length=96",
         "trainer.max_steps=2",
-        "trainer.global_batch_size=4",
-        "trainer.micro_batch_size=2",
-        "trainer.val_check_interval=4",
-        "trainer.progress_bar=false",
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "held-out loss: 0.0000" in res.stdout  # the teacher is the student's own starting point: KL 0 at step 0

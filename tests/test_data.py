@@ -126,7 +126,9 @@ def test_missing_field_names_file_record_and_field(tmp_path, tokenizer):
 def test_no_usable_example_is_an_error(tokenizer):
     records = [{"instruction": "x" * 300, "output": "y"}] * 5
     dm = make_module(tokenizer, lambda: records, max_seq_length=16)
-    with pytest.raises(DataError, match="none of 5 records has a response token within max_seq_length=16"):
+    with pytest.raises(
+        DataError, match="none of 5 records gives an example with a target token within max_seq_length=16"
+    ):
         dm.setup()
 
 

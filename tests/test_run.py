@@ -7,24 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_RUN as BASE_RUN
 from conftest import run_cli
 from litgpt import GPT, Config
 from safetensors.torch import load_file
 
 from lit_peft.model import load_adapter_into, load_base
 
-TINY_RUN = [
-    "model=tiny-random",
-    "data.val_size=8",
-    "data.max_seq_length=96",
-    "trainer.max_steps=4",
-    "trainer.global_batch_size=4",
-    "trainer.micro_batch_size=2",
-    "trainer.val_check_interval=4",
-    "trainer.save_every_n_steps=2",
-    "trainer.progress_bar=false",
-    "trainer.log_every_n_steps=1",
-]
+TINY_RUN = [*BASE_RUN, "data.val_size=8"]
 
 
 def finetune(tiny_checkpoint: Path, out_dir: Path, *overrides: str):

@@ -8,23 +8,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_cli, shared_data, tiny_config
+from conftest import TINY_RUN, run_cli, shared_data, tiny_config
 from litgpt import GPT
 
 from lit_peft.methods import adapters, build_settings
 from lit_peft.tasks.dpo import DPO, dpo_loss, reply_logps
 
-RUN = [
-    "model=tiny-random",
-    "data.max_seq_length=96",
-    "trainer.max_steps=4",
-    "trainer.global_batch_size=4",
-    "trainer.micro_batch_size=2",
-    "trainer.val_check_interval=4",
-    "trainer.save_every_n_steps=2",
-    "trainer.progress_bar=false",
-    "trainer.log_every_n_steps=1",
-]
+RUN = TINY_RUN
 
 
 def test_dpo_loss_matches_the_formula_by_hand():

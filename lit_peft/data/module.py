@@ -68,30 +68,40 @@ class SFTDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.tokenizer, self.template, self.load = tokenizer, template, load
-        self.to_messages = get_format(record_format)
+        self.record_format = record_format
+        self.to_messages = self.record_parser(record_format)
         self.source, self.max_seq_length = source, max_seq_length
         self.micro_batch_size, self.val_size, self.seed = micro_batch_size, val_size, seed
         self.max_examples, self.num_workers, self.shuffle = max_examples, num_workers, shuffle
         self.train: list[dict[str, torch.Tensor]] = []
         self.val: list[dict[str, torch.Tensor]] = []
 
-    def encode_records(self, records: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
+    @staticmethod
+    def record_parser(record_format: str):
+        return get_format(record_format)
+
+    def encode_example(self, record: dict[str, Any], index: int) -> dict[str, Any] | None:
+        """One record -> a training example (None if no target token fits); may raise SkipRecord or DataError."""
         bos, eos = special_strings(self.tokenizer)
+        segments = self.template.segments(self.to_messages(record, self.source, index), bos, eos)
+        return encode_segments(self.tokenizer, segments, self.max_seq_length)
+
+    def encode_records(self, records: list[dict[str, Any]], indices: list[int]) -> list[dict[str, Any]]:
+        """Encode records[i] for i in `indices` (their positions in the file, which errors name)."""
         examples = []
         skipped: list[str] = []
-        for i, record in enumerate(records):
+        for i in indices:
             try:
-                segments = self.template.segments(self.to_messages(record, self.source, i), bos, eos)
+                example = self.encode_example(records[i], i)
             except SkipRecord as e:
                 skipped.append(str(e))
                 continue
-            example = encode_segments(self.tokenizer, segments, self.max_seq_length)
             if example is not None:
                 examples.append(example)
-        report_skipped(skipped, len(records))
+        report_skipped(skipped, len(indices))
         if not examples:
             raise DataError(
-                f"{self.source}: none of {len(records)} records has a response token within "
+                f"{self.source}: none of {len(indices)} records gives an example with a target token within "
                 f"max_seq_length={self.max_seq_length}"
             )
         return examples
@@ -104,7 +114,7 @@ class SFTDataModule(L.LightningDataModule):
         random.Random(self.seed).shuffle(order)  # deterministic in the seed, before any cut
         if self.max_examples:
             order = order[: self.max_examples]
-        examples = self.encode_records([records[i] for i in order])
+        examples = self.encode_records(records, order)
         n_val = split_sizes(len(examples), self.val_size)
         self.val, self.train = examples[:n_val], examples[n_val:]
 

@@ -7,17 +7,14 @@ first (the reply is what is scored), then reply tokens from the right; each side
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-import lightning as L
 import torch
 from litgpt import Tokenizer
 
-from lit_peft.data.formats import PREFERENCE_FORMATS, DataError, Preference, SkipRecord
-from lit_peft.data.module import make_loader, report_skipped, split_sizes
+from lit_peft.data.formats import PREFERENCE_FORMATS, Preference
+from lit_peft.data.module import SFTDataModule, make_loader
 from lit_peft.data.templates import Template
 from lit_peft.data.tokenize import IGNORE_INDEX, collate, encode_text, special_strings
 
@@ -49,84 +46,37 @@ def collate_pairs(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.T
     return both
 
 
-class PreferenceDataModule(L.LightningDataModule):
-    def __init__(
-        self,
-        tokenizer: Tokenizer,
-        template: Template,
-        load: Callable[[], list[dict[str, Any]]],
-        record_format: str,
-        source: str,
-        max_seq_length: int,
-        micro_batch_size: int,
-        val_size: float | int,
-        seed: int,
-        max_examples: int | None = None,
-        num_workers: int = 0,
-        shuffle: bool = True,
-    ) -> None:
-        super().__init__()
+class PreferenceDataModule(SFTDataModule):
+    """SFTDataModule's loading, shuffling and splitting, with preference records encoded as chosen/rejected pairs."""
+
+    @staticmethod
+    def record_parser(record_format: str):
         if record_format not in PREFERENCE_FORMATS:
             raise ValueError(
                 f"unknown preference format {record_format!r}; valid: {', '.join(sorted(PREFERENCE_FORMATS))}"
             )
-        self.tokenizer, self.template, self.load = tokenizer, template, load
-        self.to_pair = PREFERENCE_FORMATS[record_format]
-        self.source, self.max_seq_length = source, max_seq_length
-        self.micro_batch_size, self.val_size, self.seed = micro_batch_size, val_size, seed
-        self.max_examples, self.num_workers, self.shuffle = max_examples, num_workers, shuffle
-        self.train: list[dict[str, Any]] = []
-        self.val: list[dict[str, Any]] = []
+        return PREFERENCE_FORMATS[record_format]
 
-    def encode(self, pair: Preference) -> tuple[dict, dict] | None:
+    def encode_example(self, record: dict[str, Any], index: int) -> dict[str, Any] | None:
+        pair: Preference = self.to_messages(record, self.source, index)
         sides = [
-            encode_reply(self.tokenizer, self.template, pair.prompt, r, self.max_seq_length)
-            for r in (pair.chosen, pair.rejected)
+            encode_reply(self.tokenizer, self.template, pair.prompt, reply, self.max_seq_length)
+            for reply in (pair.chosen, pair.rejected)
         ]
-        return None if None in sides else (sides[0], sides[1])
+        return None if None in sides else {"chosen": sides[0], "rejected": sides[1]}
 
     def setup(self, stage: str | None = None) -> None:
         if self.train:
             return
-        records = self.load()
-        order = list(range(len(records)))
-        random.Random(self.seed).shuffle(order)
-        if self.max_examples:
-            order = order[: self.max_examples]
-        examples, skipped = [], []
-        for i in order:
-            try:
-                pair = self.to_pair(records[i], self.source, i)
-            except SkipRecord as e:
-                skipped.append(str(e))
-                continue
-            sides = self.encode(pair)
-            if sides is not None:
-                examples.append({"chosen": sides[0], "rejected": sides[1]})
-        report_skipped(skipped, len(order))
-        if not examples:
-            raise DataError(f"{self.source}: none of {len(order)} records gives a usable preference pair")
-        for index, example in enumerate(examples):
+        super().setup(stage)
+        for index, example in enumerate(self.all_examples()):
             example["index"] = index  # the pair's id, for reference log-probs computed once before training
-        n_val = split_sizes(len(examples), self.val_size)
-        self.val, self.train = examples[:n_val], examples[n_val:]
 
     def _loader(self, data: list, shuffle: bool):
         pad_id = self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 0
         return make_loader(
-            data,
-            self.micro_batch_size,
-            shuffle,
-            self.seed,
-            partial(collate_pairs, pad_id=pad_id),
-            self.num_workers,
+            data, self.micro_batch_size, shuffle, self.seed, partial(collate_pairs, pad_id=pad_id), self.num_workers
         )
-
-    def train_dataloader(self):
-        return self._loader(self.train, self.shuffle)
-
-    def val_dataloader(self):
-        return self._loader(self.val, False)
 
     def all_examples(self) -> list[dict[str, Any]]:
         return self.val + self.train
