@@ -124,7 +124,11 @@ def test_two_point_sweep_runs_each_job(tiny_checkpoint, tmp_path):
     [
         ("method=dora", "error: unknown method 'dora'; valid choices: ether, etherplus, etherplusHH, full, lora, oft"),
         ("model=gpt5", "error: unknown model 'gpt5'; valid choices: llama2-7b, smollm2-135m-instruct, tiny-random"),
-        ("data=imagenet", "error: unknown data 'imagenet'; valid choices: alpaca, synthetic"),
+        (
+            "data=imagenet",
+            "error: unknown data 'imagenet'; valid choices: alpaca, dolly, guanaco, hh_rlhf, lima, messages, pairs, "
+            "sharegpt, sharegpt_pairs, synthetic, text",
+        ),
         ("method.targets=[query,kv]", "error: unknown target 'kv'; valid targets: query, key, value"),
         ("trainer.global_batch_size=5", "error: trainer.global_batch_size=5 is not a multiple of"),
     ],

@@ -228,7 +228,7 @@ def test_every_strategy_config_builds_its_lightning_strategy(name):
     if name == "auto":
         assert strategy == "auto"
         return
-    expected = {"ddp": "DDPStrategy", "fsdp": "FSDPStrategy"}.get(name, "DeepSpeedStrategy")
+    expected = {"ddp": "DDPStrategy", "fsdp": "GatheringFSDPStrategy"}.get(name, "DeepSpeedStrategy")
     assert type(strategy).__name__ == expected
     if name == "fsdp":
         from litgpt.model import Block
