@@ -55,14 +55,15 @@ class ExportAdapter(L.Callback):
             return
         if len(set(digests)) > 1:
             raise RuntimeError(f"ranks hold different adapter weights at step {trainer.global_step}: {digests}")
+        arch = architecture(pl_module.model)
         meta = {
             **self.meta,
-            "architecture": architecture(pl_module.model),
+            "architecture": arch,
             "step": trainer.global_step,
             "rank_digests": digests,
         }
         if self.full:
-            save_lit_checkpoint(self.target, weights, self.base_dir, architecture=architecture(pl_module.model))
+            save_lit_checkpoint(self.target, weights, self.base_dir, architecture=arch)
             with atomic_path(self.target / "lit_peft.json") as tmp:
                 tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         else:

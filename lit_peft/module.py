@@ -39,12 +39,13 @@ def clip_sharded_grad_norm_(wrapped: nn.Module, module: nn.Module, max_norm: flo
 
     roots = FSDP.fsdp_modules(wrapped, root_only=True) or FSDP.fsdp_modules(module, root_only=True)
     managed = {id(p) for r in roots for p in r.parameters()}
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    with_grad = [p for p in module.parameters() if p.grad is not None]
+    grads = [p.grad for p in with_grad]
     if not grads:
         return torch.tensor(0.0)
     device = grads[0].device
     squares = [r.clip_grad_norm_(float("inf")).float().to(device) ** 2 for r in roots]
-    squares += [p.grad.float().pow(2).sum() for p in module.parameters() if p.grad is not None and id(p) not in managed]
+    squares += [p.grad.float().pow(2).sum() for p in with_grad if id(p) not in managed]
     total = torch.stack(squares).sum().sqrt()
     factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for g in grads:
@@ -92,7 +93,7 @@ class FineTuneModule(L.LightningModule):
     def on_validation_start(self) -> None:
         self.task.setup(self, self.trainer.datamodule)  # also for a validation before training (idempotent)
 
-    def _log_metrics(self, prefix: str, metrics: dict[str, torch.Tensor], train: bool, batch_size: int = 1) -> None:
+    def _log_metrics(self, metrics: dict[str, torch.Tensor], train: bool, batch_size: int = 1) -> None:
         for k, v in metrics.items():
             if k in COUNTS:
                 if train:
@@ -105,7 +106,7 @@ class FineTuneModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, metrics = self.task(self.model, batch)
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self._log_metrics("train", metrics, train=True)
+        self._log_metrics(metrics, train=True)
         self._tokens = getattr(self, "_tokens", 0) + int(batch["input_ids"].numel())
         return loss
 
@@ -125,7 +126,7 @@ class FineTuneModule(L.LightningModule):
         loss, metrics = self.task(self.model, batch)
         weight = metrics.get("target_tokens", metrics.get("pairs", torch.tensor(1))).float()
         self.log("val_loss", loss, prog_bar=True, on_epoch=True, batch_size=int(weight.clamp(min=1)), sync_dist=True)
-        self._log_metrics("val", metrics, train=False, batch_size=int(weight.clamp(min=1)))
+        self._log_metrics(metrics, train=False, batch_size=int(weight.clamp(min=1)))
         self._val_sums += torch.stack([loss.detach().double() * weight.double(), weight.double()]).to(self.device)
         return loss
 

@@ -226,19 +226,28 @@ def test_self_teacher_needs_something_to_switch_off():
 # ---------------------------------------------------------------- saved, merged, loaded, refused
 
 
-@pytest.fixture(scope="module")
-def cqil_run(tiny_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cqil") / "run"
-    res = run_cli(
+def distill_run(tiny_checkpoint, out, *overrides: str):
+    """finetune/run.py task=distill on the tiny model; `overrides` come last and win."""
+    return run_cli(
         "finetune/run.py",
         f"model.checkpoint_dir={tiny_checkpoint}",
         f"out_dir={out}",
         "task=distill",
+        *TINY_RUN,
+        "data.val_size=8",
+        *overrides,
+    )
+
+
+@pytest.fixture(scope="module")
+def cqil_run(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cqil") / "run"
+    res = distill_run(
+        tiny_checkpoint,
+        out,
         "task.alpha=1.0",
         "cqil.groups=[[0,1]]",
-        *TINY_RUN,
         "data.synthetic.num_examples=48",
-        "data.val_size=8",
         "method.targets=[query,value,mlp]",
     )
     assert res.returncode == 0, res.stderr[-3000:]
@@ -302,18 +311,14 @@ def test_eval_compares_original_rewired_and_distilled(cqil_run, tmp_path):
 def test_distill_with_cqil_runs_with_other_methods(tiny_checkpoint, tmp_path, method):
     out = tmp_path / method
     extra = ["method.nb=4"] if method in ("ether", "oft") else []
-    res = run_cli(
-        "finetune/run.py",
-        f"model.checkpoint_dir={tiny_checkpoint}",
-        f"out_dir={out}",
-        "task=distill",
+    res = distill_run(
+        tiny_checkpoint,
+        out,
         "task.alpha=0.5",
         "cqil.groups=pairs:0-1",
         f"method={method}",
         *extra,
-        *TINY_RUN,
         "data.synthetic.num_examples=32",
-        "data.val_size=8",
         "trainer.max_steps=2",
     )
     assert res.returncode == 0, res.stderr[-3000:]
@@ -324,19 +329,15 @@ def test_distill_with_cqil_runs_with_other_methods(tiny_checkpoint, tmp_path, me
 
 def test_distill_from_a_checkpoint_teacher(tiny_checkpoint, tmp_path):
     out = tmp_path / "ckpt-teacher"
-    res = run_cli(
-        "finetune/run.py",
-        f"model.checkpoint_dir={tiny_checkpoint}",
-        f"out_dir={out}",
-        "task=distill",
+    res = distill_run(
+        tiny_checkpoint,
+        out,
         "task.alpha=1.0",
         "task.teacher=checkpoint",
         f"task.teacher_checkpoint={tiny_checkpoint}",
         "method=full",
         "optim.lr=1e-4",
-        *TINY_RUN,
         "data.synthetic.num_examples=32",
-        "data.val_size=8",
         "trainer.max_steps=2",
     )
     assert res.returncode == 0, res.stderr[-3000:]

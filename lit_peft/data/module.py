@@ -50,7 +50,28 @@ def make_loader(data, micro_batch_size: int, shuffle: bool, seed: int, collate_f
     )
 
 
-class SFTDataModule(L.LightningDataModule):
+class SplitDataModule(L.LightningDataModule):
+    """Loaders over `self.train` / `self.val` (set by `setup`), batched by the subclass's `collate_fn`."""
+
+    micro_batch_size: int
+    seed: int
+    num_workers: int
+    shuffle: bool
+
+    def collate_fn(self) -> Callable:
+        raise NotImplementedError
+
+    def _loader(self, data, shuffle: bool) -> DataLoader:
+        return make_loader(data, self.micro_batch_size, shuffle, self.seed, self.collate_fn(), self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train, shuffle=self.shuffle)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val, shuffle=False)
+
+
+class SFTDataModule(SplitDataModule):
     def __init__(
         self,
         tokenizer: Tokenizer,
@@ -118,17 +139,9 @@ class SFTDataModule(L.LightningDataModule):
         n_val = split_sizes(len(examples), self.val_size)
         self.val, self.train = examples[:n_val], examples[n_val:]
 
-    def _loader(self, data: list, shuffle: bool) -> DataLoader:
+    def collate_fn(self) -> Callable:
         pad_id = self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 0
-        return make_loader(
-            data, self.micro_batch_size, shuffle, self.seed, partial(collate, pad_id=pad_id), self.num_workers
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train, shuffle=self.shuffle)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val, shuffle=False)
+        return partial(collate, pad_id=pad_id)
 
 
 def record_loader(cfg: dict[str, Any], seed: int) -> tuple[Callable[[], list[dict[str, Any]]], str]:

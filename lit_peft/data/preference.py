@@ -14,7 +14,7 @@ import torch
 from litgpt import Tokenizer
 
 from lit_peft.data.formats import PREFERENCE_FORMATS, Preference
-from lit_peft.data.module import SFTDataModule, make_loader
+from lit_peft.data.module import SFTDataModule
 from lit_peft.data.templates import Template
 from lit_peft.data.tokenize import IGNORE_INDEX, collate, encode_text, special_strings
 
@@ -72,11 +72,9 @@ class PreferenceDataModule(SFTDataModule):
         for index, example in enumerate(self.all_examples()):
             example["index"] = index  # the pair's id, for reference log-probs computed once before training
 
-    def _loader(self, data: list, shuffle: bool):
+    def collate_fn(self):
         pad_id = self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 0
-        return make_loader(
-            data, self.micro_batch_size, shuffle, self.seed, partial(collate_pairs, pad_id=pad_id), self.num_workers
-        )
+        return partial(collate_pairs, pad_id=pad_id)
 
     def all_examples(self) -> list[dict[str, Any]]:
         return self.val + self.train

@@ -16,14 +16,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from litgpt import Tokenizer
 from torch.utils.data import Dataset, Subset
 
 from lit_peft.data.formats import COMPRESSIONS, LOCAL_EXTENSIONS, DataError, data_suffix
-from lit_peft.data.module import make_loader, split_sizes
+from lit_peft.data.module import SplitDataModule, split_sizes
 from lit_peft.data.tokenize import collate, encode_plain
 from lit_peft.io import atomic_path
 
@@ -194,7 +193,7 @@ def split_blocks(dataset: Dataset, val_size: float | int, seed: int) -> tuple[Su
     return Subset(dataset, [i for i in range(n) if i not in held]), Subset(dataset, sorted(held))
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(SplitDataModule):
     def __init__(
         self,
         tokenizer: Tokenizer,
@@ -271,13 +270,5 @@ class TextDataModule(L.LightningDataModule):
             )
         self.train, self.val = split_blocks(blocks, self.val_size, self.seed)
 
-    def _loader(self, data: Dataset, shuffle: bool):
-        return make_loader(
-            data, self.micro_batch_size, shuffle, self.seed, partial(collate, pad_id=0), self.num_workers
-        )
-
-    def train_dataloader(self):
-        return self._loader(self.train, self.shuffle)
-
-    def val_dataloader(self):
-        return self._loader(self.val, False)
+    def collate_fn(self):
+        return partial(collate, pad_id=0)  # blocks are all max_seq_length long: nothing is padded
