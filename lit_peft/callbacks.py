@@ -27,7 +27,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class ExportAdapter(L.Callback):
-    """Write `<out_dir>/adapter` (adapter weights + method settings) or `<out_dir>/model` (full fine-tuning).
+    """Write `<out_dir>/adapter` (adapter weights + method settings) or `<out_dir>/model` (full fine-tuning); `name`
+    picks another folder for other trainable parts (`lrc`: a Low-Rank Clone's projections and norms).
 
     Exported every `every_n_steps` optimizer steps and at the end of training, atomically, on global rank 0 only.
     """
@@ -39,13 +40,14 @@ class ExportAdapter(L.Callback):
         base_dir: str | Path,
         full: bool,
         every_n_steps: int | None = None,
+        name: str | None = None,
     ) -> None:
         self.out_dir, self.meta, self.base_dir, self.full = Path(out_dir), meta, Path(base_dir), full
-        self.every_n_steps = every_n_steps
+        self.every_n_steps, self.name = every_n_steps, name
 
     @property
     def target(self) -> Path:
-        return self.out_dir / ("model" if self.full else "adapter")
+        return self.out_dir / (self.name or ("model" if self.full else "adapter"))
 
     def export(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Collective under FSDP (every rank gathers the shards), then compared across ranks.

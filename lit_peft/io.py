@@ -75,20 +75,27 @@ def save_lit_checkpoint(
     state_dict: dict[str, torch.Tensor],
     source_dir: str | Path,
     architecture: dict[str, Any] | None = None,
+    config: Any = None,
 ) -> Path:
     """Write a LitGPT checkpoint folder: lit_model.pth plus the config and tokenizer files of `source_dir`.
 
     `architecture` (e.g. CQIL groups) is written to lit_peft_arch.json so that every loader rebuilds the same model;
-    None keeps whatever `source_dir` had.
+    None keeps whatever `source_dir` had. `config` (a LitGPT Config) replaces the source's model config, for a model
+    of another shape (the source's Hugging Face config.json is then left out).
     """
     from lit_peft.cqil import ARCH_FILE
 
     out_dir, source_dir = Path(out_dir), Path(source_dir)
+    skip = {"lit_model.pth"} | ({"model_config.yaml", "config.json"} if config is not None else set())
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         for f in source_dir.iterdir():
-            if f.is_file() and f.name != "lit_model.pth" and not f.name.endswith((".safetensors", ".bin")):
+            if f.is_file() and f.name not in skip and not f.name.endswith((".safetensors", ".bin")):
                 shutil.copy2(f, tmp / f.name)
+        if config is not None:
+            from litgpt.utils import save_config
+
+            save_config(config, tmp)
         torch.save({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp / "lit_model.pth")
         if architecture is not None:
             (tmp / ARCH_FILE).unlink(missing_ok=True)

@@ -133,14 +133,20 @@ def load_for_inference(
 def load_adapter_into(model: GPT, adapter_dir: str | Path) -> dict[str, Any]:
     """Install the method saved in `adapter_dir` on `model` and load its weights. Returns the saved metadata."""
     weights, meta = load_adapter(adapter_dir)
+    if "lrc" in meta:
+        raise ValueError(
+            f"{adapter_dir} holds a Low-Rank Clone's projections, not an adapter: fold them into a model with "
+            f"`python scripts/convert_lrc.py --clone {adapter_dir} --out <folder>` and use that folder"
+        )
     install_architecture(model, meta.get("architecture") or {})
     install_method(model, meta["method"], meta["settings"], quantize=meta.get("quantize"))
-    expected = set(trainable_state_dict(model))
+    load_exactly(model, weights, set(trainable_state_dict(model)), f"adapter {adapter_dir} does not fit this model")
+    return meta
+
+
+def load_exactly(model: torch.nn.Module, weights: dict[str, torch.Tensor], expected: set[str], what: str) -> None:
+    """Load `weights` (a part of the model) when their names are exactly `expected`; else a one-line error."""
     missing, unexpected = expected - set(weights), set(weights) - expected
     if missing or unexpected:
-        raise ValueError(
-            f"adapter {adapter_dir} does not fit this model: missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]}"
-        )
+        raise ValueError(f"{what}: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
     model.load_state_dict(weights, strict=False)
-    return meta

@@ -127,7 +127,8 @@ class FineTuneModule(L.LightningModule):
         weight = metrics.get("target_tokens", metrics.get("pairs", torch.tensor(1))).float()
         self.log("val_loss", loss, prog_bar=True, on_epoch=True, batch_size=int(weight.clamp(min=1)), sync_dist=True)
         self._log_metrics(metrics, train=False, batch_size=int(weight.clamp(min=1)))
-        self._val_sums += torch.stack([loss.detach().double() * weight.double(), weight.double()]).to(self.device)
+        value = metrics[self.task.perplexity] if isinstance(self.task.perplexity, str) else loss
+        self._val_sums += torch.stack([value.detach().double() * weight.double(), weight.double()]).to(self.device)
         return loss
 
     def on_validation_epoch_end(self) -> None:

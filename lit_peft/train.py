@@ -20,8 +20,10 @@ from lit_peft.data.preference import PreferenceDataModule
 from lit_peft.data.templates import get_template
 from lit_peft.data.text import TextDataModule
 from lit_peft.hub import prepare_checkpoint
+from lit_peft.lrc import LowRankClone, LRCSettings
 from lit_peft.model import enable_gradient_checkpointing, install_method, load_base
 from lit_peft.module import FineTuneModule
+from lit_peft.quantize import check_mode, quantize_base
 from lit_peft.tasks import get_task
 
 
@@ -98,6 +100,34 @@ def build_datamodule(cfg: DictConfig, tokenizer: Tokenizer, template, task, out_
     return cls(tokenizer, template, load, d["format"], source, max_examples=d.get("max_examples"), **common)
 
 
+def clone_settings(cfg: DictConfig) -> LRCSettings | None:
+    """The Low-Rank Clone settings for task=lrc (checked against the rest of the config), else None."""
+    lrc = OmegaConf.to_container(cfg.get("lrc") or {}, resolve=True)
+    width = lrc.get("target_hidden_size")
+    if cfg.task.name != "lrc":
+        if width is not None:
+            raise ConfigError(f"lrc.target_hidden_size={width} applies to task=lrc, not task={cfg.task.name}")
+        return None
+    if width is None:
+        raise ConfigError(
+            "task=lrc needs lrc.target_hidden_size=<the student's hidden size>, e.g. 384 for SmolLM2-135M"
+        )
+    if cfg.method.name != "full":
+        raise ConfigError(
+            f"task=lrc trains the student's projections and norms itself; method={cfg.method.name} does not apply "
+            "(use method=full, as experiment=lrc_smollm2 does; adapters can be trained on the converted student)"
+        )
+    if (cfg.get("cqil") or {}).get("groups"):
+        raise ConfigError("task=lrc clones the teacher as it is; cqil.groups must be null")
+    target = str(cfg.strategy.get("_target_", cfg.strategy.get("name", "")))
+    if "fsdp" in target.lower() or cfg.strategy.get("stage") == 3:
+        raise ConfigError(
+            f"task=lrc runs on one device or with strategy=ddp/deepspeed (stage 1-2); strategy {target} shards the "
+            "teacher whose weights the student is generated from"
+        )
+    return LRCSettings.from_dict(lrc)
+
+
 EXAMPLE_DATA = {"conversation": "data=alpaca", "text": "data=text", "preference": "data=hh_rlhf"}
 
 
@@ -111,19 +141,27 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     checkpoint_dir = prepare_checkpoint(cfg.model)
     tokenizer = Tokenizer(checkpoint_dir)
+    lrc = clone_settings(cfg)
     model = load_base(checkpoint_dir, max_seq_length=int(cfg.data.max_seq_length))
     method_values = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"}
     compute_dtype = precision_dtype(str(cfg.precision))
-    cqil.install(model, cqil.build_settings(cfg.get("cqil"), model.config.n_layer))  # before the method wraps Linears
-    method, settings = install_method(model, cfg.method.name, method_values, cfg.get("quantize"), compute_dtype)
+    if lrc is not None:  # the teacher is frozen (4-bit if asked); the clone's projections and norms train
+        check_mode(cfg.get("quantize"))
+        quantize_base(model, cfg.get("quantize"), compute_dtype)
+        model = LowRankClone(model, lrc)
+        method_meta = {"lrc": lrc.to_dict()}
+    else:
+        cqil.install(model, cqil.build_settings(cfg.get("cqil"), model.config.n_layer))  # before the method
+        method, settings = install_method(model, cfg.method.name, method_values, cfg.get("quantize"), compute_dtype)
+        method_meta = {"method": cfg.method.name, "settings": settings.to_dict()}
     if t.get("gradient_checkpointing"):
-        enable_gradient_checkpointing(model)
+        enable_gradient_checkpointing(model.student if lrc is not None else model)
 
     template = get_template(cfg.model.template, cfg.model.get("system_prompt"))
     task = get_task(cfg.task.name, **{k: v for k, v in cfg.task.items() if k != "name"})
     data = build_datamodule(cfg, tokenizer, template, task, out_dir)
     data.setup("fit")  # fail fast on bad data, before anything is written
-    full = not method.wraps_linears and cfg.method.name == "full"
+    full = lrc is None and not method.wraps_linears and cfg.method.name == "full"
     module = FineTuneModule(
         model,
         task,
@@ -133,15 +171,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         save_full_state=full,
     )
     meta = {
-        "method": cfg.method.name,
-        "settings": settings.to_dict(),
+        **method_meta,
         "quantize": cfg.get("quantize"),
         "base_checkpoint": str(checkpoint_dir),
         "template": cfg.model.template,
         "lit_peft_version": __version__,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    export = ExportAdapter(out_dir, meta, checkpoint_dir, full=full, every_n_steps=t.save_every_n_steps)
+    export = ExportAdapter(
+        out_dir, meta, checkpoint_dir, full=full, every_n_steps=t.save_every_n_steps, name="lrc" if lrc else None
+    )
     checkpointing = ModelCheckpoint(
         dirpath=out_dir / "checkpoints",
         save_last=True,

@@ -100,6 +100,15 @@ class AdapterLinear(nn.Module):
         return merged
 
 
+def settings_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
+    """A settings dataclass from a config node or saved JSON; an unknown key is a one-line error naming the valid."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown setting {unknown[0]!r} {where}; valid settings: {', '.join(sorted(names))}")
+    return cls(**values)
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodSettings:
     """Base for a method's settings: validated, serialisable, rebuilt from the saved adapter config."""
@@ -118,13 +127,7 @@ class MethodSettings:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MethodSettings:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(
-                f"unknown setting {unknown[0]!r} for this method; valid settings: {', '.join(sorted(names))}"
-            )
-        return cls(**values)
+        return settings_from_dict(cls, values, "for this method")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from lit_peft.tasks.distill import Distill
 from lit_peft.tasks.dpo import DPO
+from lit_peft.tasks.lrc import LowRankCloneTask
 from lit_peft.tasks.pretrain import Pretrain
 from lit_peft.tasks.sft import SFT, Task
 
-TASKS: dict[str, type[Task]] = {"sft": SFT, "pretrain": Pretrain, "dpo": DPO, "distill": Distill}
+TASKS: dict[str, type[Task]] = {
+    "sft": SFT,
+    "pretrain": Pretrain,
+    "dpo": DPO,
+    "distill": Distill,
+    "lrc": LowRankCloneTask,
+}
 
 
 def get_task(name: str, **settings) -> Task:
@@ -16,4 +23,4 @@ def get_task(name: str, **settings) -> Task:
     return TASKS[name](**settings)
 
 
-__all__ = ["DPO", "Distill", "SFT", "TASKS", "Pretrain", "Task", "get_task"]
+__all__ = ["DPO", "Distill", "LowRankCloneTask", "SFT", "TASKS", "Pretrain", "Task", "get_task"]

@@ -49,7 +49,7 @@ def distill_loss(
 
 class Distill(Task):
     data_kinds = ("conversation", "text")
-    perplexity = False  # val_loss is the distillation loss; CE is logged as val_ce
+    perplexity = "ce"  # val_loss is the distillation loss; val_ppl is the student's, from its CE
 
     def __init__(
         self,

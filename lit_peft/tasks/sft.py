@@ -12,13 +12,14 @@ from lit_peft.data.tokenize import IGNORE_INDEX
 class Task:
     """batch -> (loss, metrics). `model` is the LitGPT GPT with whatever method is installed.
 
-    `data_kinds`: the data formats' kinds the task trains on ('conversation', 'text', 'preference'). Metrics named
+    `data_kinds`: the data formats' kinds the task trains on ('conversation', 'text', 'preference'). `perplexity`:
+    whether val_ppl is logged, as exp of the held-out loss (True) or of the named metric (e.g. "ce"). Metrics named
     in COUNTS are summed over a step; the others are averaged, and logged as train/<name> and val_<name>.
     `setup(module, datamodule)` runs before the first step; `state_dict()` is saved with Lightning checkpoints.
     """
 
     data_kinds: tuple[str, ...] = ("conversation",)
-    perplexity = False
+    perplexity: bool | str = False
 
     def setup(self, module, datamodule) -> None:
         pass

@@ -1,0 +1,116 @@
+"""Low-Rank Clone training: the student (lit_peft/lrc.py) learns from the data, the teacher's outputs and activations.
+
+loss = ce_weight * CE + kl_weight * KL + aux_scale * sum over layers and clone sites of MSE(student, teacher)
+
+- CE: the student's next-token cross-entropy on the target tokens (every token of text; the replies of chat data).
+- KL: KL(teacher_T || student_T) of the next-token distributions softened by `temperature`, without a T^2 factor, as
+  the method defines it; `kl_reduction: sequence` sums it over the target tokens and averages over sequences (the
+  method's batch mean), `token` averages over target tokens (independent of the sequence length).
+- Clone losses, each the mean squared difference over the real (non-padding) positions and the features, per layer,
+  summed over layers: attention q, k and v (before RoPE; both have the teacher's width), the attention output in the
+  teacher's space, MLP gate and up, and the MLP output in the student's space (the teacher's projected by the down
+  projection's P). `clone_sites` names those that count.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lit_peft.data.tokenize import IGNORE_INDEX
+from lit_peft.lrc import SITES, LowRankClone, capture
+from lit_peft.tasks.distill import token_kl
+from lit_peft.tasks.sft import Task, causal_lm_loss
+
+KL_REDUCTIONS = ("sequence", "token")
+
+
+def real_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the positions up to each row's last target token (right padding after it is not real)."""
+    positions = torch.arange(labels.size(1), device=labels.device)
+    last = torch.where(labels != IGNORE_INDEX, positions, -1).max(dim=1, keepdim=True).values
+    return positions <= last
+
+
+def masked_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of (student - teacher)^2 over the masked positions (B, T) and all features."""
+    diff = (student.float() - teacher.float()).pow(2).sum(-1)  # (B, T)
+    return (diff * mask).sum() / (mask.sum().clamp(min=1) * student.size(-1))
+
+
+def clone_losses(
+    model: LowRankClone,
+    student: dict[tuple[str, int], torch.Tensor],
+    teacher: dict[tuple[str, int], torch.Tensor],
+    mask: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """{site: MSE summed over layers} from the captured activations."""
+    losses: dict[str, torch.Tensor] = {}
+    for (site, layer), s in student.items():
+        t = teacher[(site, layer)]
+        if site == "mlp_out":  # compared in the student's space: the teacher's output through the same P
+            p = model.student.transformer.h[layer].mlp.proj.proj["all"]
+            t = t.float() @ p.float()
+        losses[site] = losses.get(site, 0) + masked_mse(s, t, mask)
+    return losses
+
+
+class LowRankCloneTask(Task):
+    data_kinds = ("conversation", "text")
+    perplexity = "ce"  # val_ppl is the student's held-out perplexity, not exp(val_loss)
+
+    def __init__(
+        self,
+        temperature: float = 40.0,
+        kl_weight: float = 1.0,
+        ce_weight: float = 1.0,
+        aux_scale: float = 0.2,
+        clone_sites: list[str] | tuple[str, ...] = SITES,
+        kl_reduction: str = "sequence",
+    ) -> None:
+        clone_sites = tuple(clone_sites or ())
+        bad = [s for s in clone_sites if s not in SITES]
+        if bad:
+            raise ValueError(f"unknown task.clone_sites entry {bad[0]!r}; valid: {', '.join(SITES)}")
+        if kl_reduction not in KL_REDUCTIONS:
+            raise ValueError(f"unknown task.kl_reduction {kl_reduction!r}; valid: {', '.join(KL_REDUCTIONS)}")
+        if not temperature > 0:
+            raise ValueError(f"task.temperature must be positive, got {temperature}")
+        for name, value in (("kl_weight", kl_weight), ("ce_weight", ce_weight), ("aux_scale", aux_scale)):
+            if value < 0:
+                raise ValueError(f"task.{name} must be >= 0, got {value}")
+        self.temperature, self.kl_weight, self.ce_weight = temperature, kl_weight, ce_weight
+        self.aux_scale, self.clone_sites, self.kl_reduction = aux_scale, clone_sites, kl_reduction
+
+    def setup(self, module, datamodule) -> None:
+        if not isinstance(module.model, LowRankClone):
+            raise ValueError("task=lrc needs the Low-Rank Clone model: set lrc.target_hidden_size")
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        sites = self.clone_sites if self.aux_scale > 0 else ()
+        with torch.no_grad(), capture(model.teacher, sites) as teacher_acts:
+            teacher = model.teacher(input_ids)
+        with capture(model.student, sites) as student_acts:
+            student = model.student(input_ids)
+
+        targets = labels[:, 1:] != IGNORE_INDEX
+        n = targets.sum()
+        kl_per_token = token_kl(student[:, :-1], teacher[:, :-1], self.temperature, "forward")
+        denominator = input_ids.size(0) if self.kl_reduction == "sequence" else n.clamp(min=1)
+        kl = (kl_per_token * targets).sum() / denominator
+        ce = causal_lm_loss(student, labels)
+        clones = clone_losses(model, student_acts, teacher_acts, real_positions(labels)) if sites else {}
+        clone = sum(clones.values(), torch.zeros((), device=student.device))
+        loss = self.ce_weight * ce + self.kl_weight * kl + self.aux_scale * clone
+        metrics: dict[str, Any] = {
+            "ce": ce.detach(),
+            "kl": kl.detach(),
+            "clone": clone.detach(),
+            "teacher_ce": causal_lm_loss(teacher, labels),
+            "target_tokens": n,
+        }
+        metrics.update({f"clone_{site}": value.detach() for site, value in clones.items()})
+        return loss, metrics
