@@ -196,12 +196,94 @@ def test_lrc_run_convert_and_reload_give_the_training_time_students_logits(tiny_
 
     again = run_cli("scripts/convert_lrc.py", "--clone", str(out / "lrc"), "--out", str(student_dir))
     assert again.returncode == 2 and again.stderr.strip().count("\n") == 0 and "already exists" in again.stderr
-    bad = run_cli(
-        "finetune/run.py",
-        *args[:-1],
-        f"out_dir={tmp_path / 'bad'}",
-        "task=lrc",
-        "method=lora",
-        "lrc.target_hidden_size=16",
+    # an adapter trained on the converted student merges like on any other base
+    res = run_cli("finetune/run.py", *TINY_RUN, f"model.checkpoint_dir={student_dir}", f"out_dir={tmp_path / 'sft'}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    from lit_peft.merge import merge_checkpoint
+    from lit_peft.model import load_for_inference
+
+    merged = load_base(merge_checkpoint(tmp_path / "sft" / "adapter", tmp_path / "merged")).eval()
+    adapted, _, _ = load_for_inference(None, tmp_path / "sft" / "adapter", student_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(idx), adapted(idx), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="holds a Low-Rank Clone's projections, not an adapter"):
+        merge_checkpoint(out / "lrc", tmp_path / "merged2")
+
+
+def test_lrc_config_errors_name_the_fix():
+    from omegaconf import OmegaConf
+
+    from lit_peft.train import clone_settings
+
+    def cfg(**over):
+        base = {"task": {"name": "lrc"}, "method": {"name": "full"}, "lrc": {"target_hidden_size": 16}}
+        base.update(over)
+        base.setdefault("strategy", {"name": "auto"})
+        return OmegaConf.create(base)
+
+    assert clone_settings(cfg()).target_hidden_size == 16
+    for over, message in (
+        ({"method": {"name": "lora"}}, "method=lora does not apply"),
+        ({"lrc": {"target_hidden_size": None}}, "task=lrc needs lrc.target_hidden_size"),
+        ({"task": {"name": "sft"}}, "lrc.target_hidden_size=16 applies to task=lrc, not task=sft"),
+        ({"strategy": {"_target_": "lit_peft.strategies.fsdp"}}, "shards the teacher"),
+        ({"cqil": {"groups": "pairs:0-1"}}, "cqil.groups must be null"),
+        ({"lrc": {"target_hidden_size": 16, "width": 3}}, "unknown setting 'width' under lrc"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            clone_settings(cfg(**over))
+
+
+def test_lrc_on_pretokenized_text_with_a_4bit_teacher_converts_and_exports_to_transformers(tiny_checkpoint, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    corpus = tmp_path / "tokens.jsonl"
+    gen = torch.Generator().manual_seed(0)
+    corpus.write_text(
+        "".join(
+            json.dumps({"input_ids": torch.randint(3, 300, (90,), generator=gen).tolist()}) + "\n" for _ in range(40)
+        )
     )
-    assert bad.returncode == 2 and "method=lora does not apply" in bad.stderr and not (tmp_path / "bad").exists()
+    out = tmp_path / "run"
+    res = run_cli(
+        "finetune/run.py",
+        *TINY_RUN,
+        f"model.checkpoint_dir={tiny_checkpoint}",
+        f"out_dir={out}",
+        "task=lrc",
+        "method=full",
+        "lrc.target_hidden_size=24",
+        "quantize=nf4",
+        "data=text",
+        "data.format=tokens",
+        f"data.path={corpus}",
+        "data.val_size=4",
+        "trainer.max_steps=2",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    student_dir = tmp_path / "student"
+    res = run_cli("scripts/convert_lrc.py", "--clone", str(out / "lrc"), "--out", str(student_dir))
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    from lit_peft.hf_export import export_hf
+    from lit_peft.io import load_adapter
+    from lit_peft.model import load_base
+    from lit_peft.quantize import quantize_base
+
+    weights, meta = load_adapter(out / "lrc")
+    assert meta["quantize"] == "nf4"
+    teacher = load_base(tiny_checkpoint)
+    quantize_base(teacher, "nf4")
+    clone = LowRankClone(teacher, LRCSettings.from_dict(meta["lrc"])).eval()
+    load_clone_weights(clone, weights, "run")
+    student = load_base(student_dir).eval()
+    idx = torch.randint(0, 320, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(student(idx), clone(idx), rtol=1e-5, atol=1e-5)  # the 4-bit teacher's weights
+
+    from transformers import AutoModelForCausalLM
+
+    export_hf(student_dir, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    assert hf.config.hidden_size == 24 and hf.config.head_dim == 8
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, student(idx), rtol=1e-5, atol=1e-5)
