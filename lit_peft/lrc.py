@@ -99,6 +99,12 @@ def check_teacher(config: Config) -> None:
         )
 
 
+def as_slice(rows: torch.Tensor) -> slice | torch.Tensor:
+    """A contiguous run of indices as a slice (views instead of copies, forward and backward), else the indices."""
+    start = int(rows[0]) if len(rows) else 0
+    return slice(start, start + len(rows)) if torch.equal(rows, torch.arange(start, start + len(rows))) else rows
+
+
 class ProjectedLinear(nn.Module):
     """A student Linear generated from a frozen teacher Linear and trainable projections (d_t, d_s).
 
@@ -116,7 +122,7 @@ class ProjectedLinear(nn.Module):
         teacher_width = teacher.in_features if side == "in" else teacher.out_features
         self.proj = nn.ParameterDict({p.name: nn.Parameter(torch.empty(teacher_width, student_width)) for p in parts})
         order = torch.cat([p.rows for p in parts])
-        self.parts = [(p.name, p.rows) for p in parts]  # in row order (ParameterDict sorts its keys)
+        self.parts = [(p.name, as_slice(p.rows)) for p in parts]  # in row order (ParameterDict sorts its keys)
         self.natural_order = bool((order == torch.arange(len(order))).all())
         self.register_buffer("inverse", torch.argsort(order), persistent=False)
         self.in_features = student_width if side == "in" else teacher.in_features
@@ -178,7 +184,10 @@ class ProjectedLinear(nn.Module):
                 self.recorded = y  # the teacher-space output, for the attention-output clone loss
             return y @ self.proj["all"].to(y.dtype)
         if self.side == "in" and self.factored_is_cheaper(tokens):
-            pieces = [F.linear(x @ self.proj[name].to(x.dtype).T, w[rows].to(x.dtype)) for name, rows in self.parts]
+            # x @ [P_q | P_k | P_v]^T in one matmul, then each part through its teacher rows
+            p = torch.cat([self.proj[name] for name, _ in self.parts]) if len(self.parts) > 1 else self.proj["all"]
+            wide = (x @ p.to(x.dtype).T).split(self.teacher.in_features, dim=-1)
+            pieces = [F.linear(h, w[rows].to(x.dtype)) for h, (_, rows) in zip(wide, self.parts, strict=True)]
             y = torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
             if not self.natural_order:
                 y = y[..., self.inverse]
@@ -358,7 +367,7 @@ def capture(model: GPT, sites: tuple[str, ...] | list[str]) -> Iterator[dict[tup
             def split(module, args, out, layer: int = i):
                 for part, site in zip(QKV_PARTS, ("attn_q", "attn_k", "attn_v"), strict=True):
                     if site in sites:
-                        found[(site, layer)] = out.index_select(-1, rows[part].to(out.device))
+                        found[(site, layer)] = out[..., as_slice(rows[part])]
 
             handles.append(block.attn.qkv.register_forward_hook(split))
         if "attn_o" in sites:

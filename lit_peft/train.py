@@ -173,7 +173,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     meta = {
         **method_meta,
         "quantize": cfg.get("quantize"),
-        "base_checkpoint": str(checkpoint_dir),
+        "base_checkpoint": str(checkpoint_dir.resolve()),  # the adapter is used from other folders too
         "template": cfg.model.template,
         "lit_peft_version": __version__,
         "config": OmegaConf.to_container(cfg, resolve=True),
