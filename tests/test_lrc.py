@@ -164,10 +164,11 @@ def test_bad_lrc_settings_are_one_line_errors():
 
 
 def test_lrc_run_convert_and_reload_give_the_training_time_students_logits(tiny_checkpoint, tmp_path):
-    """task=lrc through the entry point on instruction data, fold with the script, load as a plain checkpoint."""
+    """task=lrc through the entry point on instruction data (2 DDP ranks), fold with the script, load the student."""
     out = tmp_path / "run"
     args = [*TINY_RUN, f"model.checkpoint_dir={tiny_checkpoint}", f"out_dir={out}"]
-    res = run_cli("finetune/run.py", *args, "task=lrc", "method=full", "lrc.target_hidden_size=16")
+    ddp = ["strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.micro_batch_size=1"]
+    res = run_cli("finetune/run.py", *args, "task=lrc", "method=full", "lrc.target_hidden_size=16", *ddp)
     assert res.returncode == 0, res.stderr[-3000:]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -177,6 +178,7 @@ def test_lrc_run_convert_and_reload_give_the_training_time_students_logits(tiny_
     assert {"train/ce", "train/kl", "train/clone", "train/clone_mlp_out", "val_ppl", "val_teacher_ce"} <= tags
     meta = json.loads((out / "lrc" / "adapter_config.json").read_text())
     assert meta["lrc"]["target_hidden_size"] == 16
+    assert len(meta["rank_digests"]) == 2 and len(set(meta["rank_digests"])) == 1  # 2 gloo ranks, same weights
 
     student_dir = tmp_path / "student"
     res = run_cli("scripts/convert_lrc.py", "--clone", str(out / "lrc"), "--out", str(student_dir))
