@@ -159,21 +159,25 @@ class ProjectedLinear(nn.Module):
     def factored_is_cheaper(self, tokens: int) -> bool:
         """Whether going through the teacher's width costs fewer multiply-adds than generating the weight first.
 
-        Generating costs out x d_t x d_s once per forward, applying it tokens x in x out; the factored route costs
-        tokens x d_s x d_t per projection plus the teacher's own tokens x in_t x out_t. Small batches and wide outputs
-        (the vocabulary head) favour the factored route, long batches the generated weight.
+        Counted for forward + backward when the projections train (the backward of a generated weight pays its
+        generation again for dP and two token-sized matmuls; the factored route pays no weight gradient for the frozen
+        W_t), for the forward alone otherwise. Small batches and wide outputs (the vocabulary head) favour the
+        factored route, long batches the generated weight; ties go to the factored route (no weight materialised).
         """
         if self.compute != "auto":
             return self.compute == "factored"
+        train = torch.is_grad_enabled() and any(p.requires_grad for p in self.proj.values())
+        twice, thrice = (2, 3) if train else (1, 1)
         o, i = self.teacher.out_features, self.teacher.in_features  # the teacher weight is (o, i)
-        d_s = self.in_features if self.side == "in" else self.out_features
-        if self.side == "in":
-            generated = o * i * d_s + tokens * d_s * o
-            factored = len(self.proj) * tokens * d_s * i + tokens * i * o
-        else:
-            generated = d_s * o * i + tokens * i * d_s
-            factored = tokens * i * o + tokens * o * d_s
-        return factored < generated
+        if self.side == "in":  # W_s = W_t @ P: (o, d_s)
+            d_s = self.in_features
+            generated = twice * o * i * d_s + thrice * tokens * d_s * o
+            factored = thrice * len(self.proj) * tokens * d_s * i + twice * tokens * i * o
+        else:  # W_s = P^T @ W_t: (d_s, i)
+            d_s = self.out_features
+            generated = twice * d_s * o * i + thrice * tokens * i * d_s
+            factored = twice * tokens * i * o + thrice * tokens * o * d_s
+        return factored <= generated
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // x.size(-1)
