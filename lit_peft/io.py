@@ -42,6 +42,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_new_output(out_dir: Path, source_dir: Path, overwrite: bool, source: str, action: str) -> None:
+    """--out must not be the checkpoint it is made from, and must be new unless `overwrite` (one-line errors)."""
+    if out_dir.resolve() == source_dir.resolve():
+        raise ValueError(f"--out {out_dir} is the {source} checkpoint; {action} never overwrites it")
+    if out_dir.exists() and not overwrite:
+        raise ValueError(f"--out {out_dir} already exists; pick a new folder or pass --overwrite")
+
+
 def write_json(path: str | Path, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

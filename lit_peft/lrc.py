@@ -401,13 +401,6 @@ def capture(model: GPT, sites: tuple[str, ...] | list[str]) -> Iterator[dict[tup
             r.record, r.recorded = False, None
 
 
-def _check_out(out_dir: Path, teacher_dir: Path, overwrite: bool) -> None:
-    if out_dir.resolve() == teacher_dir.resolve():
-        raise ValueError(f"--out {out_dir} is the teacher checkpoint; converting never overwrites it")
-    if out_dir.exists() and not overwrite:
-        raise ValueError(f"--out {out_dir} already exists; pick a new folder or pass --overwrite")
-
-
 def convert(
     clone_dir: str | Path, out_dir: str | Path, teacher_dir: str | Path | None = None, overwrite: bool = False
 ) -> Path:
@@ -416,7 +409,7 @@ def convert(
     The teacher is the run's (`base_checkpoint` in its metadata) unless `teacher_dir` is given; a 4-bit teacher is
     quantized the same way again, so the folded weights are the ones the student trained with.
     """
-    from lit_peft.io import load_adapter, save_lit_checkpoint
+    from lit_peft.io import check_new_output, load_adapter, save_lit_checkpoint
     from lit_peft.model import load_base
     from lit_peft.quantize import quantize_base
 
@@ -424,7 +417,7 @@ def convert(
     if "lrc" not in meta:
         raise ValueError(f"{clone_dir} is not a Low-Rank Clone export (no 'lrc' settings in its adapter_config.json)")
     teacher_dir, out_dir = Path(teacher_dir or meta["base_checkpoint"]), Path(out_dir)
-    _check_out(out_dir, teacher_dir, overwrite)
+    check_new_output(out_dir, teacher_dir, overwrite, "teacher", "converting")
     teacher = load_base(teacher_dir)
     quantize_base(teacher, meta.get("quantize"))
     model = LowRankClone(teacher, LRCSettings.from_dict(meta["lrc"]))
@@ -437,10 +430,10 @@ def truncate(teacher_dir: str | Path, width: int, out_dir: str | Path, overwrite
 
     The same shape as a clone of that width: the starting point of `lrc.init=identity`, and a baseline student.
     """
-    from lit_peft.io import save_lit_checkpoint
+    from lit_peft.io import check_new_output, save_lit_checkpoint
     from lit_peft.model import load_base
 
     teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
-    _check_out(out_dir, teacher_dir, overwrite)
+    check_new_output(out_dir, teacher_dir, overwrite, "teacher", "converting")
     model = LowRankClone(load_base(teacher_dir), LRCSettings(width, init="identity", tie_embedding_projection=False))
     return save_lit_checkpoint(out_dir, model.fold(), teacher_dir, architecture={}, config=model.config)

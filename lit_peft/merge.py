@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from lit_peft.io import ADAPTER_WEIGHTS, atomic_path, save_lit_checkpoint
+from lit_peft.io import ADAPTER_WEIGHTS, atomic_path, check_new_output, save_lit_checkpoint
 from lit_peft.methods import merge_adapters
 from lit_peft.model import architecture, load_adapter_into, load_base
 from lit_peft.quantize import dequantize_base
@@ -29,10 +29,7 @@ def merge_checkpoint(
         raise FileNotFoundError(f"no adapter at {adapter_dir} (expected {ADAPTER_WEIGHTS}; e.g. outputs/<run>/adapter)")
     meta = json.loads((adapter_dir / "adapter_config.json").read_text())
     base_dir = Path(base_dir or meta["base_checkpoint"])
-    if out_dir.resolve() == base_dir.resolve():
-        raise ValueError(f"--out {out_dir} is the base checkpoint; merging never overwrites the base")
-    if out_dir.exists() and not overwrite:
-        raise ValueError(f"--out {out_dir} already exists; pick a new folder or pass --overwrite")
+    check_new_output(out_dir, base_dir, overwrite, "base", "merging")
     digest = adapter_digest(adapter_dir)
     record = base_dir / MERGE_RECORD
     if record.is_file() and digest in json.loads(record.read_text()).get("adapter_sha256", []):
