@@ -138,9 +138,12 @@ class ProjectedLinear(nn.Module):
     def teacher_weight(self) -> torch.Tensor:
         return dense_weight(self.teacher)
 
-    def generated(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The student's (weight, bias), in `dtype` (default: the teacher weight's)."""
-        w = self.teacher_weight()
+    def generated(
+        self, dtype: torch.dtype | None = None, teacher_weight: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The student's (weight, bias), in `dtype` (default: the teacher weight's). `teacher_weight`: the dense W_t
+        when the caller has it already (a 4-bit teacher is dequantized once per forward, not twice)."""
+        w = self.teacher_weight() if teacher_weight is None else teacher_weight
         w = w.to(dtype or w.dtype)
         b = None if self.teacher.bias is None else self.teacher.bias.to(w.dtype)
         if self.side == "out":
@@ -196,7 +199,7 @@ class ProjectedLinear(nn.Module):
             if not self.natural_order:
                 y = y[..., self.inverse]
             return y if b is None else y + b.to(y.dtype)
-        weight, bias = self.generated()
+        weight, bias = self.generated(teacher_weight=w)
         return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
@@ -212,9 +215,14 @@ class ProjectedEmbedding(nn.Module):
     def teacher(self) -> nn.Embedding:
         return self._teacher[0]
 
+    def generated(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The student's embedding table E_t @ P, in `dtype` (default: the teacher's)."""
+        e = self.teacher.weight.to(dtype or self.teacher.weight.dtype)
+        return e @ self.proj.to(e.dtype)
+
     @property
     def weight(self) -> torch.Tensor:
-        return self.teacher.weight @ self.proj.to(self.teacher.weight.dtype)
+        return self.generated()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         rows = self.teacher(idx)
@@ -331,7 +339,7 @@ class LowRankClone(nn.Module):
                 if bias is not None:
                     state[f"{name}.bias"] = bias
             elif isinstance(module, ProjectedEmbedding):
-                state[f"{name}.weight"] = module.teacher.weight.float() @ module.proj.float()
+                state[f"{name}.weight"] = module.generated(torch.float32)
             elif isinstance(module, Shared):
                 state.update({f"{name}.{k}": v for k, v in module.inner.state_dict().items()})
         state.update(dict(self.norm_parameters()))

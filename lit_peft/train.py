@@ -23,7 +23,7 @@ from lit_peft.hub import prepare_checkpoint
 from lit_peft.lrc import LowRankClone, LRCSettings
 from lit_peft.model import enable_gradient_checkpointing, install_method, load_base
 from lit_peft.module import FineTuneModule
-from lit_peft.quantize import check_mode, quantize_base
+from lit_peft.quantize import quantize_base
 from lit_peft.tasks import get_task
 
 
@@ -146,8 +146,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     method_values = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"}
     compute_dtype = precision_dtype(str(cfg.precision))
     if lrc is not None:  # the teacher is frozen (4-bit if asked); the clone's projections and norms train
-        check_mode(cfg.get("quantize"))
-        quantize_base(model, cfg.get("quantize"), compute_dtype)
+        quantize_base(model, cfg.get("quantize"), compute_dtype)  # checks the mode first
         model = LowRankClone(model, lrc)
         method_meta = {"lrc": lrc.to_dict()}
     else:
