@@ -174,6 +174,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "quantize": cfg.get("quantize"),
         "base_checkpoint": str(checkpoint_dir.resolve()),  # the adapter is used from other folders too
         "template": cfg.model.template,
+        "system_prompt": cfg.model.get("system_prompt"),
         "lit_peft_version": __version__,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
