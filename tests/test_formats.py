@@ -1,18 +1,14 @@
-"""Multi-turn formats, turn-boundary truncation, text packing (in memory and streamed), preference pairs."""
+"""Multi-turn formats, turn-boundary truncation, preference pairs (pretraining text: test_text_data.py)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import torch
 from conftest import shared_data
 from litgpt import Tokenizer
 
 from lit_peft.data.formats import FORMATS, PREFERENCE_FORMATS, DataError, format_kind
 from lit_peft.data.preference import PreferenceDataModule, encode_reply
 from lit_peft.data.templates import ALPACA_SYSTEM, get_template
-from lit_peft.data.text import TextDataModule, document_tokens, iter_documents, pack
 from lit_peft.data.tokenize import IGNORE_INDEX, encode_segments, encode_text, special_strings
 
 U1, A1, U2, A2 = "Name a fruit.", "Apple.", "Another one?", "Pear, then plum."
@@ -135,71 +131,6 @@ def test_shared_multi_turn_files_load(tokenizer):
         records = load_records(str(shared_data(rel)))
         convs = [FORMATS[fmt](r, rel, i) for i, r in enumerate(records)]
         assert max(sum(m["role"] == "assistant" for m in c) for c in convs) >= 2  # real multi-turn records
-
-
-# ---------------------------------------------------------------- pretraining text
-
-
-def corpus(tmp_path, n_docs=23):
-    docs = [f"Document {i}: " + "lorem ipsum dolor sit amet " * (i % 5 + 1) for i in range(n_docs)]
-    path = tmp_path / "corpus.jsonl"
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return path, docs
-
-
-def test_packing_places_every_token_once_and_streaming_gives_the_same_blocks(tokenizer, tmp_path):
-    path, docs = corpus(tmp_path)
-    eos = tokenizer.eos_id
-    stream = [t for d in docs for t in [*encode_text(tokenizer, d), eos]]  # by hand: documents joined with EOS
-    block = 16
-    blocks = list(pack(document_tokens(iter_documents(str(path)), tokenizer), block))
-    assert [t for b in blocks for t in b] == stream[: len(blocks) * block]
-    assert len(stream) - len(blocks) * block < block  # only the final remainder is dropped
-
-    kwargs = dict(max_seq_length=block, micro_batch_size=2, val_size=4, seed=0)
-    memory = TextDataModule(tokenizer, str(path), "text", **kwargs)
-    streamed = TextDataModule(tokenizer, str(path), "text", streaming=True, cache_dir=tmp_path / "cache", **kwargs)
-    memory.setup()
-    streamed.setup()
-    assert streamed.token_file().is_file()
-    for a, b in ((memory.train, streamed.train), (memory.val, streamed.val)):
-        assert len(a) == len(b)
-        for i in range(len(a)):
-            assert torch.equal(a[i]["input_ids"], b[i]["input_ids"]) and torch.equal(a[i]["labels"], a[i]["input_ids"])
-    assert len(memory.train) + len(memory.val) == len(blocks)
-    assert sorted(memory.train.indices + memory.val.indices) == list(range(len(blocks)))  # disjoint, complete
-
-
-def test_text_sources_txt_folders_separators_and_pretokenized(tokenizer, tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a/one.txt").write_text("first doc<|endoftext|>second doc")
-    (tmp_path / "a/two.txt").write_text("third doc")
-    docs = ["".join(d) for d in iter_documents(str(tmp_path / "a"), separator="<|endoftext|>")]
-    assert docs == ["first doc", "second doc", "third doc"]
-    ids = tmp_path / "ids.jsonl"
-    ids.write_text(
-        json.dumps({"input_ids": [5, 6, 7]}) + "\n" + json.dumps({"input_ids": [8, tokenizer.eos_id]}) + "\n"
-    )
-    toks = list(document_tokens(iter_documents(str(ids), "tokens"), tokenizer))
-    assert toks == [[5, 6, 7, tokenizer.eos_id], [8, tokenizer.eos_id]]  # EOS once, never twice
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "no text"}) + "\n")
-    with pytest.raises(DataError, match=r"bad.jsonl: record 1 has no field 'text'"):
-        list(iter_documents(str(bad)))
-
-
-def test_long_txt_documents_stream_in_pieces_that_tokenize_like_the_whole(tokenizer, tmp_path, monkeypatch):
-    import lit_peft.data.text as text
-
-    monkeypatch.setattr(text, "TEXT_CHUNK_CHARS", 64)
-    body = "".join(f"line {i} of a long document\n" for i in range(40))
-    path = tmp_path / "long.txt"
-    path.write_text(body + "\n\n" + body)
-    docs = list(iter_documents(str(path), separator="\n\n"))
-    assert len(docs) == 2 and all(len(d) > 3 for d in docs)  # handed on in pieces
-    assert (
-        "".join(docs[0]) == body.rstrip("\n") + "\n" or "".join(docs[0]) + "\n\n" + "".join(docs[1]) == path.read_text()
-    )
 
 
 # ---------------------------------------------------------------- preference pairs
