@@ -81,8 +81,10 @@ def test_document_split_holds_out_whole_documents_in_their_own_stream(tokenizer,
         val_docs = {t - 3 for b in rows(dm.val) for t in b if t != sep}
         train_docs = {t - 3 for b in rows(dm.train) for t in b if t != sep}
         assert len(val_docs) >= 2 and not val_docs & train_docs  # no validation block shares a training document
-        held = text.held_out_documents(len(lengths), 0.2, 0)
-        assert val_docs <= set(np.flatnonzero(held).tolist()) and len(np.flatnonzero(held)) == 8
+        held = text.held_out_documents(np.array(lengths) + 1, BLOCK, 0.2, 0)
+        assert val_docs <= set(np.flatnonzero(held).tolist())
+        n_blocks = (sum(lengths) + len(lengths)) // BLOCK
+        assert round(0.2 * n_blocks) <= len(dm.val) <= 2 * round(0.2 * n_blocks)  # about val_size of the blocks
         # the two streams are the held-out and the other documents in order, each cut into whole blocks
         val_stream = [t for d in np.flatnonzero(held) for t in [d + 3] * lengths[d] + [sep]]
         assert [t for b in rows(dm.val) for t in b] == val_stream[: len(dm.val) * BLOCK]
@@ -98,8 +100,16 @@ def test_auto_split_falls_back_to_blocks_with_a_note_and_bad_choices_fail(tokeni
     out = capsys.readouterr().out
     assert "data.val_split=auto" in out and "has 1 document(s)" in out and "holding out random blocks" in out
     assert len(dm.val) == 4 and isinstance(dm.val, torch.utils.data.Subset)
-    with pytest.raises(DataError, match=r"data.val_split=document: val_size=4 holds out no document or all 1"):
+    with pytest.raises(
+        DataError, match=r"data.val_split=document: 1 of 1 documents fill \d+ validation block\(s\) and"
+    ):
         module(tokenizer, one, val_split="document")
+    three = tmp_path / "three.txt"
+    three.write_text("\n".join(f"document {d} " + "is long " * 60 for d in range(3)))  # ~30 blocks each
+    dm = module(tokenizer, three, val_size=2, separator="\n")  # auto: one document would hold out ~15x too much
+    assert "over 2x the 2 of val_size=2" in capsys.readouterr().out and len(dm.val) == 2
+    dm = module(tokenizer, three, val_size=2, separator="\n", val_split="document")  # asked for: accepted
+    assert len(dm.val) > 10 and len(dm.train) > 10
     with pytest.raises(DataError, match=r"data.val_split='docs' is not a split; valid choices: auto, document, block"):
         module(tokenizer, one, val_split="docs")
 

@@ -4,10 +4,12 @@ Sources: `.txt` files or folders of them, JSON/JSONL/Parquet/CSV records with a 
 pre-tokenized `input_ids` (format `tokens`), and hub data sets. Documents are joined with the tokenizer's document
 separator (`<|endoftext|>` where it has one, else its end token; `data.document_separator` overrides it).
 
-Held-out data (`data.val_split`): `document` holds out whole documents (a seeded choice of `val_size` documents) and
-packs the training and the held-out documents as two separate streams, so no validation block shares a document
-with a training block; `block` holds out a seeded choice of `val_size` blocks of the one stream; `auto` (the
-default) splits by document when the corpus has enough documents for one block on each side, else by block.
+Held-out data (`data.val_split`): `block` holds out a seeded choice of `val_size` blocks (a fraction < 1 of the
+blocks, or a count) of the one stream; `document` holds out whole documents, in a seeded random order until they
+fill that many blocks, and packs the training and the held-out documents as two separate streams, so no validation
+block shares a document with a training block; `auto` (the default) splits by document unless the documents are too
+few or too long for it (the held-out ones would fill over MAX_VAL_OVERSHOOT times the blocks asked for, or leave no
+training block), then by block with a one-line note.
 Every token of a stream lands in exactly one block; each stream's final remainder shorter than a block is dropped.
 
 The in-memory path keeps the documents' tokens in memory; the streaming path (`data.streaming=true`) iterates the
@@ -41,6 +43,8 @@ VAL_SPLITS = ("auto", "document", "block")
 # Tokens that separate documents in pretraining corpora (GPT-2/SmolLM2/Qwen, Llama-3, Llama-2/Mistral, Gemma), in the
 # order they are looked for among a tokenizer's special tokens when its end token is not one of them.
 DOCUMENT_SEPARATORS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
+# val_split=auto splits by document unless the held-out documents fill more than this many times the blocks asked for.
+MAX_VAL_OVERSHOOT = 2
 
 
 def _txt_documents(path: Path, separator: str | None) -> Iterator[list[str]]:
@@ -392,11 +396,15 @@ def split_blocks(dataset: Dataset, val_size: float | int, seed: int) -> tuple[Su
     return Subset(dataset, [i for i in range(n) if i not in held]), Subset(dataset, sorted(held))
 
 
-def held_out_documents(n_docs: int, val_size: float | int, seed: int) -> np.ndarray:
-    """A seeded random choice of held-out documents (a fraction < 1 or a count of them), as a boolean mask."""
-    n_val = split_sizes(n_docs, val_size)
-    held = np.zeros(n_docs, dtype=bool)
-    held[torch.randperm(n_docs, generator=torch.Generator().manual_seed(seed))[:n_val].numpy()] = True
+def held_out_documents(lengths: np.ndarray, block_size: int, val_size: float | int, seed: int) -> np.ndarray:
+    """Whole documents to hold out, as a boolean mask: documents in a seeded random order until they fill the
+    `val_size` blocks (a fraction < 1 of the corpus's blocks, or a count) that the block split would hold out."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n_val = split_sizes(int(lengths.sum()) // block_size, val_size)
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).numpy()
+    k = int(np.searchsorted(np.cumsum(lengths[order]), n_val * block_size)) + 1
+    held = np.zeros(len(lengths), dtype=bool)
+    held[order[:k]] = True
     return held
 
 
@@ -475,23 +483,24 @@ class TextDataModule(SplitDataModule):
                 print(f"tokenizing {self.path} into {path} (streaming)", flush=True)
                 write_token_file(self.documents(), path, self.dtype)
 
-    def _document_split(self, n_docs: int, doc_lengths: np.ndarray) -> np.ndarray | None:
-        """The held-out document mask, or None to split by block (auto with too few documents)."""
+    def _document_split(self, lengths: np.ndarray) -> np.ndarray | None:
+        """The held-out document mask for these document lengths, or None to split by block."""
         if self.val_split == "block":
             return None
-        problem = None
+        n_docs, problem = len(lengths), None
         try:
-            held = held_out_documents(n_docs, self.val_size, self.seed)
-        except DataError:
-            held, problem = None, f"val_size={self.val_size} holds out no document or all {n_docs}"
+            held = held_out_documents(lengths, self.block_size, self.val_size, self.seed)
+        except DataError as e:
+            held, problem = None, str(e)
         if held is not None:
-            val_blocks = int(doc_lengths[held].sum()) // self.block_size
-            train_blocks = int(doc_lengths[~held].sum()) // self.block_size
-            if not (val_blocks and train_blocks):
-                problem = (
-                    f"holding out {int(held.sum())} of {n_docs} documents leaves {train_blocks} training and "
-                    f"{val_blocks} validation block(s) of max_seq_length={self.block_size}"
-                )
+            n_val = split_sizes(int(lengths.sum()) // self.block_size, self.val_size)
+            val_blocks = int(lengths[held].sum()) // self.block_size
+            train_blocks = int(lengths[~held].sum()) // self.block_size
+            figures = f"{int(held.sum())} of {n_docs} documents fill {val_blocks} validation block(s)"
+            if not train_blocks:
+                problem = f"{figures} and leave {train_blocks} to train"
+            elif self.val_split == "auto" and val_blocks > MAX_VAL_OVERSHOOT * n_val:
+                problem = f"{figures}, over {MAX_VAL_OVERSHOOT}x the {n_val} of val_size={self.val_size}"
         if problem is None:
             return held
         if self.val_split == "document":
@@ -520,7 +529,7 @@ class TextDataModule(SplitDataModule):
             path = self.token_file()
             ends = np.fromfile(index_file(path), dtype=np.uint64).astype(np.int64)
             lengths = np.diff(ends, prepend=0)
-            held = self._document_split(len(ends), lengths)
+            held = self._document_split(lengths)
             if held is not None:
                 self.train = DocumentBlocks(path, ends, np.flatnonzero(~held), self.block_size, self.dtype)
                 self.val = DocumentBlocks(path, ends, np.flatnonzero(held), self.block_size, self.dtype)
@@ -528,7 +537,7 @@ class TextDataModule(SplitDataModule):
             blocks: Dataset = TokenBlocks(path, self.block_size, self.dtype)
         else:
             docs = [np.asarray(ids, dtype=self.dtype) for ids in self.documents()]
-            held = self._document_split(len(docs), np.array([len(d) for d in docs], dtype=np.int64))
+            held = self._document_split(np.array([len(d) for d in docs], dtype=np.int64))
             if held is not None:
                 self.train = stream_blocks([d for d, h in zip(docs, held, strict=True) if not h], self.block_size)
                 self.val = stream_blocks([d for d, h in zip(docs, held, strict=True) if h], self.block_size)
