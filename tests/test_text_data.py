@@ -107,7 +107,7 @@ def test_auto_split_falls_back_to_blocks_with_a_note_and_bad_choices_fail(tokeni
     three = tmp_path / "three.txt"
     three.write_text("\n".join(f"document {d} " + "is long " * 60 for d in range(3)))  # ~30 blocks each
     dm = module(tokenizer, three, val_size=2, separator="\n")  # auto: one document would hold out ~15x too much
-    assert "over 2x the 2 of val_size=2" in capsys.readouterr().out and len(dm.val) == 2
+    assert "over 2x the 2 of val_size=2 and over 10% of all" in capsys.readouterr().out and len(dm.val) == 2
     dm = module(tokenizer, three, val_size=2, separator="\n", val_split="document")  # asked for: accepted
     assert len(dm.val) > 10 and len(dm.train) > 10
     with pytest.raises(DataError, match=r"data.val_split='docs' is not a split; valid choices: auto, document, block"):

@@ -8,8 +8,8 @@ Held-out data (`data.val_split`): `block` holds out a seeded choice of `val_size
 blocks, or a count) of the one stream; `document` holds out whole documents, in a seeded random order until they
 fill that many blocks, and packs the training and the held-out documents as two separate streams, so no validation
 block shares a document with a training block; `auto` (the default) splits by document unless the documents are too
-few or too long for it (the held-out ones would fill over MAX_VAL_OVERSHOOT times the blocks asked for, or leave no
-training block), then by block with a one-line note.
+few or too long for it (the held-out ones would fill over MAX_VAL_OVERSHOOT times the blocks asked for and over
+MAX_VAL_SHARE of all blocks, or leave no training block), then by block with a one-line note.
 Every token of a stream lands in exactly one block; each stream's final remainder shorter than a block is dropped.
 
 The in-memory path keeps the documents' tokens in memory; the streaming path (`data.streaming=true`) iterates the
@@ -43,8 +43,9 @@ VAL_SPLITS = ("auto", "document", "block")
 # Tokens that separate documents in pretraining corpora (GPT-2/SmolLM2/Qwen, Llama-3, Llama-2/Mistral, Gemma), in the
 # order they are looked for among a tokenizer's special tokens when its end token is not one of them.
 DOCUMENT_SEPARATORS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
-# val_split=auto splits by document unless the held-out documents fill more than this many times the blocks asked for.
-MAX_VAL_OVERSHOOT = 2
+# val_split=auto splits by document unless the held-out documents fill more than this many times the blocks asked
+# for and more than this share of all blocks (whole documents rarely fill exactly val_size blocks).
+MAX_VAL_OVERSHOOT, MAX_VAL_SHARE = 2, 0.1
 
 
 def _txt_documents(path: Path, separator: str | None) -> Iterator[list[str]]:
@@ -493,14 +494,18 @@ class TextDataModule(SplitDataModule):
         except DataError as e:
             held, problem = None, str(e)
         if held is not None:
-            n_val = split_sizes(int(lengths.sum()) // self.block_size, self.val_size)
+            n_blocks = int(lengths.sum()) // self.block_size
+            n_val = split_sizes(n_blocks, self.val_size)
             val_blocks = int(lengths[held].sum()) // self.block_size
             train_blocks = int(lengths[~held].sum()) // self.block_size
             figures = f"{int(held.sum())} of {n_docs} documents fill {val_blocks} validation block(s)"
             if not train_blocks:
                 problem = f"{figures} and leave {train_blocks} to train"
-            elif self.val_split == "auto" and val_blocks > MAX_VAL_OVERSHOOT * n_val:
-                problem = f"{figures}, over {MAX_VAL_OVERSHOOT}x the {n_val} of val_size={self.val_size}"
+            elif self.val_split == "auto" and val_blocks > max(MAX_VAL_OVERSHOOT * n_val, MAX_VAL_SHARE * n_blocks):
+                problem = (
+                    f"{figures}, over {MAX_VAL_OVERSHOOT}x the {n_val} of val_size={self.val_size} and over "
+                    f"{MAX_VAL_SHARE:.0%} of all {n_blocks}"
+                )
         if problem is None:
             return held
         if self.val_split == "document":
@@ -508,8 +513,8 @@ class TextDataModule(SplitDataModule):
                 f"{self.path}: data.val_split=document: {problem}; use data.val_split=block or more documents"
             )
         print(
-            f"data.val_split=auto: {self.path} has {n_docs} document(s), too few to hold out whole ones ({problem}); "
-            f"holding out random blocks instead",
+            f"data.val_split=auto: {self.path} has {n_docs} document(s), too few or too long to hold out whole ones "
+            f"({problem}); holding out random blocks instead",
             flush=True,
         )
         return None
