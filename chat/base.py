@@ -7,6 +7,11 @@
 
 Interactive when stdin is a terminal (empty line, EOF or Ctrl-C ends it); otherwise every stdin line is the next
 user turn of one conversation and only the replies are printed, one per line.
+
+The prompt format is the one training used: the template and system prompt the adapter recorded (or a merged
+model's lit_peft_merge.json, or conf/model/*.yaml for a known base), unless --template / --system say otherwise
+(--system '' renders no system turn). The model computes in the base's stored dtype (a 4-bit adapter: the
+precision it trained in) unless --dtype says otherwise. Both choices, and where they came from, go to stderr.
 """
 
 from __future__ import annotations
@@ -31,8 +36,18 @@ def parse_args(argv: list[str] | None):
         "--checkpoint-dir", type=Path, help="LitGPT checkpoint (default: the adapter's base, or SmolLM2)"
     )
     parser.add_argument("--adapter", type=Path, help="an adapter folder written by finetune/run.py")
-    parser.add_argument("--template", choices=sorted(TEMPLATES), help="default: the adapter's, else from the tokenizer")
-    parser.add_argument("--system", help="system prompt (default: the template's)")
+    parser.add_argument(
+        "--template",
+        help=f"{' | '.join(sorted(TEMPLATES))} (default: the adapter's or merged model's, else from the tokenizer)",
+    )
+    parser.add_argument(
+        "--system", help="system prompt (default: the one the adapter or merged model was trained with; '' for none)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto | float32 | bfloat16 | float16 (auto: the base's stored dtype; a 4-bit adapter's training one)",
+    )
     parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--top-p", type=float, default=0.9)
@@ -47,14 +62,29 @@ def main(argv: list[str] | None = None) -> None:
     from litgpt import Tokenizer
     from litgpt.generate.base import generate_fn
 
-    from lit_peft.data.templates import get_template, guess_template
+    from lit_peft.data.templates import get_template
     from lit_peft.data.tokenize import encode_text, special_strings
-    from lit_peft.model import load_for_inference
+    from lit_peft.model import (
+        check_dtype,
+        dtype_name,
+        inference_dtype,
+        inference_source,
+        load_for_inference,
+        prompt_format,
+    )
 
     with fail.on_user_error():
-        model, checkpoint_dir, meta = load_for_inference(args.checkpoint_dir, args.adapter, DEFAULT_CHECKPOINT)
+        check_dtype(args.dtype)
+        if args.template is not None:
+            get_template(args.template)  # an unknown name fails here, before the model loads
+        checkpoint_dir, meta = inference_source(args.checkpoint_dir, args.adapter, DEFAULT_CHECKPOINT)
+        dtype, dtype_from = inference_dtype(args.dtype, checkpoint_dir, meta)
+        fmt = prompt_format(checkpoint_dir, meta, args.adapter, args.template, args.system)
+        template = get_template(fmt.template, fmt.system_prompt)
+        model, _, _ = load_for_inference(checkpoint_dir, args.adapter, DEFAULT_CHECKPOINT, dtype=dtype)
         tokenizer = Tokenizer(checkpoint_dir)
-        template = get_template(args.template or meta.get("template") or guess_template(checkpoint_dir), args.system)
+    print(f"dtype: {dtype_name(dtype)} ({dtype_from})", file=sys.stderr)
+    print(f"prompt format: {fmt.describe()}", file=sys.stderr)
     torch.manual_seed(args.seed)
     bos, eos = special_strings(tokenizer)
     interactive = sys.stdin.isatty()

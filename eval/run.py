@@ -11,6 +11,13 @@ local_winogrande, local_mmlu (57 subjects), local_truthfulqa_mc1, local_truthful
 --compare-base evaluates the original model (adapters switched off, CQIL undone: the same weights in memory) beside
 the adapter (and, for a CQIL adapter, the rewired model without the adapter: three columns). Writes results.json
 (lm-eval's results per model, timings, settings) and results.md (the table) to --out.
+
+Prompts: an instruction-tuned adapter (one trained on conversations, not raw text) and a merged model made from one
+are evaluated with lm-eval's chat-template mode, in the template and system prompt they were trained with (recorded
+in adapter_config.json / lit_peft_merge.json); --no-apply-chat-template or --template none turns that off, and
+--apply-chat-template turns it on for any model. --template / --system override the recorded ones (--system ''
+renders no system turn). The model computes in the base's stored dtype (a 4-bit adapter: the precision it trained
+in) unless --dtype says otherwise. Both choices, and where they came from, are printed and kept in results.json.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from lit_peft.cli import fail  # noqa: E402
 
 DEFAULT_CHECKPOINT = ROOT / "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"
 PRECISIONS = {"32-true": "float32", "bf16-true": "bfloat16", "16-true": "float16"}
+NO_TEMPLATE = "none"
 
 
 def parse_args(argv: list[str] | None):
@@ -50,9 +58,23 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, help="longest input in tokens (default: the model's block size)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--precision", choices=sorted(PRECISIONS), help="default: 32-true on CPU, bf16-true on CUDA")
-    p.add_argument("--apply-chat-template", action="store_true", help="wrap prompts in the model's chat template")
-    p.add_argument("--template", choices=sorted(TEMPLATES), help="default: the adapter's, else from the tokenizer")
+    p.add_argument(
+        "--dtype",
+        help="auto | float32 | bfloat16 | float16 (default auto: the stored dtype; a 4-bit adapter's training one)",
+    )
+    p.add_argument("--precision", choices=sorted(PRECISIONS), help="older spelling of --dtype (32-true = float32, ...)")
+    p.add_argument(
+        "--apply-chat-template",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap prompts in the chat template (default: on for instruction-tuned adapters and their merges)",
+    )
+    p.add_argument(
+        "--template",
+        help=f"{' | '.join(sorted(TEMPLATES))} | {NO_TEMPLATE} (default: the adapter's or merged model's, else guessed "
+        f"from the tokenizer; {NO_TEMPLATE}: plain lm-eval prompts)",
+    )
+    p.add_argument("--system", help="system prompt in the chat template (default: the recorded one; '' for none)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--log-samples", action="store_true", help="keep every item's scores in results.json")
     p.add_argument("--out", type=Path, help="output folder (default: outputs/eval/<date>_<time>)")
@@ -74,11 +96,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     from lit_peft import cqil
     from lit_peft.cqil import original_model
-    from lit_peft.data.templates import get_template, guess_template
-    from lit_peft.evaluation import LitLM, check_tasks, comparison_table, evaluate, task_manager
+    from lit_peft.data.templates import TEMPLATES, get_template
+    from lit_peft.evaluation import LitLM, chat_template_choice, check_tasks, comparison_table, evaluate, task_manager
     from lit_peft.io import atomic_path
     from lit_peft.methods import adapters_disabled
-    from lit_peft.model import load_for_inference
+    from lit_peft.model import (
+        check_dtype,
+        dtype_name,
+        inference_dtype,
+        inference_source,
+        load_for_inference,
+        prompt_format,
+    )
 
     # lm-eval warns once per local task that it reads a custom data set: expected here.
     logging.getLogger("lm_eval.api.task").setLevel(logging.ERROR)
@@ -90,6 +119,17 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError(f"output folder {out} is not empty; pass a new --out")
         if args.data_dir is not None and not args.data_dir.is_dir():
             raise NotADirectoryError(f"--data-dir {args.data_dir} is not a folder")
+        requested_dtype = check_dtype(args.dtype)
+        if args.precision is not None:
+            if args.dtype not in (None, "auto", PRECISIONS[args.precision]):
+                raise ValueError(f"--precision {args.precision} contradicts --dtype {args.dtype}; give one of them")
+            requested_dtype = PRECISIONS[args.precision]
+        if args.template is not None and args.template not in (*TEMPLATES, NO_TEMPLATE):
+            raise ValueError(
+                f"unknown template {args.template!r}; valid templates: {', '.join(sorted(TEMPLATES))}, {NO_TEMPLATE}"
+            )
+        if args.template == NO_TEMPLATE and args.apply_chat_template:
+            raise ValueError(f"--apply-chat-template needs a template, but --template is {NO_TEMPLATE}")
         manager = task_manager(args.data_dir)
         check_tasks(tasks, manager)
         if args.device == "auto":
@@ -99,22 +139,32 @@ def main(argv: list[str] | None = None) -> dict:
                 device = torch.device(args.device)
             except RuntimeError:
                 raise ValueError(f"unknown --device {args.device!r}; valid: auto, cpu, cuda, cuda:<index>") from None
-        precision = args.precision or ("bf16-true" if device.type == "cuda" else "32-true")
-        model, checkpoint_dir, meta = load_for_inference(args.checkpoint_dir, args.adapter, DEFAULT_CHECKPOINT)
+        checkpoint_dir, meta = inference_source(args.checkpoint_dir, args.adapter, DEFAULT_CHECKPOINT)
+        dtype, dtype_from = inference_dtype(requested_dtype, checkpoint_dir, meta)
+        if args.precision is not None:
+            dtype_from = f"--precision {args.precision}"
+        fmt = prompt_format(
+            checkpoint_dir, meta, args.adapter, None if args.template == NO_TEMPLATE else args.template, args.system
+        )
+        apply_chat, why = chat_template_choice(fmt, args.apply_chat_template, args.template == NO_TEMPLATE)
+        print(f"dtype: {dtype_name(dtype)} ({dtype_from})")
+        if apply_chat:
+            print(f"prompts: chat template applied ({why}): {fmt.describe()}")
+        else:
+            print(f"prompts: lm-eval's plain prompts, no chat template ({why})")
+        model, _, _ = load_for_inference(checkpoint_dir, args.adapter, DEFAULT_CHECKPOINT, dtype=dtype)
         if args.cqil:
             import yaml
 
             spec = yaml.safe_load(args.cqil) if args.cqil.lstrip().startswith("[") else args.cqil
             cqil.install(model, cqil.build_settings({"groups": spec, "bypass": args.cqil_bypass}, model.config.n_layer))
-        model = model.to(device=device, dtype=getattr(torch, PRECISIONS[precision]))
+        model = model.to(device=device)
         tokenizer = Tokenizer(checkpoint_dir)
-        template = get_template(args.template or meta.get("template") or guess_template(checkpoint_dir))
+        template = get_template(fmt.template, fmt.system_prompt) if apply_chat else None
         lm = LitLM(model, tokenizer, args.batch_size, args.max_length, template=template, name=checkpoint_dir.name)
 
         def run() -> dict:
-            return evaluate(
-                lm, tasks, manager, args.num_fewshot, limit, args.seed, args.apply_chat_template, args.log_samples
-            )
+            return evaluate(lm, tasks, manager, args.num_fewshot, limit, args.seed, apply_chat, args.log_samples)
 
         named: dict[str, dict] = {}
         rewired = getattr(model, "cqil", None) is not None
@@ -137,9 +187,15 @@ def main(argv: list[str] | None = None) -> dict:
         "limit": limit,
         "data_dir": str(args.data_dir) if args.data_dir else None,
         "device": str(device),
-        "precision": precision,
+        "dtype": dtype_name(dtype),
+        "dtype_from": dtype_from,
+        "precision": {v: k for k, v in PRECISIONS.items()}[dtype_name(dtype)],
         "batch_size": args.batch_size,
-        "apply_chat_template": args.apply_chat_template,
+        "apply_chat_template": apply_chat,
+        "apply_chat_template_why": why,
+        "template": fmt.template if apply_chat else None,
+        "system_prompt": fmt.system_prompt if apply_chat else None,
+        "prompt_format": fmt.to_dict(),
         "seed": args.seed,
     }
     report = {

@@ -215,6 +215,23 @@ class LitLM(TemplateLM):
         return text + (self.template.generation_prompt() if add_generation_prompt else "")
 
 
+def chat_template_choice(fmt, requested: bool | None, no_template: bool = False) -> tuple[bool, str]:
+    """Whether lm-eval wraps prompts in the chat template, and why (for the printed line and results.json).
+
+    `fmt` is a lit_peft.model.PromptFormat; `requested` is --apply-chat-template (True), --no-apply-chat-template
+    (False) or neither (None: on for a model trained on conversations, as its record says).
+    """
+    if no_template:
+        return False, "--template none"
+    if requested is not None:
+        return requested, "--apply-chat-template" if requested else "--no-apply-chat-template"
+    if fmt.instruction_tuned:
+        return True, f"instruction-tuned, per {fmt.instruction_from}; --no-apply-chat-template turns it off"
+    if fmt.instruction_tuned is False:
+        return False, f"trained on plain text, per {fmt.instruction_from}; --apply-chat-template turns it on"
+    return False, "no record of instruction tuning; --apply-chat-template turns it on"
+
+
 def task_manager(data_dir: str | Path | None):
     """lm-eval's task index plus the local tasks of eval/tasks/, which read their files under `data_dir`."""
     from lm_eval.tasks import TaskManager

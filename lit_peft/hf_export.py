@@ -17,7 +17,7 @@ from litgpt import Config
 from safetensors.torch import save_file
 
 from lit_peft.io import atomic_path
-from lit_peft.model import load_config
+from lit_peft.model import dtype_name, load_config, stored_dtype
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -28,8 +28,11 @@ TOKENIZER_FILES = (
 )
 
 
-def llama_hf_config(config: Config) -> dict:
-    """transformers' LlamaConfig for a LLaMA-style LitGPT config; a clear error for anything else."""
+def llama_hf_config(config: Config, torch_dtype: str = "float32") -> dict:
+    """transformers' LlamaConfig for a LLaMA-style LitGPT config; a clear error for anything else.
+
+    `torch_dtype` is the dtype the weights are stored in (transformers' "auto" loads them in it).
+    """
     supported = (
         config.mlp_class_name == "LLaMAMLP"
         and config.norm_class_name == "RMSNorm"
@@ -59,7 +62,7 @@ def llama_hf_config(config: Config) -> dict:
         "attention_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": False,
-        "torch_dtype": "float32",
+        "torch_dtype": torch_dtype,
     }
 
 
@@ -76,7 +79,7 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
             "Face equivalent; use lit-peft's chat and eval on it, or export the original (un-rewired) checkpoint"
         )
     config = load_config(checkpoint_dir)
-    hf_config = llama_hf_config(config)
+    hf_config = llama_hf_config(config, dtype_name(stored_dtype(checkpoint_dir)))  # the weights keep their dtype
     with atomic_path(out_dir) as stage, tempfile.TemporaryDirectory() as scratch:
         stage.mkdir()
         convert_lit_checkpoint(checkpoint_dir, Path(scratch))

@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_META = "adapter_config.json"
+MERGE_RECORD = "lit_peft_merge.json"  # beside a merged checkpoint: provenance, dtype, template and system prompt
+MODEL_RECORD = "lit_peft.json"  # beside a method=full run's model: the run's metadata (as an adapter's)
 
 
 @contextlib.contextmanager
@@ -75,7 +77,28 @@ def load_adapter(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict
         raise FileNotFoundError(
             f"not an adapter checkpoint: {adapter_dir} (expected {ADAPTER_WEIGHTS} and {ADAPTER_META})"
         )
-    return load_file(str(weights_path)), json.loads(meta_path.read_text())
+    return load_file(str(weights_path)), with_system_prompt(json.loads(meta_path.read_text()))
+
+
+def read_adapter_meta(adapter_dir: str | Path) -> dict[str, Any]:
+    """An adapter's adapter_config.json (with `system_prompt` filled in, see `with_system_prompt`)."""
+    path = Path(adapter_dir) / ADAPTER_META
+    if not path.is_file():
+        raise FileNotFoundError(f"no adapter at {adapter_dir} ({ADAPTER_META} missing)")
+    return with_system_prompt(json.loads(path.read_text()))
+
+
+def with_system_prompt(meta: dict[str, Any]) -> dict[str, Any]:
+    """Training metadata with a top-level `system_prompt` when it is known.
+
+    Runs record it (None: trained without a system turn); for those written before, it comes from the resolved
+    training config (`config.model.system_prompt`). When neither has it, the key stays absent (unknown).
+    """
+    if "system_prompt" not in meta:
+        model = (meta.get("config") or {}).get("model") or {}
+        if isinstance(model, dict) and "system_prompt" in model:
+            meta = {**meta, "system_prompt": model["system_prompt"]}
+    return meta
 
 
 def save_lit_checkpoint(
@@ -84,12 +107,14 @@ def save_lit_checkpoint(
     source_dir: str | Path,
     architecture: dict[str, Any] | None = None,
     config: Any = None,
+    records: dict[str, Any] | None = None,
 ) -> Path:
     """Write a LitGPT checkpoint folder: lit_model.pth plus the config and tokenizer files of `source_dir`.
 
     `architecture` (e.g. CQIL groups) is written to lit_peft_arch.json so that every loader rebuilds the same model;
     None keeps whatever `source_dir` had. `config` (a LitGPT Config) replaces the source's model config, for a model
-    of another shape (the source's Hugging Face config.json is then left out).
+    of another shape (the source's Hugging Face config.json is then left out). `records` ({file name: JSON data})
+    are written into the same folder, inside the same atomic step, so the folder never exists without them.
     """
     from lit_peft.cqil import ARCH_FILE
 
@@ -109,4 +134,6 @@ def save_lit_checkpoint(
             (tmp / ARCH_FILE).unlink(missing_ok=True)
             if architecture:
                 (tmp / ARCH_FILE).write_text(json.dumps(architecture, indent=2) + "\n")
+        for name, data in (records or {}).items():
+            (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
     return out_dir

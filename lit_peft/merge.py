@@ -1,17 +1,31 @@
-"""Fold a saved adapter into its base checkpoint: a plain LitGPT checkpoint in a new folder."""
+"""Fold a saved adapter into its base checkpoint: a plain LitGPT checkpoint in a new folder.
+
+The merged folder's lit_peft_merge.json records where the weights came from (every adapter merged so far), the
+dtype they were written in, and the chat template and system prompt the adapter was trained with, so that chat and
+eval over the merged model use the same prompt format as over base + adapter.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
-from lit_peft.io import ADAPTER_WEIGHTS, atomic_path, check_new_output, save_lit_checkpoint
+from lit_peft.io import ADAPTER_WEIGHTS, MERGE_RECORD, check_new_output, read_adapter_meta, save_lit_checkpoint
 from lit_peft.methods import merge_adapters
-from lit_peft.model import architecture, load_adapter_into, load_base
+from lit_peft.model import (
+    architecture,
+    check_dtype,
+    dtype_name,
+    inference_dtype,
+    load_adapter_into,
+    load_base,
+    prompt_format,
+)
 from lit_peft.quantize import dequantize_base
 
-MERGE_RECORD = "lit_peft_merge.json"
+__all__ = ["MERGE_RECORD", "adapter_digest", "merge_checkpoint"]
 
 
 def adapter_digest(adapter_dir: Path) -> str:
@@ -19,15 +33,32 @@ def adapter_digest(adapter_dir: Path) -> str:
 
 
 def merge_checkpoint(
-    adapter_dir: str | Path, out_dir: str | Path, base_dir: str | Path | None = None, overwrite: bool = False
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    base_dir: str | Path | None = None,
+    overwrite: bool = False,
+    dtype: str | None = "auto",
+    template: str | None = None,
+    system: str | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> Path:
-    """base + adapter -> `out_dir`. Never writes into the base; refuses to merge an adapter a second time."""
+    """base + adapter -> `out_dir`. Never writes into the base; refuses to merge an adapter a second time.
+
+    dtype: auto (the base's stored dtype; a 4-bit adapter's training precision) or float32 / bfloat16 / float16.
+    template / system: override what the adapter recorded (system '' = no system turn). `report` receives one
+    line each for the dtype and for the prompt format, as they are decided.
+    """
+    from lit_peft.data.templates import get_template
+
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    check_dtype(dtype)
+    if template is not None:
+        get_template(template)  # an unknown name is a one-line error, before anything is read
     if (adapter_dir / "lit_model.pth").is_file() and not (adapter_dir / ADAPTER_WEIGHTS).is_file():
         raise ValueError(f"{adapter_dir} is a whole model (method=full): there is nothing to merge, use it directly")
     if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
         raise FileNotFoundError(f"no adapter at {adapter_dir} (expected {ADAPTER_WEIGHTS}; e.g. outputs/<run>/adapter)")
-    meta = json.loads((adapter_dir / "adapter_config.json").read_text())
+    meta = read_adapter_meta(adapter_dir)
     base_dir = Path(base_dir or meta["base_checkpoint"])
     check_new_output(out_dir, base_dir, overwrite, "base", "merging")
     digest = adapter_digest(adapter_dir)
@@ -37,11 +68,17 @@ def merge_checkpoint(
             f"adapter {adapter_dir} is already merged into {base_dir}; a second merge is refused "
             f"(merge into the original base instead)"
         )
+    torch_dtype, dtype_from = inference_dtype(dtype, base_dir, meta)
+    fmt = prompt_format(base_dir, meta, adapter_dir, template, system)
+    if report is not None:
+        report(f"dtype: {dtype_name(torch_dtype)} ({dtype_from})")
+        report(f"prompt format: {fmt.describe()}")
 
     model = load_base(base_dir)
-    load_adapter_into(model, adapter_dir)  # installs the adapter's architecture edits (CQIL) too
-    merge_adapters(model)
+    load_adapter_into(model, adapter_dir, dtype=torch_dtype)  # installs the adapter's architecture edits (CQIL) too
+    merge_adapters(model)  # each merged weight is computed in float64 and written in the base Linear's dtype
     dequantize_base(model)  # a 4-bit base becomes a dense checkpoint (the frozen Linears no adapter touched too)
+    model.to(torch_dtype)
     previous = json.loads(record.read_text()) if record.is_file() else {"adapter_sha256": [], "adapters": []}
     provenance = {
         "adapter_sha256": [*previous["adapter_sha256"], digest],
@@ -49,8 +86,13 @@ def merge_checkpoint(
             *previous["adapters"],
             {"path": str(adapter_dir), "method": meta["method"], "settings": meta["settings"], "base": str(base_dir)},
         ],
+        "dtype": dtype_name(torch_dtype),
+        "template": fmt.template,
+        "system_prompt": fmt.system_prompt,
+        "instruction_tuned": fmt.instruction_tuned,
+        "sources": {"dtype": dtype_from, "template": fmt.template_from, "system_prompt": fmt.system_from},
     }
-    save_lit_checkpoint(out_dir, model.state_dict(), base_dir, architecture=architecture(model))
-    with atomic_path(out_dir / MERGE_RECORD) as tmp:
-        tmp.write_text(json.dumps(provenance, indent=2) + "\n")
+    save_lit_checkpoint(
+        out_dir, model.state_dict(), base_dir, architecture=architecture(model), records={MERGE_RECORD: provenance}
+    )
     return out_dir
