@@ -242,7 +242,7 @@ def test_lrc_on_pretokenized_text_with_a_4bit_teacher_converts_and_exports_to_tr
     gen = torch.Generator().manual_seed(0)
     corpus.write_text(
         "".join(
-            json.dumps({"input_ids": torch.randint(3, 300, (90,), generator=gen).tolist()}) + "\n" for _ in range(40)
+            json.dumps({"input_ids": torch.randint(3, 259, (90,), generator=gen).tolist()}) + "\n" for _ in range(40)
         )
     )
     out = tmp_path / "run"
