@@ -161,16 +161,18 @@ def test_hub_sets_are_keyed_by_their_revision(tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset_builder", lambda path: type("B", (), dict(revision))())
     dm = TextDataModule(tokenizer, "org/corpus", "text", BLOCK, 2, 4, 0, streaming=True, cache_dir=tmp_path)
     first = dm.token_file()
-    assert dm.token_file() == first
     revision["hash"] = "def456"
-    assert dm.token_file() != first
+    assert dm.token_file() == first  # resolved once per run
+    updated = TextDataModule(tokenizer, "org/corpus", "text", BLOCK, 2, 4, 0, streaming=True, cache_dir=tmp_path)
+    assert updated.token_file() != first
 
     def offline(path):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset_builder", offline)
+    offline_dm = TextDataModule(tokenizer, "org/corpus", "text", BLOCK, 2, 4, 0, streaming=True, cache_dir=tmp_path)
     with pytest.raises(DataError, match=r"could not load data set 'org/corpus' \(ConnectionError\); offline\?"):
-        dm.token_file()
+        offline_dm.token_file()
 
 
 def test_pretokenized_ids_outside_the_vocabulary_name_the_record(tokenizer, tmp_path):
@@ -236,3 +238,42 @@ def test_shared_corpora_split_by_document_alike_in_memory_and_streamed(tokenizer
     stories = shared_data("tinystories/tinystories_sample.txt")
     docs = list(iter_documents(str(stories), separator="<|endoftext|>"))
     assert len(docs) == 5 and not any("<|endoftext|>" in "".join(d) for d in docs)
+
+
+def sentencepiece_tokenizer(folder, corpus: list[str]) -> Tokenizer:
+    """A Llama-2-style tokenizer.model (</s> ends documents) trained here on `corpus`, offline."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
+        model_writer=model,
+        vocab_size=300,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    folder.mkdir(parents=True)
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    return Tokenizer(folder)
+
+
+def test_sentencepiece_tokenizers_join_with_eos_and_key_the_cache(tmp_path):
+    words = ["lorem ipsum dolor sit amet", "the quick brown fox jumps over the lazy dog"]
+    one = sentencepiece_tokenizer(tmp_path / "one", [words[0]] * 50 + [words[1]] * 5)
+    two = sentencepiece_tokenizer(tmp_path / "two", [words[1]] * 50 + [words[0]] * 5)
+    assert one.backend == "sentencepiece" and one.vocab_size == two.vocab_size
+    assert document_separator_id(one) == one.eos_id == one.token_to_id("</s>")
+    with pytest.raises(DataError, match=r"data.document_separator='<\|endoftext\|>' is not a token .*</s>"):
+        document_separator_id(one, "<|endoftext|>")
+    path, _ = corpus(tmp_path, n_docs=30)
+    a, b = module(one, path, tmp_path), module(two, path, tmp_path)
+    assert a.token_file() != b.token_file() and all_tokens(a) != all_tokens(b)
+    assert isinstance(a.val, text.DocumentBlocks) and rows(a.val) == rows(module(one, path).val)

@@ -171,13 +171,13 @@ def source_fingerprint(path: str, split: str = "train") -> list[Any]:
         if not revision:
             raise DataError(f"data set {path!r} has no revision to key the streaming token cache by; pass a local path")
         return ["hub", path, split, str(revision)]
-    local = Path(path).expanduser().resolve()
-    root = local if local.is_dir() else local.parent
+    local = Path(path).expanduser()
     entries = []
     for file in files:
-        stat = file.stat()
-        entries.append([file.resolve().relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns])
-    return ["local", str(local), entries]
+        stat = file.stat()  # of the file itself where it is a link
+        name = file.relative_to(local).as_posix() if local.is_dir() else file.name
+        entries.append([name, stat.st_size, stat.st_mtime_ns])
+    return ["local", str(local.resolve()), entries]
 
 
 def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
@@ -205,15 +205,11 @@ def token_text(tokenizer: Tokenizer, i: int) -> str | None:
 
 
 def special_tokens(tokenizer: Tokenizer) -> dict[str, int]:
-    """The tokenizer's special tokens (HF: its added tokens; SentencePiece: control, unknown and user-defined)."""
+    """The tokenizer's special tokens (HF: its added tokens; SentencePiece: its control and unknown pieces)."""
     if tokenizer.backend == "huggingface":
         return {t.content: i for i, t in sorted(tokenizer.processor.get_added_tokens_decoder().items())}
     sp = tokenizer.processor
-    return {
-        sp.id_to_piece(i): i
-        for i in range(sp.vocab_size())
-        if sp.is_control(i) or sp.is_unknown(i) or sp.is_user_defined(i)
-    }
+    return {sp.id_to_piece(i): i for i in range(sp.vocab_size()) if sp.is_control(i) or sp.is_unknown(i)}
 
 
 def document_separator_id(tokenizer: Tokenizer, token: str | None = None) -> int | None:
@@ -449,6 +445,7 @@ class TextDataModule(SplitDataModule):
         self.vocab_size = vocabulary_size(tokenizer)
         self.dtype = token_dtype(self.vocab_size)
         self._tokenizer_key: str | None = None
+        self._hub_key: list[Any] | None = None
         self.train: Dataset | None = None
         self.val: Dataset | None = None
 
@@ -462,9 +459,12 @@ class TextDataModule(SplitDataModule):
         """The cache file for this corpus's content and this tokenizer (a new one when either changes)."""
         if self._tokenizer_key is None:
             self._tokenizer_key = tokenizer_fingerprint(self.tokenizer)
+        source = self._hub_key or source_fingerprint(self.path, self.split)
+        if source[0] == "hub":  # resolved once per run; local files are looked at on every call
+            self._hub_key = source
         key = json.dumps(
             [
-                source_fingerprint(self.path, self.split),
+                source,
                 self.fmt,
                 self.columns,
                 self.separator,
