@@ -11,9 +11,11 @@ import lightning as L
 import torch
 from torch import nn
 
+from lit_peft.data.steps import batch_units, unpack_units
 from lit_peft.strategies import plain_name
 from lit_peft.tasks import Task
-from lit_peft.tasks.sft import COUNTS
+
+COUNT_NAMES = {"tokens": "target_tokens", "pairs": "pairs", "sequences": "sequences", "positions": "positions"}
 
 
 def warmup_cosine(warmup_steps: int, max_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
@@ -53,6 +55,33 @@ def clip_sharded_grad_norm_(wrapped: nn.Module, module: nn.Module, max_norm: flo
     return total
 
 
+class WeightedMeans:
+    """Running sums of value x weight and of weight per name, for means that are exact across batches and ranks."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, name: str, value: torch.Tensor, weight: torch.Tensor | float) -> None:
+        weight = torch.as_tensor(weight, dtype=torch.float64, device=value.device)
+        pair = torch.stack([value.detach().double() * weight, weight])
+        self.sums[name] = [self.sums[name][0] + pair] if name in self.sums else [pair]
+
+    def reduce(self, strategy) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{name: (sum of value x weight, sum of weight)} over everything added on every rank (a collective: every
+        rank calls it with the same names). Clears the sums."""
+        names = sorted(self.sums)
+        if not names:
+            return {}
+        device = self.sums[names[0]][0].device
+        total = strategy.reduce(torch.stack([self.sums[n][0].to(device) for n in names]), reduce_op="sum")
+        self.sums = {}
+        return {n: (t[0], t[1]) for n, t in zip(names, total, strict=True)}
+
+    def means(self, strategy) -> dict[str, torch.Tensor]:
+        """{name: sum(value x weight) / sum(weight)}, leaving out names whose weights sum to 0."""
+        return {n: (vw / w).float() for n, (vw, w) in self.reduce(strategy).items() if w > 0}
+
+
 class FineTuneModule(L.LightningModule):
     def __init__(
         self,
@@ -70,8 +99,11 @@ class FineTuneModule(L.LightningModule):
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
         # Adapter runs keep only trainable weights in Lightning checkpoints; the frozen base comes from its own folder.
         self.save_full_state = save_full_state
+        self.trainable_float32 = not save_full_state  # adapters train in float32 under half precision
         self.strict_loading = save_full_state
         self._step_start: float | None = None
+        self._train_sums: WeightedMeans | None = None  # the current optimizer step's metrics, over its micro-batches
+        self._step_units: torch.Tensor | None = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
@@ -87,28 +119,59 @@ class FineTuneModule(L.LightningModule):
         if self._step_start is None:
             self._step_start = time.perf_counter()
 
+    def setup(self, stage: str) -> None:
+        # Before Lightning restores a checkpoint and before the strategy wraps the model: what the task takes from the
+        # untrained weights (e.g. DPO's frozen reference copy) is taken from them, also when a run resumes.
+        self.task.attach(self)
+
     def on_fit_start(self) -> None:
         self.task.setup(self, self.trainer.datamodule)
 
     def on_validation_start(self) -> None:
         self.task.setup(self, self.trainer.datamodule)  # also for a validation before training (idempotent)
 
-    def _log_metrics(self, metrics: dict[str, torch.Tensor], train: bool, batch_size: int = 1) -> None:
-        for k, v in metrics.items():
-            if k in COUNTS:
-                if train:
-                    self.log(f"train/{k}", v.float(), on_step=True, on_epoch=False, reduce_fx="sum")
-            elif train:
-                self.log(f"train/{k}", v.float(), on_step=True, on_epoch=False)
-            else:
-                self.log(f"val_{k}", v.float(), on_epoch=True, sync_dist=True, batch_size=batch_size)
+    # ---------------------------------------------------------------- training
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, metrics = self.task(self.model, batch)
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        self._log_metrics(metrics, train=True)
+        """The micro-batch's share of the step's loss, normalised by the units of the whole global batch.
+
+        With `step_units` (data/steps.py) the micro-batches' losses add up, over the step and the ranks, to the global
+        batch's mean; Lightning divides what this returns by the accumulation and DDP averages the gradients over the
+        ranks, so it is scaled by both. Without them (a loader that is not a StepBatches), each micro-batch is
+        normalised by its own units and the step is their mean.
+        """
+        packed = batch.get("step_units")
+        totals = unpack_units(packed) if packed is not None else None
+        loss, metrics = self.task(self.model, batch, totals)
+        local = batch_units(batch)
+        if self._train_sums is None:
+            self._train_sums = WeightedMeans()
+        self._train_sums.add("loss", loss, 1.0)  # shares of the step's loss (or, without step units, batch means)
+        self._step_units = packed
+        for name, value in metrics.items():
+            self._train_sums.add(name, value, local[self.task.metric_units.get(name, self.task.unit)])
         self._tokens = getattr(self, "_tokens", 0) + int(batch["input_ids"].numel())
-        return loss
+        if totals is None:
+            return loss
+        return loss * self.trainer.accumulate_grad_batches * self.trainer.world_size
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the step about to be taken: its loss and metrics over the global batch, and the learning rate it uses."""
+        if self._train_sums is None:
+            return
+        sums = self._train_sums.reduce(self.trainer.strategy)
+        self._train_sums = None
+        shares, count = sums.pop("loss")
+        loss = shares if self._step_units is not None else shares / count
+        self.log("train_loss", loss.float(), prog_bar=True, on_step=True, on_epoch=False, sync_dist=False)
+        for name, (vw, w) in sums.items():
+            if w > 0:
+                self.log(f"train/{name}", (vw / w).float(), on_step=True, on_epoch=False, sync_dist=False)
+        if self._step_units is not None:
+            counts = unpack_units(self._step_units)
+            for unit in dict.fromkeys([self.task.unit, *self.task.metric_units.values()]):
+                self.log(f"train/{COUNT_NAMES[unit]}", counts[unit].float(), on_step=True, on_epoch=False)
+        self.log("lr", float(optimizer.param_groups[0]["lr"]), prog_bar=True, on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.trainer.fit_loop._should_accumulate():
@@ -116,34 +179,41 @@ class FineTuneModule(L.LightningModule):
         elapsed = time.perf_counter() - (self._step_start or time.perf_counter())
         tokens = getattr(self, "_tokens", 0) * self.trainer.world_size
         self.log("tokens_per_sec", tokens / max(elapsed, 1e-9), prog_bar=True, on_step=True, on_epoch=False)
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, on_step=True, on_epoch=False)
         self._step_start, self._tokens = None, 0
 
+    # ---------------------------------------------------------------- validation
+
     def on_validation_epoch_start(self) -> None:
-        self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss x tokens, tokens)
+        self._val_sums = WeightedMeans()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, metrics = self.task(self.model, batch)
-        weight = metrics.get("target_tokens", metrics.get("pairs", torch.tensor(1))).float()
-        self.log("val_loss", loss, prog_bar=True, on_epoch=True, batch_size=int(weight.clamp(min=1)), sync_dist=True)
-        self._log_metrics(metrics, train=False, batch_size=int(weight.clamp(min=1)))
-        value = metrics[self.task.perplexity] if isinstance(self.task.perplexity, str) else loss
-        self._val_sums += torch.stack([value.detach().double() * weight.double(), weight.double()]).to(self.device)
+        local = batch_units(batch)
+        self._val_sums.add("loss", loss, local[self.task.unit])
+        for name, value in metrics.items():
+            self._val_sums.add(name, value, local[self.task.metric_units.get(name, self.task.unit)])
         return loss
 
     def on_validation_epoch_end(self) -> None:
+        """Held-out means over every unit of the validation set on every rank (not means of batch means)."""
+        means = self._val_sums.means(self.trainer.strategy)
+        if "loss" in means:
+            self.log("val_loss", means["loss"], prog_bar=True, sync_dist=False)
+        for name, value in means.items():
+            if name != "loss":
+                self.log(f"val_{name}", value, sync_dist=False)
         if self.task.perplexity:
-            total = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
-            if total[1] > 0:
-                self.log("val_ppl", torch.exp(total[0] / total[1]).float(), sync_dist=False)
+            key = self.task.perplexity if isinstance(self.task.perplexity, str) else "loss"
+            if key in means:
+                self.log("val_ppl", torch.exp(means[key]), sync_dist=False)
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("nothing to train: the method left no parameter with requires_grad=True")
-        if not self.save_full_state:
-            # Lightning has already cast the module to the run's precision (e.g. bf16-true); adapters keep float32
-            # weights so that small updates are not rounded away, and cast to the activations' dtype in forward.
+        if self.trainable_float32 and any(p.dtype != torch.float32 for p in params):
+            # Only where no TrainableFloat32Precision converted the module (FSDP, DeepSpeed bring their own precision
+            # plugins): adapters keep float32 weights so that small updates are not rounded away.
             for p in params:
                 p.data = p.data.float()
         optimizer = self.optimizer_factory(params)

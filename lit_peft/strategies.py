@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from hydra.utils import get_class
+from lightning.pytorch.plugins.precision import HalfPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
@@ -73,3 +74,32 @@ def fsdp(wrap: list[str] | None = None, activation_checkpointing: list[str] | No
     return GatheringFSDPStrategy(
         auto_wrap_policy=wrap_classes or None, activation_checkpointing_policy=checkpoint_classes or None, **kwargs
     )
+
+
+class TrainableFloat32Precision(HalfPrecision):
+    """Lightning's `bf16-true` / `16-true`, but parameters that train stay float32 (adapters cast to the activations'
+    dtype in their forward), so that small updates are not rounded away.
+
+    The upcast happens where Lightning converts the module, before the strategy moves and wraps it: DDP then registers
+    its gradient hooks on the float32 parameters. (Done after wrapping, e.g. in `configure_optimizers`, it would swap
+    the parameters' storage under DDP's hooks and their gradients would no longer be all-reduced.)
+    """
+
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        module = super().convert_module(module)
+        if getattr(module, "trainable_float32", False):
+            for p in module.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+        return module
+
+
+def precision_plugin(precision: str, strategy: Any) -> TrainableFloat32Precision | None:
+    """The precision plugin for `-true` half precision on one device or DDP (None: Lightning's own from the string;
+    FSDP and DeepSpeed bring their own precision plugins)."""
+    if precision not in ("bf16-true", "16-true"):
+        return None
+    name = strategy if isinstance(strategy, str) else type(strategy).__name__
+    if name not in ("auto", "ddp", "DDPStrategy", "SingleDeviceStrategy"):
+        return None
+    return TrainableFloat32Precision(precision)

@@ -24,6 +24,7 @@ from lit_peft.lrc import LowRankClone, LRCSettings
 from lit_peft.model import enable_gradient_checkpointing, install_method, load_base
 from lit_peft.module import FineTuneModule
 from lit_peft.quantize import quantize_base
+from lit_peft.strategies import precision_plugin
 from lit_peft.tasks import get_task
 
 
@@ -188,12 +189,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         every_n_train_steps=t.save_every_n_steps,
     )
     logger = instantiate(cfg.logger)
+    strategy = build_strategy(cfg.strategy)
+    precision = precision_plugin(str(cfg.precision), strategy)  # keeps adapters float32 under -true half precision
     trainer = L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=build_strategy(cfg.strategy),
-        precision=cfg.precision,
+        strategy=strategy,
+        precision=None if precision else cfg.precision,
         max_steps=t.max_steps if t.max_steps is not None else -1,
         max_epochs=t.max_epochs,
         accumulate_grad_batches=accumulate,
@@ -205,7 +208,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         num_sanity_val_steps=0,
         logger=logger,
         callbacks=[checkpointing, export],
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *([precision] if precision else [])],
         default_root_dir=out_dir,
         enable_progress_bar=t.progress_bar,
         deterministic=t.get("deterministic", False),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -10,9 +11,10 @@ from typing import Any
 import lightning as L
 import torch
 from litgpt import Tokenizer
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
-from lit_peft.data.formats import DataError, SkipRecord, get_format, load_records
+from lit_peft.data.formats import DataError, SkipRecord, check_conversation, get_format, load_records
+from lit_peft.data.steps import StepBatches
 from lit_peft.data.synthetic import synthetic_records
 from lit_peft.data.templates import Template
 from lit_peft.data.tokenize import collate, encode_segments, special_strings
@@ -26,20 +28,29 @@ def split_sizes(n: int, val_size: float | int) -> int:
     return n_val
 
 
-def report_skipped(skipped: list[str], total: int) -> None:
+def report_skipped(skipped: list[SkipRecord], total: int) -> None:
+    """One line: how many records were skipped, how many for each reason, and the first one's message."""
     if skipped:
-        print(f"skipped {len(skipped)} of {total} records that cannot be used, e.g. {skipped[0]}", flush=True)
+        reasons = Counter(getattr(e, "reason", "unusable") for e in skipped)
+        counts = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
+        print(
+            f"skipped {len(skipped)} of {total} records that cannot be used ({counts}), e.g. {skipped[0]}", flush=True
+        )
 
 
 def make_loader(data, micro_batch_size: int, shuffle: bool, seed: int, collate_fn, num_workers: int = 0) -> DataLoader:
-    """One loader for any world size: rank r takes examples r, r + W, ... of the (seeded) order, so a run on W
-    processes sees the same global batches as one process with W times the gradient accumulation."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        sampler = DistributedSampler(data, shuffle=shuffle, seed=seed, drop_last=False)
-    elif shuffle:
-        sampler = RandomSampler(data, generator=torch.Generator().manual_seed(seed))
-    else:
-        sampler = SequentialSampler(data)
+    """One loader for any world size: the (seeded, per-epoch) order is the same on every world size and rank r takes
+    examples r, r + W, ... of it, so a run on W processes sees the same global batches as one process with W times
+    the gradient accumulation. One process is the W = 1 case of the same sampler, whose epoch Lightning sets."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    sampler = DistributedSampler(
+        data,
+        num_replicas=torch.distributed.get_world_size() if distributed else 1,
+        rank=torch.distributed.get_rank() if distributed else 0,
+        shuffle=shuffle,
+        seed=seed,
+        drop_last=False,
+    )
     return DataLoader(
         data,
         batch_size=micro_batch_size,
@@ -64,8 +75,18 @@ class SplitDataModule(L.LightningDataModule):
     def _loader(self, data, shuffle: bool) -> DataLoader:
         return make_loader(data, self.micro_batch_size, shuffle, self.seed, self.collate_fn(), self.num_workers)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train, shuffle=self.shuffle)
+    def train_dataloader(self) -> DataLoader | StepBatches:
+        """The training loader; under a Trainer, its micro-batches carry their optimizer step's units (steps.py)."""
+        loader = self._loader(self.train, shuffle=self.shuffle)
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return loader
+        strategy = trainer.strategy
+        return StepBatches(
+            loader,
+            trainer.accumulate_grad_batches,
+            lambda t: strategy.reduce(t.to(strategy.root_device), reduce_op="sum").cpu(),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val, shuffle=False)
@@ -101,25 +122,45 @@ class SFTDataModule(SplitDataModule):
     def record_parser(record_format: str):
         return get_format(record_format)
 
-    def encode_example(self, record: dict[str, Any], index: int) -> dict[str, Any] | None:
-        """One record -> a training example (None if no target token fits); may raise SkipRecord or DataError."""
+    def encode_example(self, record: dict[str, Any], index: int, stats: Counter | None = None) -> dict[str, Any] | None:
+        """One record -> a training example (None if no target token fits); may raise SkipRecord or DataError.
+        `stats` counts examples dropped or cut for length (see encode_segments)."""
         bos, eos = special_strings(self.tokenizer)
-        segments = self.template.segments(self.to_messages(record, self.source, index), bos, eos)
-        return encode_segments(self.tokenizer, segments, self.max_seq_length)
+        messages = check_conversation(self.to_messages(record, self.source, index), self.source, index)
+        segments = self.template.segments(messages, bos, eos)
+        return encode_segments(self.tokenizer, segments, self.max_seq_length, stats)
+
+    def report_lengths(self, stats: Counter, total: int) -> None:
+        """One line for the records dropped for length, one for those cut (as report_skipped does for skips)."""
+        length = f"max_seq_length={self.max_seq_length}"
+        if stats["dropped"]:
+            print(
+                f"{self.source}: dropped {stats['dropped']} of {total} records: no target token fits in {length}",
+                flush=True,
+            )
+        if stats["cut_reply"] or stats["cut_turns"]:
+            print(
+                f"{self.source}: cut {stats['cut_reply'] + stats['cut_turns']} of {total} records at {length}: "
+                f"{stats['cut_reply']} inside their first reply, {stats['cut_turns']} after the last whole turn "
+                "that fits",
+                flush=True,
+            )
 
     def encode_records(self, records: list[dict[str, Any]], indices: list[int]) -> list[dict[str, Any]]:
         """Encode records[i] for i in `indices` (their positions in the file, which errors name)."""
         examples = []
-        skipped: list[str] = []
+        skipped: list[SkipRecord] = []
+        stats: Counter = Counter()
         for i in indices:
             try:
-                example = self.encode_example(records[i], i)
+                example = self.encode_example(records[i], i, stats)
             except SkipRecord as e:
-                skipped.append(str(e))
+                skipped.append(e)
                 continue
             if example is not None:
                 examples.append(example)
         report_skipped(skipped, len(indices))
+        self.report_lengths(stats, len(indices))
         if not examples:
             raise DataError(
                 f"{self.source}: none of {len(indices)} records gives an example with a target token within "

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lit_peft.data.steps import batch_units
 from lit_peft.data.tokenize import IGNORE_INDEX
-from lit_peft.tasks.sft import Task, causal_lm_loss
+from lit_peft.tasks.sft import Task, Units, causal_lm_loss, cross_entropy_sum
 
 DIRECTIONS = ("forward", "reverse")
 
@@ -36,15 +37,18 @@ def distill_loss(
     alpha: float,
     temperature: float,
     direction: str = "forward",
+    tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss and its parts, averaged over the target tokens (labels[:, 1:] != -100) only."""
+    """The loss over the target tokens (labels[:, 1:] != -100), summed and divided by `tokens` (default: their
+    number here); its parts `kd` and `ce` are means over this batch's target tokens."""
     targets = labels[:, 1:] != IGNORE_INDEX
-    n = targets.sum()
+    n = targets.sum().clamp(min=1)
+    tokens = n if tokens is None else tokens.clamp(min=1)
     kl = token_kl(student_logits[:, :-1], teacher_logits[:, :-1], temperature, direction)
-    kd = (kl * targets).sum() / n.clamp(min=1)
-    ce = causal_lm_loss(student_logits, labels) if alpha < 1 else torch.zeros((), device=kd.device)
-    loss = alpha * temperature**2 * kd + (1 - alpha) * ce
-    return loss, {"kd": kd.detach(), "ce": ce.detach(), "target_tokens": n}
+    kd = (kl * targets).sum()
+    ce = cross_entropy_sum(student_logits, labels) if alpha < 1 else torch.zeros((), device=kd.device)
+    loss = (alpha * temperature**2 * kd + (1 - alpha) * ce) / tokens
+    return loss, {"kd": kd.detach() / n, "ce": ce.detach() / n}
 
 
 class Distill(Task):
@@ -112,10 +116,15 @@ class Distill(Task):
         finally:
             model.train(was_training)
 
-    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+    def __call__(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], totals: Units | None = None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        totals = totals if totals is not None else batch_units(batch)
         teacher = self.teacher_logits(model, batch["input_ids"])
         student = model(batch["input_ids"])
-        loss, metrics = distill_loss(student, teacher, batch["labels"], self.alpha, self.temperature, self.kl)
+        loss, metrics = distill_loss(
+            student, teacher, batch["labels"], self.alpha, self.temperature, self.kl, totals["tokens"]
+        )
         if self.alpha == 1:  # CE is not part of the loss: still report the student's
             metrics["ce"] = causal_lm_loss(student.detach(), batch["labels"])
         metrics["teacher_ce"] = causal_lm_loss(teacher, batch["labels"])  # the same tokens under the teacher

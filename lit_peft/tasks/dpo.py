@@ -4,9 +4,13 @@ Loss on summed reply log-probabilities (Rafailov et al.), with conservative labe
     z = (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))
     sigmoid: -(1 - eps) log sigmoid(beta z) - eps log sigmoid(-beta z)
     ipo:     (z - 1 / (2 beta))^2, on log-probabilities averaged over the reply's tokens (Azar et al.)
-The reference for adapter methods is the same model with its adapters switched off (no second copy of the weights);
-for `full` the reference log-probabilities are computed once before training and saved in the checkpoint
-(`reference: precompute`), or taken from a frozen copy (`reference: copy`, twice the weight memory).
+The reference is always the model as it was loaded, before training and before any architecture edit (CQIL groups
+are undone for it): for adapter methods, the same model with its adapters switched off (no second copy of the
+weights); for `full`, its log-probabilities computed once before training (`reference: precompute`; every rank
+computes a share of the pairs, the table is summed across ranks and saved in the checkpoint), or a frozen copy taken
+before a checkpoint is restored (`reference: copy`, twice the weight memory). The loss is a mean over the pairs of the
+optimizer step's global batch. Dropout is switched off in the policy's passes unless `disable_dropout: false` (as
+TRL does by default): with it, the policy at step 0 is the reference and the loss starts at log 2.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_peft.cqil import original_model
+from lit_peft.data.steps import batch_units
 from lit_peft.data.tokenize import IGNORE_INDEX
 from lit_peft.methods import adapters
-from lit_peft.tasks.sft import Task
+from lit_peft.tasks.sft import Task, Units
 
 LOSSES = ("sigmoid", "ipo")
 REFERENCES = ("auto", "adapters_off", "precompute", "copy")
@@ -43,7 +48,9 @@ def dpo_loss(
     beta: float,
     label_smoothing: float = 0.0,
     loss: str = "sigmoid",
+    pairs: torch.Tensor | int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss summed over the pairs and divided by `pairs` (default: their number here); metrics are means here."""
     chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
     z = chosen_ratio - rejected_ratio
     if loss == "ipo":
@@ -51,7 +58,8 @@ def dpo_loss(
     else:
         losses = -F.logsigmoid(beta * z) * (1 - label_smoothing) - F.logsigmoid(-beta * z) * label_smoothing
     chosen_reward, rejected_reward = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
-    return losses.mean(), {
+    pairs = len(losses) if pairs is None else pairs
+    return losses.sum() / pairs, {
         "rewards_chosen": chosen_reward.mean(),
         "rewards_rejected": rejected_reward.mean(),
         "reward_accuracy": (chosen_reward > rejected_reward).float().mean(),
@@ -61,9 +69,15 @@ def dpo_loss(
 
 class DPO(Task):
     data_kinds = ("preference",)
+    unit = "pairs"
 
     def __init__(
-        self, beta: float = 0.1, label_smoothing: float = 0.0, loss: str = "sigmoid", reference: str = "auto"
+        self,
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        loss: str = "sigmoid",
+        reference: str = "auto",
+        disable_dropout: bool = True,
     ) -> None:
         if loss not in LOSSES:
             raise ValueError(f"unknown task.loss {loss!r}; valid: {', '.join(LOSSES)}")
@@ -74,6 +88,7 @@ class DPO(Task):
         if not 0 <= label_smoothing < 0.5:
             raise ValueError(f"task.label_smoothing must be in [0, 0.5), got {label_smoothing}")
         self.beta, self.label_smoothing, self.loss, self.reference = beta, label_smoothing, loss, reference
+        self.disable_dropout = bool(disable_dropout)
         self.mode: str | None = None
         self.table: torch.Tensor | None = None  # (pairs, 2 sides, [sum of log-probs, tokens]) for `precompute`
         self.frozen: nn.Module | None = None
@@ -88,28 +103,58 @@ class DPO(Task):
             raise ValueError("task.reference=adapters_off needs an adapter method; method=full has no off switch")
         return self.reference
 
-    def setup(self, module, datamodule) -> None:
-        """Before the first step: pick the reference, and compute its log-probabilities once if precomputing."""
+    def attach(self, module) -> None:
+        """Before a checkpoint is restored: the frozen copy is of the untrained weights, also on resume."""
         model = module.model
         self.mode = self.resolve_mode(model)
+        if self.disable_dropout:
+            for m in model.modules():
+                if isinstance(m, nn.Dropout):
+                    m.p = 0.0
         if self.mode == "copy" and self.frozen is None:
             self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def setup(self, module, datamodule) -> None:
+        """Before the first step, on the device: place the copy, or compute the reference log-probabilities once."""
+        model = module.model
+        if self.mode is None:
+            self.attach(module)
+        if self.frozen is not None:  # the same device and dtypes as the model the strategy prepared
+            self.frozen.to(module.device)
+            for p, q in zip(self.frozen.parameters(), model.parameters(), strict=True):
+                p.data = p.data.to(q.device, q.dtype)
         if self.mode == "precompute" and self.table is None:
-            self.table = self.precompute(model, datamodule, module.device)
+            strategy = module.trainer.strategy
+            self.table = self.precompute(
+                model, datamodule, module.device, lambda t: strategy.reduce(t, reduce_op="sum")
+            )
 
     @torch.no_grad()
-    def precompute(self, model: nn.Module, datamodule, device: torch.device) -> torch.Tensor:
+    def precompute(self, model: nn.Module, datamodule, device: torch.device, reduce=None) -> torch.Tensor:
+        """(pairs, 2 sides, [sum of log-probs, tokens]) under the reference, for every pair of the data set.
+
+        The loader shards the pairs by rank (padding the last shard with repeats); each rank fills its rows, and the
+        rows and the number of times each was filled are summed across ranks (`reduce`), so every rank holds the
+        whole table.
+        """
         examples = datamodule.all_examples()
         table = torch.zeros(len(examples), 2, 2, dtype=torch.float64)
+        filled = torch.zeros(len(examples), dtype=torch.float64)
         was_training = model.training
         model.eval()
-        loader = datamodule._loader(examples, shuffle=False)
-        for batch in loader:
-            s, n = reply_logps(model(batch["input_ids"].to(device)), batch["labels"].to(device))
-            index = batch["index"]
-            table[index] = torch.stack([s, n.to(s.dtype)], -1).view(2, len(index), 2).transpose(0, 1).double().cpu()
+        with original_model(model):
+            for batch in datamodule._loader(examples, shuffle=False):
+                s, n = reply_logps(model(batch["input_ids"].to(device)), batch["labels"].to(device))
+                index = batch["index"]
+                rows = torch.stack([s, n.to(s.dtype)], -1).view(2, len(index), 2).transpose(0, 1).double().cpu()
+                table.index_add_(0, index, rows)
+                filled.index_add_(0, index, torch.ones(len(index), dtype=torch.float64))
         model.train(was_training)
-        return table
+        if reduce is not None:
+            table, filled = (reduce(t.to(device)).cpu() for t in (table, filled))
+        if (filled == 0).any():
+            raise RuntimeError(f"DPO reference: {int((filled == 0).sum())} pairs were not computed on any rank")
+        return table / filled.view(-1, 1, 1)
 
     def reference_logps(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         mode = self.mode or self.resolve_mode(model)
@@ -122,25 +167,33 @@ class DPO(Task):
             return sums, counts
         with torch.no_grad():
             if mode == "copy":
-                return reply_logps(self.frozen(batch["input_ids"]), batch["labels"])
+                with original_model(self.frozen):
+                    return reply_logps(self.frozen(batch["input_ids"]), batch["labels"])
             with original_model(model):  # adapters off, CQIL undone: the model before training
                 return reply_logps(model(batch["input_ids"]), batch["labels"])
 
     # ---------------------------------------------------------------- loss
 
     def __call__(
-        self, model: nn.Module, batch: dict[str, torch.Tensor]
+        self, model: nn.Module, batch: dict[str, torch.Tensor], totals: Units | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        totals = totals if totals is not None else batch_units(batch)
         sums, counts = reply_logps(model(batch["input_ids"]), batch["labels"])
         ref_sums, ref_counts = self.reference_logps(model, batch)
         if self.loss == "ipo":
             sums, ref_sums = sums / counts.clamp(min=1), ref_sums / ref_counts.clamp(min=1)
         policy_chosen, policy_rejected = sums.chunk(2)
         ref_chosen, ref_rejected = ref_sums.chunk(2)
-        loss, metrics = dpo_loss(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta, self.label_smoothing, self.loss
+        return dpo_loss(
+            policy_chosen,
+            policy_rejected,
+            ref_chosen,
+            ref_rejected,
+            self.beta,
+            self.label_smoothing,
+            self.loss,
+            pairs=totals["pairs"].clamp(min=1),
         )
-        return loss, {**metrics, "pairs": torch.tensor(len(policy_chosen))}
 
     # ---------------------------------------------------------------- checkpointed state
 

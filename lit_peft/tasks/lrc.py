@@ -19,25 +19,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from lit_peft.data.steps import batch_units, real_positions
 from lit_peft.data.tokenize import IGNORE_INDEX
 from lit_peft.lrc import SITES, LowRankClone, capture
 from lit_peft.tasks.distill import token_kl
-from lit_peft.tasks.sft import Task, causal_lm_loss
+from lit_peft.tasks.sft import Task, Units, causal_lm_loss, cross_entropy_sum
 
 KL_REDUCTIONS = ("sequence", "token")
 
 
-def real_positions(labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool: the positions up to each row's last target token (right padding after it is not real)."""
-    positions = torch.arange(labels.size(1), device=labels.device)
-    last = torch.where(labels != IGNORE_INDEX, positions, -1).max(dim=1, keepdim=True).values
-    return positions <= last
-
-
-def masked_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of (student - teacher)^2 over the masked positions (B, T) and all features."""
-    diff = (student.float() - teacher.float()).pow(2).sum(-1)  # (B, T)
-    return (diff * mask).sum() / (mask.sum().clamp(min=1) * student.size(-1))
+def masked_sse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of (student - teacher)^2 over the masked positions (B, T), averaged over the features."""
+    return ((student.float() - teacher.float()).pow(2).mean(-1) * mask).sum()
 
 
 def clone_losses(
@@ -46,14 +39,14 @@ def clone_losses(
     teacher: dict[tuple[str, int], torch.Tensor],
     mask: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """{site: MSE summed over layers} from the captured activations."""
+    """{site: squared error summed over layers and masked positions, averaged over features}."""
     losses: dict[str, torch.Tensor] = {}
     for (site, layer), s in student.items():
         t = teacher[(site, layer)]
         if site == "mlp_out":  # compared in the student's space: the teacher's output through the same P
             p = model.student.transformer.h[layer].mlp.proj.proj["all"]
             t = t.float() @ p.float()
-        losses[site] = losses.get(site, 0) + masked_mse(s, t, mask)
+        losses[site] = losses.get(site, 0) + masked_sse(s, t, mask)
     return losses
 
 
@@ -88,8 +81,17 @@ class LowRankCloneTask(Task):
         if not isinstance(module.model, LowRankClone):
             raise ValueError("task=lrc needs the Low-Rank Clone model: set lrc.target_hidden_size")
 
-    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+    @property
+    def metric_units(self) -> dict[str, str]:
+        kl_unit = "sequences" if self.kl_reduction == "sequence" else "tokens"
+        return {"kl": kl_unit, "clone": "positions", **{f"clone_{site}": "positions" for site in SITES}}
+
+    def __call__(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], totals: Units | None = None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         input_ids, labels = batch["input_ids"], batch["labels"]
+        local = batch_units(batch)
+        totals = totals if totals is not None else local
         sites = self.clone_sites if self.aux_scale > 0 else ()
         with torch.no_grad(), capture(model.teacher, sites) as teacher_acts:
             teacher = model.teacher(input_ids)
@@ -97,20 +99,22 @@ class LowRankCloneTask(Task):
             student = model.student(input_ids)
 
         targets = labels[:, 1:] != IGNORE_INDEX
-        n = targets.sum()
-        kl_per_token = token_kl(student[:, :-1], teacher[:, :-1], self.temperature, "forward")
-        denominator = input_ids.size(0) if self.kl_reduction == "sequence" else n.clamp(min=1)
-        kl = (kl_per_token * targets).sum() / denominator
-        ce = causal_lm_loss(student, labels)
-        clones = clone_losses(model, student_acts, teacher_acts, real_positions(labels)) if sites else {}
-        clone = sum(clones.values(), torch.zeros((), device=student.device))
-        loss = self.ce_weight * ce + self.kl_weight * kl + self.aux_scale * clone
+        kl_sum = (token_kl(student[:, :-1], teacher[:, :-1], self.temperature, "forward") * targets).sum()
+        kl_unit = self.metric_units["kl"]
+        ce_sum = cross_entropy_sum(student, labels)
+        mask = real_positions(labels)
+        clones = clone_losses(model, student_acts, teacher_acts, mask) if sites else {}
+        clone_sum = sum(clones.values(), torch.zeros((), device=student.device))
+        loss = (
+            self.ce_weight * ce_sum / totals["tokens"].clamp(min=1)
+            + self.kl_weight * kl_sum / totals[kl_unit].clamp(min=1)
+            + self.aux_scale * clone_sum / totals["positions"].clamp(min=1)
+        )
         metrics: dict[str, Any] = {
-            "ce": ce.detach(),
-            "kl": kl.detach(),
-            "clone": clone.detach(),
+            "ce": ce_sum.detach() / local["tokens"].clamp(min=1),
+            "kl": kl_sum.detach() / local[kl_unit].clamp(min=1),
+            "clone": clone_sum.detach() / local["positions"].clamp(min=1),
             "teacher_ce": causal_lm_loss(teacher, labels),
-            "target_tokens": n,
         }
-        metrics.update({f"clone_{site}": value.detach() for site, value in clones.items()})
+        metrics.update({f"clone_{s}": v.detach() / local["positions"].clamp(min=1) for s, v in clones.items()})
         return loss, metrics
