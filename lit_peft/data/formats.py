@@ -27,7 +27,56 @@ class DataError(ValueError):
 
 
 class SkipRecord(DataError):
-    """A well-formed record that cannot be used (counted and reported, not fatal)."""
+    """A well-formed record that cannot be used (counted and reported, not fatal); `reason` groups the report."""
+
+    def __init__(self, message: str, reason: str = "unusable") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
+def check_conversation(messages: list[Message], source: str, index: int, last: str = "assistant") -> list[Message]:
+    """The one rule every conversation follows after parsing, whatever its format; SkipRecord if it does not.
+
+    An optional leading system turn, then user and assistant turns alternating, starting with the user and ending
+    with `last` (an assistant reply for SFT, the user's turn for a preference prompt); no user or assistant turn empty.
+    """
+    where = f"{source}: record {index}"
+    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    for j, m in enumerate(turns, start=len(messages) - len(turns)):
+        if m["role"] == "system":
+            raise SkipRecord(
+                f"{where}: turn {j} is a system turn after the conversation began", "misplaced system turn"
+            )
+        if not m["content"].strip():
+            raise SkipRecord(f"{where}: turn {j} ({m['role']}) is empty", f"empty {m['role']} turn")
+    roles = [m["role"] for m in turns]
+    if not roles:
+        raise SkipRecord(f"{where}: has no user or assistant turn", "no turns")
+    for j, role in enumerate(roles):
+        expected = "user" if j % 2 == 0 else "assistant"
+        if role != expected:
+            offset = len(messages) - len(turns)
+            raise SkipRecord(
+                f"{where}: turn {j + offset} is {_a(role)} turn where {_a(expected)} turn belongs (roles must "
+                "alternate, starting with the user)",
+                "roles do not alternate",
+            )
+    if roles[-1] != last:
+        raise SkipRecord(f"{where}: ends with {_a(roles[-1])} turn, not with the {last}'s", f"does not end with {last}")
+    return messages
+
+
+def check_preference(pair: Preference, source: str, index: int) -> Preference:
+    """check_conversation's rule for a preference pair: the prompt ends with the user's turn, both replies non-empty."""
+    check_conversation(pair.prompt, source, index, last="user")
+    for name in ("chosen", "rejected"):
+        if not getattr(pair, name).strip():
+            raise SkipRecord(f"{source}: record {index}: the {name} reply is empty", "empty reply")
+    return pair
 
 
 def _field(record: Mapping[str, Any], name: str, source: str, index: int, required: bool = True) -> str:
@@ -147,9 +196,7 @@ def guanaco(record: Mapping[str, Any], source: str, index: int) -> list[Message]
                 messages.append({"role": "system", "content": system.group(1).strip()})
             user = _SYS.sub("", user).strip()
             messages.append({"role": "user", "content": user})
-            reply = reply.replace("</s>", "").strip()
-            if reply:
-                messages.append({"role": "assistant", "content": reply})
+            messages.append({"role": "assistant", "content": reply.replace("</s>", "").strip()})
     elif _HUMAN.search(text):
         parts = _HUMAN.split(text)  # ["", "Human", "...", "Assistant", "...", ...]
         for role, content in zip(parts[1::2], parts[2::2], strict=True):
@@ -200,9 +247,15 @@ def hh_rlhf(record: Mapping[str, Any], source: str, index: int) -> Preference:
     rejected = _hh_dialogue(_field(record, "rejected", source, index), source, index, "rejected")
     for name, dialogue in (("chosen", chosen), ("rejected", rejected)):
         if dialogue[-1]["role"] != "assistant" or len(dialogue) < 2:
-            raise DataError(f"{source}: record {index} field {name!r} does not end with an assistant turn")
+            raise SkipRecord(
+                f"{source}: record {index} field {name!r} does not end with an assistant turn",
+                "does not end with assistant",
+            )
     if chosen[:-1] != rejected[:-1]:
-        raise SkipRecord(f"{source}: record {index}: 'chosen' and 'rejected' dialogues differ before the last reply")
+        raise SkipRecord(
+            f"{source}: record {index}: 'chosen' and 'rejected' dialogues differ before the last reply",
+            "sides differ before the reply",
+        )
     return Preference(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"])
 
 
@@ -267,14 +320,39 @@ def get_format(name: str) -> Callable[[Mapping[str, Any], str, int], list[Messag
     return FORMATS[name]
 
 
+def _reaching_the_hub_failed(error: BaseException) -> bool:
+    """Whether an exception from loading a hub data set (or one it was raised from) is a failure to reach the hub.
+
+    Offline, `datasets` raises ConnectionError (HF_HUB_OFFLINE=1) or, once its HTTP client gave up retrying, a
+    RuntimeError "Cannot send a request, as the client has been closed"; an unknown name gives a FileNotFoundError
+    (DatasetNotFoundError) that looks the same as a name not cached offline.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        module = type(error).__module__.split(".")[0]
+        if isinstance(error, OSError) or module in ("httpx", "httpcore", "requests", "urllib3", "huggingface_hub"):
+            return True
+        if isinstance(error, RuntimeError) and "client has been closed" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 def load_records(path: str, split: str = "train", columns: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """Records from a local JSON/JSONL/Parquet/CSV file or folder, or a hub data set name, through `datasets`.
 
-    `columns` renames fields (format field -> field in the file), so files with other names need no code.
+    `columns` renames fields (format field -> field in the file), so files with other names need no code; a column it
+    names that the file does not have is an error naming it and the fields the file has.
     """
     import datasets
 
     local = Path(path).expanduser()
+    hub = False
     try:
         if local.is_file():
             builder = LOCAL_EXTENSIONS.get(data_suffix(local))
@@ -289,18 +367,26 @@ def load_records(path: str, split: str = "train", columns: Mapping[str, str] | N
         elif path.startswith((".", "/", "~")) or data_suffix(local) in LOCAL_EXTENSIONS:
             raise DataError(f"data file not found: {path}")
         else:
+            hub = True
             ds = datasets.load_dataset(path, split=split)
     except DataError:
         raise
-    except (ConnectionError, OSError) as e:
-        raise DataError(
-            f"could not load data set {path!r} ({type(e).__name__}); offline? pass data.path=<local file>"
-        ) from e
     except Exception as e:  # datasets wraps JSON parse errors in its own types
-        raise DataError(
-            f"{path}: could not read data set: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        ) from e
+        if hub and _reaching_the_hub_failed(e):
+            raise DataError(
+                f"could not load data set {path!r} from the hub ({type(e).__name__}: {_first_line(e)}); "
+                "offline, or a misspelled name? pass data.path=<local file>"
+            ) from e
+        raise DataError(f"{path}: could not read data set: {_first_line(e)}") from e
+    if columns:
+        missing = {ours: theirs for ours, theirs in columns.items() if theirs not in ds.column_names}
+        if missing:
+            bad = ", ".join(f"{ours}: {theirs!r}" for ours, theirs in missing.items())
+            raise DataError(
+                f"{path}: data.columns names a column the file does not have ({bad}); "
+                f"the file's fields: {', '.join(ds.column_names)}"
+            )
     records = ds.to_list()
     if columns:
-        records = [{**r, **{ours: r.get(theirs) for ours, theirs in columns.items()}} for r in records]
+        records = [{**r, **{ours: r[theirs] for ours, theirs in columns.items()}} for r in records]
     return records

@@ -1,7 +1,7 @@
 """Prompt templates: a conversation (list of role/content messages) -> text segments, each marked as loss target or not.
 
 Only assistant replies (and the token that ends them) are targets; system, user and template text are masked.
-Segments are tokenized one by one and concatenated, so the mask boundary is exact, whatever the tokenizer.
+The segments are joined and tokenized as one text (lit_peft.data.tokenize), so training sees the same ids as chat.
 """
 
 from __future__ import annotations
@@ -9,11 +9,18 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+# {"role": "system" | "user" | "assistant", "content": str}; a user turn made from an instruction record may also
+# carry its parts, "instruction" and "input" (content is then "instruction\n\ninput"), for the Alpaca template.
+Message = dict[str, str]
 Segment = tuple[str, bool]  # (text, is_target)
 
+# Stanford Alpaca's two preambles: without and with an `### Input:` section.
 ALPACA_SYSTEM = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
+ALPACA_SYSTEM_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request."
 )
 
 
@@ -77,14 +84,22 @@ class Llama2(Template):
 
 
 class Alpaca(Template):
-    """Stanford Alpaca's instruction format; later turns are appended as further Instruction/Response pairs."""
+    """Stanford Alpaca's instruction format, with its `### Input:` section and preamble when a record has an input;
+    later turns are appended as further Instruction/Response pairs. A system prompt replaces the preamble."""
 
     def segments(self, messages: list[Message], bos: str, eos: str) -> list[Segment]:
-        system, turns = _system_and_turns(messages, self.default_system or ALPACA_SYSTEM)
+        system, turns = _system_and_turns(messages, self.default_system or None)
+        if system is None:
+            has_input = bool(turns and turns[0]["role"] == "user" and turns[0].get("input"))
+            system = ALPACA_SYSTEM_INPUT if has_input else ALPACA_SYSTEM
         out: list[Segment] = [(f"{bos}{system}\n\n", False)]
         for m in turns:
             if m["role"] == "assistant":
                 out += [(f"{m['content']}{eos}", True), ("\n\n", False)]
+            elif m.get("instruction") and m.get("input"):
+                out.append(
+                    (f"### Instruction:\n{m['instruction']}\n\n### Input:\n{m['input']}\n\n### Response:\n", False)
+                )
             else:
                 out.append((f"### Instruction:\n{m['content']}\n\n### Response:\n", False))
         return out
@@ -117,9 +132,16 @@ def get_template(name: str, default_system: str | None = None) -> Template:
 
 
 def instruction_messages(instruction: str, input: str = "", output: str | None = None) -> list[Message]:
-    """An Alpaca-style record as a two-turn conversation."""
-    user = f"{instruction}\n\n{input}" if input else instruction
-    messages = [{"role": "user", "content": user}]
+    """An Alpaca-style record as a two-turn conversation. The user turn's content is "instruction\n\ninput" for
+    every template; with an input it also keeps the two parts, which the Alpaca template renders in sections."""
+    messages: list[Message] = [{"role": "user", "content": instruction}]
+    if input:
+        messages[0] = {
+            "role": "user",
+            "content": f"{instruction}\n\n{input}",
+            "instruction": instruction,
+            "input": input,
+        }
     if output is not None:
         messages.append({"role": "assistant", "content": output})
     return messages
