@@ -92,6 +92,8 @@ def build_datamodule(cfg: DictConfig, tokenizer: Tokenizer, template, task, out_
             split=d.get("split", "train"),
             columns=d.get("columns") or {},
             separator=d.get("separator"),
+            val_split=d.get("val_split", "auto"),
+            document_separator=d.get("document_separator"),
             streaming=bool(d.get("streaming", False)),
             cache_dir=d.get("cache_dir") or out_dir / "tokens",
             **common,
