@@ -55,3 +55,97 @@ def test_chat_replies_are_greedy_continuations_over_two_turns(tiny_checkpoint):
 def test_chat_with_a_missing_adapter_is_a_one_line_error(tmp_path):
     res = run_cli("chat/base.py", "--adapter", str(tmp_path / "nope"), stdin="")
     assert res.returncode == 2 and res.stderr.strip().startswith("error:")
+
+
+# ---------------------------------------------------------------- the prompt format and dtype training used
+
+
+def _adapter(tiny_checkpoint, folder):
+    """A LoRA adapter whose system prompt is recorded only in the training config (adapters written before the
+    top-level key); chatml template."""
+    from lit_peft.io import save_adapter
+    from lit_peft.model import install_method, trainable_state_dict
+
+    model = load_base(tiny_checkpoint)
+    _, settings = install_method(model, "lora", {"r": 4, "targets": ["query", "value", "mlp"]})
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    meta = {
+        "method": "lora",
+        "settings": settings.to_dict(),
+        "base_checkpoint": str(tiny_checkpoint),
+        "template": "chatml",
+        "config": {"model": {"system_prompt": "Be brief."}, "data": {"format": "alpaca"}, "precision": "32-true"},
+    }
+    return save_adapter(folder, trainable_state_dict(model), meta)
+
+
+def _expected_replies(model, tokenizer, system, users, n=12):
+    template = get_template("chatml", system)
+    bos, eos = special_strings(tokenizer)
+    history, replies = [], []
+    for user in users:
+        history.append({"role": "user", "content": user})
+        text = "".join(t for t, _ in template.segments(history, bos, eos)) + template.generation_prompt()
+        reply = tokenizer.decode(torch.tensor(greedy(model, encode_text(tokenizer, text), tokenizer.eos_id, n)))
+        replies.append(reply.replace("\n", "\\n"))
+        history.append({"role": "assistant", "content": reply})
+    return replies
+
+
+def test_chat_renders_the_adapters_system_prompt_and_a_merged_model_keeps_it(tiny_checkpoint, tmp_path):
+    from lit_peft.model import load_adapter_into
+
+    adapter = _adapter(tiny_checkpoint, tmp_path / "adapter")
+    users = ["hello there", "and again"]
+    args = ["--temperature", "0", "--max-new-tokens", "12"]
+    res = run_cli("chat/base.py", "--adapter", str(adapter), *args, stdin="\n".join(users) + "\n")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"prompt format: template chatml, system prompt 'Be brief.' (adapter {adapter})" in res.stderr
+    assert f"dtype: float32 (stored in {tiny_checkpoint / 'lit_model.pth'})" in res.stderr
+
+    model, tokenizer = load_base(tiny_checkpoint), Tokenizer(tiny_checkpoint)
+    load_adapter_into(model, adapter)
+    model.eval()
+    with_system = _expected_replies(model, tokenizer, "Be brief.", users)
+    without = _expected_replies(model, tokenizer, None, users)
+    assert with_system != without  # the system turn changes the replies, so the check below can tell
+    assert res.stdout.rstrip("\n").split("\n") == with_system
+
+    # --system '' renders no system turn.
+    res = run_cli("chat/base.py", "--adapter", str(adapter), "--system", "", *args, stdin="\n".join(users) + "\n")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "no system prompt (flag --system)" in res.stderr
+    assert res.stdout.rstrip("\n").split("\n") == without
+
+    # The merged model's record carries the template and system prompt: same replies as base + adapter.
+    merged = tmp_path / "merged"
+    assert run_cli("scripts/merge.py", "--adapter", str(adapter), "--out", str(merged)).returncode == 0
+    res = run_cli("chat/base.py", "--checkpoint-dir", str(merged), *args, stdin="\n".join(users) + "\n")
+    assert res.returncode == 0, res.stderr[-2000:]
+    record = merged / "lit_peft_merge.json"
+    assert f"prompt format: template chatml, system prompt 'Be brief.' (merged record {record})" in res.stderr
+    assert res.stdout.rstrip("\n").split("\n") == with_system
+
+
+def test_chat_keeps_a_bf16_checkpoint_in_bf16_and_rejects_a_bad_dtype(tiny_checkpoint, tmp_path):
+    from lit_peft.io import save_lit_checkpoint
+
+    state = torch.load(tiny_checkpoint / "lit_model.pth", weights_only=True)
+    bf16 = save_lit_checkpoint(tmp_path / "bf16", {k: v.bfloat16() for k, v in state.items()}, tiny_checkpoint)
+    res = run_cli(
+        "chat/base.py", "--checkpoint-dir", str(bf16), "--temperature", "0", "--max-new-tokens", "4", stdin="hi\n"
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"dtype: bfloat16 (stored in {bf16 / 'lit_model.pth'})" in res.stderr
+    assert "template chatml (guessed from the tokenizer), no system prompt (none recorded)" in res.stderr
+    res = run_cli(
+        "chat/base.py", "--checkpoint-dir", str(bf16), "--dtype", "float32", "--max-new-tokens", "4", stdin="hi\n"
+    )
+    assert res.returncode == 0 and "dtype: float32 (--dtype float32)" in res.stderr
+
+    res = run_cli("chat/base.py", "--checkpoint-dir", str(bf16), "--dtype", "half", stdin="hi\n")
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.strip() == "error: unknown --dtype 'half'; valid: auto, float32, bfloat16, float16"

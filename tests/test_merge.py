@@ -71,3 +71,146 @@ def test_merge_never_writes_into_the_base_or_an_existing_folder(tiny_checkpoint,
 def test_missing_adapter_is_a_one_line_error(tmp_path):
     res = run_cli("scripts/merge.py", "--adapter", str(tmp_path / "none"), "--out", str(tmp_path / "o"))
     assert res.returncode == 2 and res.stderr.strip().startswith("error: no adapter at")
+
+
+# ---------------------------------------------------------------- dtype and prompt format of the merged model
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint stored in bfloat16 (as a bf16 download or a bf16-true full run writes it)."""
+    from lit_peft.io import save_lit_checkpoint
+
+    state = torch.load(tiny_checkpoint / "lit_model.pth", weights_only=True)
+    out = tmp_path_factory.mktemp("bf16") / "tiny-bf16"
+    return save_lit_checkpoint(out, {k: v.bfloat16() for k, v in state.items()}, tiny_checkpoint)
+
+
+def sft_adapter(checkpoint, folder, **meta_overrides):
+    """A LoRA adapter as finetune/run.py writes it before system_prompt was recorded at the top level: the system
+    prompt is only in the resolved training config."""
+    model = load_base(checkpoint)
+    _, settings = install_method(model, "lora", {"r": 4, "targets": ["query", "value", "mlp"]})
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    meta = {
+        "method": "lora",
+        "settings": settings.to_dict(),
+        "base_checkpoint": str(checkpoint),
+        "template": "chatml",
+        "config": {"precision": "32-true", "model": {"system_prompt": "Be brief."}, "data": {"format": "alpaca"}},
+        **meta_overrides,
+    }
+    return save_adapter(folder, trainable_state_dict(model), meta)
+
+
+def test_merging_a_bf16_checkpoint_keeps_bf16_unless_dtype_says_otherwise(bf16_checkpoint, tmp_path):
+    from lit_peft.model import load_for_inference
+
+    adapter = sft_adapter(bf16_checkpoint, tmp_path / "adapter")
+    out = tmp_path / "merged"
+    res = run_cli("scripts/merge.py", "--adapter", str(adapter), "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"dtype: bfloat16 (stored in {bf16_checkpoint / 'lit_model.pth'})" in res.stdout
+    state = torch.load(out / "lit_model.pth", weights_only=True)
+    assert {v.dtype for v in state.values()} == {torch.bfloat16}
+    record = json.loads((out / "lit_peft_merge.json").read_text())
+    assert record["dtype"] == "bfloat16"
+    # The merged model computes what base + adapter computes in the same dtype (one bf16 rounding of each weight).
+    adapted, _, _ = load_for_inference(None, adapter, bf16_checkpoint)
+    assert next(adapted.parameters()).dtype == torch.bfloat16
+    plain = GPT(Config.from_file(out / "model_config.yaml"))
+    plain.load_state_dict(state)
+    plain = plain.to(torch.bfloat16).eval()
+    idx = torch.randint(0, 259, (2, 16))
+    with torch.no_grad():
+        diff = (plain(idx).float() - adapted(idx).float()).abs().max()
+        base = load_base(bf16_checkpoint, dtype="auto").eval()
+        assert (base(idx).float() - adapted(idx).float()).abs().max() > 20 * diff  # the adapter matters
+
+    out32 = tmp_path / "merged32"
+    res = run_cli("scripts/merge.py", "--adapter", str(adapter), "--out", str(out32), "--dtype", "float32")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "dtype: float32 (--dtype float32)" in res.stdout
+    state32 = torch.load(out32 / "lit_model.pth", weights_only=True)
+    assert {v.dtype for v in state32.values()} == {torch.float32}
+    assert json.loads((out32 / "lit_peft_merge.json").read_text())["dtype"] == "float32"
+    size, size32 = (out / "lit_model.pth").stat().st_size, (out32 / "lit_model.pth").stat().st_size
+    assert size < 0.6 * size32
+    merged_keys = [k for k in state if "attn.qkv" in k or "mlp" in k]
+    for k in merged_keys:  # the same merge, in float32: the adapter's delta is not rounded away
+        torch.testing.assert_close(state32[k].bfloat16(), state[k], rtol=1e-2, atol=1e-2)
+    assert any(not torch.equal(state32[k], state32[k].bfloat16().float()) for k in merged_keys)
+
+
+def test_bad_dtype_is_a_one_line_error_and_writes_nothing(bf16_checkpoint, tmp_path):
+    adapter = sft_adapter(bf16_checkpoint, tmp_path / "adapter")
+    out = tmp_path / "merged"
+    res = run_cli("scripts/merge.py", "--adapter", str(adapter), "--out", str(out), "--dtype", "fp8")
+    assert res.returncode == 2
+    assert res.stderr.strip() == "error: unknown --dtype 'fp8'; valid: auto, float32, bfloat16, float16"
+    assert not out.exists() and not any(p.name.startswith(".merged") for p in tmp_path.iterdir())
+    res = run_cli("scripts/merge.py", "--adapter", str(adapter), "--out", str(out), "--template", "chatgpt")
+    assert res.returncode == 2 and res.stderr.strip().startswith("error: unknown template 'chatgpt'; valid templates:")
+    assert not out.exists()
+
+
+def test_merged_record_carries_the_adapters_template_and_system_prompt(tiny_checkpoint, tmp_path):
+    adapter = sft_adapter(tiny_checkpoint, tmp_path / "adapter")
+    res = run_cli("scripts/merge.py", "--adapter", str(adapter), "--out", str(tmp_path / "m"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    record = json.loads((tmp_path / "m" / "lit_peft_merge.json").read_text())
+    assert (record["template"], record["system_prompt"], record["instruction_tuned"]) == ("chatml", "Be brief.", True)
+    assert f"prompt format: template chatml, system prompt 'Be brief.' (adapter {adapter})" in res.stdout
+    assert record["dtype"] == "float32"  # a float32 base stays float32
+
+    # Flags override what the adapter recorded; --system '' records no system turn.
+    res = run_cli(
+        "scripts/merge.py", "--adapter", str(adapter), "--out", str(tmp_path / "m2"), "--template", "zephyr",
+        "--system", "",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    record = json.loads((tmp_path / "m2" / "lit_peft_merge.json").read_text())
+    assert (record["template"], record["system_prompt"]) == ("zephyr", None)
+    assert "template zephyr (flag --template), no system prompt (flag --system)" in res.stdout
+
+    # A top-level system_prompt (what training writes now) wins over the config's.
+    newer = sft_adapter(tiny_checkpoint, tmp_path / "newer", system_prompt="Answer in French.")
+    res = run_cli("scripts/merge.py", "--adapter", str(newer), "--out", str(tmp_path / "m3"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "m3" / "lit_peft_merge.json").read_text())["system_prompt"] == "Answer in French."
+
+
+def test_a_4bit_adapter_computes_and_merges_in_its_training_precision(tmp_path):
+    from conftest import TINY
+
+    from lit_peft.hub import create_tiny_checkpoint
+    from lit_peft.model import load_for_inference
+    from lit_peft.quantize import is_quantized
+
+    ckpt = create_tiny_checkpoint(tmp_path / "tiny64", {**TINY, "n_embd": 64, "intermediate_size": 128})
+    model = load_base(ckpt)
+    _, settings = install_method(model, "lora", {"targets": ["query", "value"]}, quantize="nf4", compute_dtype=None)
+    meta = {
+        "method": "lora",
+        "settings": settings.to_dict(),
+        "quantize": "nf4",
+        "base_checkpoint": str(ckpt),
+        "config": {"precision": "bf16-true"},
+    }
+    adapter = save_adapter(tmp_path / "adapter", trainable_state_dict(model), meta)
+    loaded, _, _ = load_for_inference(None, adapter, ckpt)
+    quantized = [m for m in loaded.modules() if is_quantized(m)]
+    assert quantized and {m.compute_dtype for m in quantized} == {torch.bfloat16}
+    assert loaded.lm_head.weight.dtype == torch.bfloat16
+    assert {p.dtype for n, p in loaded.named_parameters() if "lora_" in n} == {torch.float32}  # as in training
+    loaded32, _, _ = load_for_inference(None, adapter, ckpt, dtype="float32")
+    assert {m.compute_dtype for m in loaded32.modules() if is_quantized(m)} == {torch.float32}
+
+    res = run_cli("scripts/merge.py", "--adapter", str(adapter), "--out", str(tmp_path / "merged"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "dtype: bfloat16 (the 4-bit adapter's training precision bf16-true)" in res.stdout
+    state = torch.load(tmp_path / "merged" / "lit_model.pth", weights_only=True)
+    assert {v.dtype for v in state.values()} == {torch.bfloat16}
