@@ -168,3 +168,99 @@ def test_generation_prompts_cue_the_assistant(tokenizer):
         template = get_template(name)
         text = "".join(t for t, _ in template.segments([{"role": "user", "content": "hi"}], bos, eos))
         assert (text + template.generation_prompt()).endswith(cue)
+
+
+STANFORD_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+STANFORD_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "dolly"])
+def test_alpaca_template_renders_the_stanford_prompts_exactly(tokenizer, fmt):
+    from lit_peft.data.formats import FORMATS
+
+    bos, eos = special_strings(tokenizer)
+    template = get_template("alpaca")
+    names = {"alpaca": ("input", "output"), "dolly": ("context", "response")}[fmt]
+    for given, prompt in (("", STANFORD_NO_INPUT), ("3, 1, 2", STANFORD_INPUT)):
+        record = {"instruction": "Sort the numbers.", names[0]: given, names[1]: "1, 2, 3"}
+        messages = FORMATS[fmt](record, "d.json", 0)
+        segments = template.segments(messages, bos, eos)
+        expected = prompt.format(instruction="Sort the numbers.", input=given)
+        assert "".join(t for t, _ in segments) == f"{bos}{expected}1, 2, 3{eos}\n\n"
+        assert [t for t, target in segments if target] == [f"1, 2, 3{eos}"]
+        # Other templates see the instruction and the input as one user text.
+        assert messages[0]["content"] == ("Sort the numbers.\n\n3, 1, 2" if given else "Sort the numbers.")
+        chatml = "".join(t for t, _ in get_template("chatml").segments(messages, bos, eos))
+        assert f"<|im_start|>user\n{messages[0]['content']}<|im_end|>" in chatml and "### Input" not in chatml
+    # A system prompt replaces the preamble.
+    custom = get_template("alpaca", "Be brief.").segments(instruction_messages("Hi", "there", "Yo"), bos, eos)
+    assert custom[0][0] == f"{bos}Be brief.\n\n"
+
+
+def test_a_hub_name_that_cannot_be_reached_gives_the_offline_hint(monkeypatch):
+    import datasets
+
+    def closed_client(*args, **kwargs):  # what datasets raises without network, once its HTTP client gave up
+        try:
+            raise FileNotFoundError("Dataset tatsu-lab/alpaca is not cached in None")
+        except FileNotFoundError:
+            raise RuntimeError("Cannot send a request, as the client has been closed.") from None
+
+    def offline(*args, **kwargs):  # with HF_HUB_OFFLINE=1
+        raise ConnectionError("Couldn't reach 'tatsu-lab/alpaca' on the Hub (OfflineModeIsEnabled)")
+
+    for fake, kind in ((closed_client, "RuntimeError"), (offline, "ConnectionError")):
+        monkeypatch.setattr(datasets, "load_dataset", fake)
+        with pytest.raises(DataError) as info:
+            load_records("tatsu-lab/alpaca")
+        message = str(info.value)
+        assert message.startswith(f"could not load data set 'tatsu-lab/alpaca' from the hub ({kind}: ")
+        assert message.endswith("offline, or a misspelled name? pass data.path=<local file>") and "\n" not in message
+
+    def bad_split(*args, **kwargs):  # the hub answered: no offline hint
+        raise ValueError("Unknown split \"tets\". Should be one of ['train'].")
+
+    monkeypatch.setattr(datasets, "load_dataset", bad_split)
+    with pytest.raises(DataError, match=r"tatsu-lab/alpaca: could not read data set: Unknown split") as info:
+        load_records("tatsu-lab/alpaca", split="tets")
+    assert "offline" not in str(info.value)
+
+
+def test_a_hub_name_offline_for_real(monkeypatch):
+    """No network on test machines: the real `datasets` call, in offline mode so that it does not wait for retries."""
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match=r"could not load data set 'lit-peft-tests/no-such-set' from the hub \("):
+        load_records("lit-peft-tests/no-such-set")
+
+
+def test_a_misnamed_column_names_itself_and_the_files_fields(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"p{i}", "completion": f"c{i}"}) for i in range(3)))
+    with pytest.raises(DataError) as info:
+        load_records(str(path), columns={"instruction": "prompt", "output": "complete"})
+    assert str(info.value) == (
+        f"{path}: data.columns names a column the file does not have (output: 'complete'); "
+        "the file's fields: prompt, completion"
+    )
+
+
+def test_empty_replies_are_skipped_not_trained_as_a_bare_end_token(tokenizer, capsys):
+    records = [{"instruction": f"Say {i}.", "input": "", "output": "" if i in (2, 5) else str(i)} for i in range(12)]
+    dm = make_module(tokenizer, lambda: records)
+    dm.setup()
+    examples = dm.train + dm.val
+    assert len(examples) == 10
+    for ex in examples:
+        assert targets_text(tokenizer, ex) != "<|im_end|>"  # every target has reply text before the end token
+    assert "skipped 2 of 12 records that cannot be used (2 empty assistant turn)" in capsys.readouterr().out

@@ -34,8 +34,8 @@ class SkipRecord(DataError):
         self.reason = reason
 
 
-def _a(word: str) -> str:
-    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+def _a(role: str) -> str:
+    return f"an {role}" if role == "assistant" else f"a {role}"
 
 
 def check_conversation(messages: list[Message], source: str, index: int, last: str = "assistant") -> list[Message]:
