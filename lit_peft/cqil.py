@@ -222,6 +222,21 @@ def install(model: nn.Module, settings: CQILSettings | None) -> None:
             block.forward = _follower_forward(model, block)
 
 
+def uninstall(model: nn.Module) -> None:
+    """Undo `install` in place: every block runs its own forward again (a no-op on models without CQIL).
+
+    For copies: `copy.deepcopy` copies the blocks but not the rewired forwards, closures over the original model."""
+    if getattr(model, "cqil", None) is None:
+        return
+    for block in model.transformer.h:
+        if "_cqil_original" in vars(block):
+            block.forward = block._cqil_original
+            for name in ("_cqil_original", "_cqil_mode", "_cqil_stacked"):
+                vars(block).pop(name, None)
+    model.cqil = None
+    vars(model).pop("cqil_enabled", None)
+
+
 def _leader_forward(model, leader, members, bypass):
     def forward(x, *rope, **kwargs):
         if not model.cqil_enabled:

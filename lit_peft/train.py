@@ -99,8 +99,19 @@ def build_datamodule(cfg: DictConfig, tokenizer: Tokenizer, template, task, out_
             **common,
         )
     load, source = record_loader(d, cfg.seed)
-    cls = PreferenceDataModule if kind == "preference" else SFTDataModule
-    return cls(tokenizer, template, load, d["format"], source, max_examples=d.get("max_examples"), **common)
+    if kind == "preference":
+        share = float(d.get("prompt_min_share", 0.5))
+        return PreferenceDataModule(
+            tokenizer,
+            template,
+            load,
+            d["format"],
+            source,
+            max_examples=d.get("max_examples"),
+            prompt_min_share=share,
+            **common,
+        )
+    return SFTDataModule(tokenizer, template, load, d["format"], source, max_examples=d.get("max_examples"), **common)
 
 
 def clone_settings(cfg: DictConfig) -> LRCSettings | None:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lit_peft import cqil
 from lit_peft.cqil import original_model
 from lit_peft.data.steps import batch_units
 from lit_peft.data.tokenize import IGNORE_INDEX
@@ -113,6 +114,7 @@ class DPO(Task):
                     m.p = 0.0
         if self.mode == "copy" and self.frozen is None:
             self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
+            cqil.uninstall(self.frozen)  # the copy's rewired forwards would still run the original's blocks
 
     def setup(self, module, datamodule) -> None:
         """Before the first step, on the device: place the copy, or compute the reference log-probabilities once."""
