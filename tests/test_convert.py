@@ -46,3 +46,26 @@ def test_smollm2_round_trip_lit_hf_lit(smollm2_checkpoint, tmp_path):
         torch.testing.assert_close(load_base(back)(idx), original, rtol=0, atol=0)
         hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
         torch.testing.assert_close(hf(idx).logits, original, rtol=1e-4, atol=1e-4)
+
+
+def test_a_bf16_checkpoint_exports_as_bf16(tiny_checkpoint, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from lit_peft.io import save_lit_checkpoint
+
+    state = torch.load(tiny_checkpoint / "lit_model.pth", weights_only=True)
+    bf16 = save_lit_checkpoint(tmp_path / "bf16", {k: v.bfloat16() for k, v in state.items()}, tiny_checkpoint)
+    res = run_cli("scripts/convert_lit_checkpoint.py", "--checkpoint-dir", str(bf16), "--out", str(tmp_path / "hf"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert {v.dtype for v in load_file(str(tmp_path / "hf" / "model.safetensors")).values()} == {torch.bfloat16}
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype="auto").eval()
+    assert hf.dtype == torch.bfloat16
+    idx = torch.randint(0, 259, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            hf(idx).logits.float(), load_base(bf16, dtype="auto")(idx).float(), rtol=0, atol=0.05
+        )

@@ -349,3 +349,110 @@ def test_smollm2_on_shared_arc_easy_equals_lm_evals_hf_backend(smollm2_checkpoin
             torch.tensor(_loglikelihoods(ours, task)), torch.tensor(_loglikelihoods(theirs, task))
         )
     assert ours["results"]["local_arc_easy"]["acc,none"] > 0.4  # well above chance (about 0.26) on these 16
+
+
+# ---------------------------------------------------------------- eval/run.py: prompt format and dtype
+
+
+def _sft_adapter(tiny_checkpoint, folder, data_format="alpaca"):
+    from lit_peft.io import save_adapter
+    from lit_peft.model import install_method, load_base, trainable_state_dict
+
+    model = load_base(tiny_checkpoint)
+    _, settings = install_method(model, "lora", {"r": 4, "targets": ["query", "value"]})
+    meta = {
+        "method": "lora",
+        "settings": settings.to_dict(),
+        "base_checkpoint": str(tiny_checkpoint),
+        "template": "chatml",
+        "config": {"model": {"system_prompt": "Be brief."}, "data": {"format": data_format}, "precision": "32-true"},
+    }
+    return save_adapter(folder, trainable_state_dict(model), meta)
+
+
+def _contexts(report, task="local_arc_easy", model="adapter"):
+    return [json.dumps(s["arguments"]) for s in report["models"][model]["samples"][task]]
+
+
+def test_eval_uses_an_instruction_tuned_adapters_template_and_system_prompt(tiny_checkpoint, data_dir, tmp_path):
+    adapter = _sft_adapter(tiny_checkpoint, tmp_path / "adapter")
+    args = ["--adapter", str(adapter), "--data-dir", str(data_dir), "--tasks", "local_arc_easy", "--limit", "2"]
+    res = run_cli("eval/run.py", *args, "--log-samples", "--out", str(tmp_path / "on"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (
+        f"prompts: chat template applied (instruction-tuned, per adapter {adapter}; --no-apply-chat-template turns "
+        f"it off): template chatml, system prompt 'Be brief.' (adapter {adapter})"
+    ) in res.stdout
+    assert f"dtype: float32 (stored in {tiny_checkpoint / 'lit_model.pth'})" in res.stdout
+    report = json.loads((tmp_path / "on" / "results.json").read_text())
+    settings = report["settings"]
+    assert (settings["apply_chat_template"], settings["template"], settings["system_prompt"]) == (
+        True,
+        "chatml",
+        "Be brief.",
+    )
+    contexts = _contexts(report)
+    assert contexts and all("<|im_start|>system\\nBe brief.<|im_end|>\\n<|im_start|>user\\n" in c for c in contexts)
+
+    res = run_cli("eval/run.py", *args, "--log-samples", "--no-apply-chat-template", "--out", str(tmp_path / "off"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "prompts: lm-eval's plain prompts, no chat template (--no-apply-chat-template)" in res.stdout
+    report = json.loads((tmp_path / "off" / "results.json").read_text())
+    assert report["settings"]["apply_chat_template"] is False
+    assert not any("<|im_start|>" in c for c in _contexts(report))
+
+    # A pretraining (raw text) adapter keeps lm-eval's plain prompts; flags override the recorded system prompt.
+    text_adapter = _sft_adapter(tiny_checkpoint, tmp_path / "text", data_format="text")
+    res = run_cli(
+        "eval/run.py", *args[2:], "--adapter", str(text_adapter), "--dtype", "bfloat16", "--out", str(tmp_path / "t")
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"no chat template (trained on plain text, per adapter {text_adapter}" in res.stdout
+    assert "dtype: bfloat16 (--dtype bfloat16)" in res.stdout
+    settings = json.loads((tmp_path / "t" / "results.json").read_text())["settings"]
+    assert (settings["dtype"], settings["apply_chat_template"]) == ("bfloat16", False)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dtype", "fp16"], "unknown --dtype 'fp16'; valid: auto, float32, bfloat16, float16"),
+        (
+            ["--template", "chatgpt"],
+            "unknown template 'chatgpt'; valid templates: alpaca, chatml, llama2, zephyr, none",
+        ),
+        (["--template", "none", "--apply-chat-template"], "--apply-chat-template needs a template"),
+    ],
+)
+def test_eval_bad_dtype_or_template_is_one_line_and_writes_nothing(tiny_checkpoint, tmp_path, args, message):
+    out = tmp_path / "eval"
+    res = run_cli(
+        "eval/run.py", "--checkpoint-dir", str(tiny_checkpoint), "--tasks", "local_piqa", *args, "--out", str(out)
+    )
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+    assert not out.exists()
+
+
+def test_a_merged_models_record_turns_the_chat_template_on(tiny_checkpoint, tmp_path):
+    from lit_peft.evaluation import chat_template_choice
+    from lit_peft.merge import merge_checkpoint
+    from lit_peft.model import prompt_format
+
+    merged = merge_checkpoint(_sft_adapter(tiny_checkpoint, tmp_path / "adapter"), tmp_path / "merged")
+    fmt = prompt_format(merged)
+    record = f"merged record {merged / 'lit_peft_merge.json'}"
+    assert (fmt.template, fmt.system_prompt, fmt.template_from, fmt.system_from) == (
+        "chatml",
+        "Be brief.",
+        record,
+        record,
+    )
+    assert chat_template_choice(fmt, None) == (
+        True,
+        f"instruction-tuned, per {record}; --no-apply-chat-template turns it off",
+    )
+    assert chat_template_choice(fmt, None, no_template=True) == (False, "--template none")
+    plain = prompt_format(tiny_checkpoint)  # a downloaded checkpoint: nothing recorded, lm-eval's plain prompts
+    assert (plain.template_from, plain.instruction_tuned) == ("guessed from the tokenizer", None)
+    assert chat_template_choice(plain, None)[0] is False
