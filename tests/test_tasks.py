@@ -148,6 +148,35 @@ def test_dpo_full_finetuning_precomputes_the_reference_and_keeps_it_on_resume(ti
     torch.testing.assert_close(again["task_state"]["reference_table"], table)  # not recomputed from trained weights
 
 
+def test_full_dpo_on_two_ddp_ranks_starts_at_log2_with_the_single_process_reference(
+    tiny_checkpoint, tmp_path, pairs_file
+):
+    """Every rank computes a share of the reference table; the table is summed across ranks, so rank 0 does not train
+    on pairs whose rows another rank filled (before: zeros there, and a step-0 loss far from log 2)."""
+    args = [
+        "task=dpo",
+        "data=pairs",
+        f"data.path={pairs_file}",
+        "data.val_size=4",
+        "method=full",
+        "trainer.max_steps=2",
+        "trainer.validate_first=false",
+        "trainer.accelerator=cpu",
+    ]
+    runs = {}
+    for name, extra in (("single", []), ("ddp", ["strategy=ddp", "trainer.devices=2"])):
+        out = tmp_path / name
+        res = finetune(tiny_checkpoint, out, *args, *extra)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[name] = out
+    tables = {n: torch.load(o / "checkpoints" / "last.ckpt", weights_only=True)["task_state"] for n, o in runs.items()}
+    single, ddp = tables["single"]["reference_table"], tables["ddp"]["reference_table"]
+    assert (single[:, :, 1] > 0).all() and (single[:, :, 0] < 0).all()  # every pair, both sides
+    torch.testing.assert_close(ddp, single, rtol=1e-5, atol=1e-4)
+    for out in runs.values():
+        assert scalars(out)["train_loss"][0] == pytest.approx(math.log(2), abs=1e-5)
+
+
 def test_pretrain_run_logs_perplexity(tiny_checkpoint, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"The {i}th line of plain text for pretraining.\n" for i in range(400)))
