@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from lit_peft.io import atomic_path, save_adapter, save_lit_checkpoint
+from lit_peft.io import MODEL_RECORD, atomic_path, save_adapter, save_lit_checkpoint
 from lit_peft.model import architecture
 from lit_peft.strategies import gathered_parameters
 
@@ -64,10 +63,8 @@ class ExportAdapter(L.Callback):
             "step": trainer.global_step,
             "rank_digests": digests,
         }
-        if self.full:
-            save_lit_checkpoint(self.target, weights, self.base_dir, architecture=arch)
-            with atomic_path(self.target / "lit_peft.json") as tmp:
-                tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if self.full:  # the model and its metadata appear together, in one rename
+            save_lit_checkpoint(self.target, weights, self.base_dir, architecture=arch, records={MODEL_RECORD: meta})
         else:
             save_adapter(self.target, weights, meta)
 

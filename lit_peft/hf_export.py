@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from litgpt import Config
 from safetensors.torch import save_file
 
-from lit_peft.io import atomic_path
+from lit_peft.io import atomic_path, unshared
 from lit_peft.model import dtype_name, load_config, stored_dtype
 
 TOKENIZER_FILES = (
@@ -66,13 +65,18 @@ def llama_hf_config(config: Config, torch_dtype: str = "float32") -> dict:
     }
 
 
-def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads with the same logits."""
-    from litgpt.scripts.convert_lit_checkpoint import convert_lit_checkpoint
+def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, replace: bool = False) -> Path:
+    """Write a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads with the same logits.
 
-    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
-    from lit_peft.model import read_architecture
+    lit_model.pth is read tensors-only (`torch.load(weights_only=True)`; litgpt's own converter would unpickle it
+    with its lazy loader) and renamed by litgpt's `copy_weights_llama`. The folder appears whole, in one rename;
+    an existing `out_dir` is kept unless `replace`.
+    """
+    from litgpt.scripts.convert_lit_checkpoint import check_conversion_supported, copy_weights_llama
 
+    from lit_peft.model import check_checkpoint_dir, checkpoint_weights, read_architecture
+
+    checkpoint_dir, out_dir = check_checkpoint_dir(checkpoint_dir), Path(out_dir)
     if read_architecture(checkpoint_dir).get("cqil"):
         raise ValueError(
             f"{checkpoint_dir} is a CQIL model (concurrent layer groups): it is not a plain Llama and has no Hugging "
@@ -80,13 +84,13 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
         )
     config = load_config(checkpoint_dir)
     hf_config = llama_hf_config(config, dtype_name(stored_dtype(checkpoint_dir)))  # the weights keep their dtype
-    with atomic_path(out_dir) as stage, tempfile.TemporaryDirectory() as scratch:
+    lit_weights = checkpoint_weights(checkpoint_dir)
+    check_conversion_supported(lit_weights)
+    state: dict[str, torch.Tensor] = {}
+    copy_weights_llama(config, state, lit_weights)
+    with atomic_path(out_dir, replace=replace) as stage:
         stage.mkdir()
-        convert_lit_checkpoint(checkpoint_dir, Path(scratch))
-        state = torch.load(Path(scratch) / "model.pth", map_location="cpu", weights_only=True)
-        save_file(
-            {k: v.contiguous() for k, v in state.items()}, str(stage / "model.safetensors"), metadata={"format": "pt"}
-        )
+        save_file(unshared(state), str(stage / "model.safetensors"), metadata={"format": "pt"})
         (stage / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         for name in TOKENIZER_FILES:
             if (checkpoint_dir / name).is_file():

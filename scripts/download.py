@@ -34,19 +34,26 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--access-token", default=os.getenv("HF_TOKEN") or None, help="hub token for gated models")
     parser.add_argument("--checkpoint-dir", type=Path, help="where to write (default: checkpoints/<org>/<name>)")
     parser.add_argument("--force", action="store_true", help="convert/download again even if present")
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept a repository with only pickle (.bin) weights, read as tensors only (torch.load weights_only)",
+    )
     args = parser.parse_args(argv)
 
     from omegaconf import OmegaConf
 
     from lit_peft.hub import download_hf, prepare_checkpoint
 
+    # The existing checkpoint is replaced (--force) only once the new one is complete: download and conversion
+    # happen in a hidden staging folder beside it, published in one rename.
     with fail.on_user_error():
         if args.repo_id:
             target = args.checkpoint_dir or Path("checkpoints") / args.repo_id
             if (target / "lit_model.pth").is_file() and not args.force:
                 print(f"already there: {target}")
                 return target
-            path = download_hf(args.repo_id, target, args.access_token, args.model_name)
+            path = download_hf(args.repo_id, target, args.access_token, args.model_name, args.allow_pickle)
         else:
             key, _, name = args.model.partition("=")
             choices = group_choices(ROOT / "conf", "model")
@@ -55,14 +62,11 @@ def main(argv: list[str] | None = None) -> Path:
             cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml"))
             target = args.checkpoint_dir or Path(cfg["checkpoint_dir"])
             cfg["checkpoint_dir"] = str(target)
-            if args.force and target.exists():
-                import shutil
-
-                shutil.rmtree(target)
-            if cfg.get("source") == "hub" and not (target / "lit_model.pth").is_file():
-                path = download_hf(cfg["repo_id"], target, args.access_token, args.model_name)
+            allow_pickle = args.allow_pickle or bool(cfg.get("allow_pickle", False))
+            if cfg.get("source") == "hub" and (args.force or not (target / "lit_model.pth").is_file()):
+                path = download_hf(cfg["repo_id"], target, args.access_token, args.model_name, allow_pickle)
             else:
-                path = prepare_checkpoint(cfg)
+                path = prepare_checkpoint(cfg, force=args.force)
     print(f"LitGPT checkpoint ready: {path}")
     return path
 
