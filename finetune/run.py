@@ -1,6 +1,8 @@
 """Fine-tune a LitGPT model: `python finetune/run.py method=lora model=smollm2-135m-instruct data=alpaca`.
 
 Hydra composes conf/config.yaml with the method/, model/, data/, task/ and strategy/ groups; `-m` sweeps.
+Every override is composed and checked (lit_peft/validate.py) before Hydra writes anything: a bad one is a one-line
+`error: ...` with exit status 2, and a run that fails later removes the folders it created.
 """
 
 from __future__ import annotations
@@ -14,14 +16,24 @@ from omegaconf import DictConfig
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lit_peft.cli import check_group_choices, fail, remove_if_only_hydra_files, run_dir_follows_out_dir  # noqa: E402
+from lit_peft.cli import OUTPUTS, check_group_choices, fail, hydra_preflight, run_dir_follows_out_dir  # noqa: E402
+
+
+def _remove_created(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
+    OUTPUTS.remove_created(cfg.get("out_dir"), hydra_dir)
 
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="config")
 def main(cfg: DictConfig) -> dict:
-    from lit_peft.train import train
+    with fail.on_user_error(cleanup=lambda: _remove_created(cfg)):
+        from lit_peft.validate import validate_config
 
-    with fail.on_user_error(cleanup=lambda: remove_if_only_hydra_files(Path(cfg.out_dir))):
+        validate_config(cfg)
+        from lit_peft.train import train
+
         result = train(cfg)
     print(f"exported: {result['export']}\nlogs: {result['log_dir']}")
     if "val_loss" in result["initial"] and "val_loss" in result["final"]:
@@ -29,7 +41,14 @@ def main(cfg: DictConfig) -> dict:
     return result
 
 
+def validate(cfg: DictConfig) -> None:
+    from lit_peft.validate import validate_config
+
+    validate_config(cfg)
+
+
 if __name__ == "__main__":
     check_group_choices(sys.argv[1:], ROOT / "conf")
-    sys.argv = run_dir_follows_out_dir(sys.argv)
+    argv = run_dir_follows_out_dir(sys.argv[1:])
+    sys.argv = [sys.argv[0], *hydra_preflight(argv, ROOT / "conf", "config", validate)]
     main()

@@ -1,13 +1,192 @@
-"""Command-line front matter shared by the scripts: early validation of config-group choices and one-line errors."""
+"""Command-line front matter shared by the entry points: one error path, one line per bad input.
+
+Every entry point reports a bad value a user typed as `error: <one line naming the value and what is valid>` on
+stderr and exits with status 2, without a traceback and without leaving an output folder behind:
+
+- argparse scripts use `ArgumentParser` (its own errors come out as that one line) and the `type=` validators here
+  (`positive_int`, `non_negative_float`, `unit_interval`, ...);
+- finetune/run.py composes the Hydra config itself before Hydra runs (`hydra_preflight`): composition errors (an
+  unknown key, a bad override, a missing '+'), group choices and `lit_peft.validate.validate_config` all fail before
+  any folder is written, for every combination of a `-m` sweep;
+- errors raised later (a missing file, a corrupt weight file, a setting only the model can check) go through
+  `fail.on_user_error`, which first removes the output folders this run created (`OUTPUTS`), never one that existed.
+
+LIT_PEFT_DEBUG=1 shows the traceback instead of the one line.
+"""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import difflib
+import itertools
+import math
 import os
+import pickle
+import re
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any, NoReturn
+
+# --------------------------------------------------------------------------------------------------- the error path
+
+
+def one_line(text: str) -> str:
+    """A multi-line message as one line: detail and hint lines dropped, the rest joined with '; '."""
+    skip = ("full_key:", "object_type=", "reference_type=", "See https://", "Set the environment variable")
+    lines = [" ".join(line.split()) for line in str(text).splitlines()]
+    lines = [line for line in lines if line and not line.startswith(skip) and set(line) != {"^"}]
+    return "; ".join(lines).replace(".;", ";")
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+CORRUPT_MARKERS = ("PytorchStreamReader", "zip archive", "unexpected EOF", "invalid load key", "file too short")
+
+
+def _weight_file(tb) -> str | None:
+    """The weight file a loader was reading when it failed: the innermost frame's local naming one that exists."""
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for value in frame.f_locals.values():
+            if isinstance(value, (str, os.PathLike)):
+                name = os.fspath(value)
+                if isinstance(name, str) and name.endswith(WEIGHT_SUFFIXES) and os.path.isfile(name):
+                    return name
+    return None
+
+
+def _corrupt_weights_message(e: BaseException) -> str | None:
+    """'corrupt or truncated weight file <path>' for the deserializers' errors (safetensors, torch.load, pickle)."""
+    kind = type(e).__name__
+    corrupt = isinstance(e, (pickle.UnpicklingError, zipfile.BadZipFile, EOFError)) or kind == "SafetensorError"
+    if not corrupt and isinstance(e, RuntimeError):
+        corrupt = any(marker in str(e) for marker in CORRUPT_MARKERS)
+    if not corrupt:
+        return None
+    path = _weight_file(e.__traceback__)
+    reason = one_line(str(e)) or kind
+    where = f" {path}" if path else ""
+    return f"corrupt or truncated weight file{where} ({reason}); replace it (download, convert or train it again)"
+
+
+def user_error_message(e: BaseException) -> str | None:
+    """The one-line message for an error caused by what the user gave, or None for a bug (kept as a traceback)."""
+    corrupt = _corrupt_weights_message(e)
+    if corrupt is not None:
+        return corrupt
+    if isinstance(e, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        if isinstance(e, OSError) and e.filename is not None and e.strerror:
+            return f"{e.filename}: {e.strerror.lower()}"
+        return one_line(str(e)) or type(e).__name__
+    try:
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+    except ImportError:  # pragma: no cover - hydra is a dependency
+        return None
+    if isinstance(e, (OmegaConfBaseException, HydraException)):
+        return one_line(str(e)) or type(e).__name__
+    return None
+
+
+class fail:  # noqa: N801 - a namespace of two helpers
+    @staticmethod
+    def exit(message: str, code: int = 2) -> NoReturn:
+        print(f"error: {one_line(message)}", file=sys.stderr)
+        sys.exit(code)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def on_user_error(cleanup: Callable[[], None] | None = None) -> Iterator[None]:
+        """Turn configuration, data, path and weight-file errors into `error: <one line>` and exit status 2.
+
+        `cleanup` runs first (to remove what the failed run created). LIT_PEFT_DEBUG=1 shows the traceback instead.
+        """
+        try:
+            yield
+        except Exception as e:
+            message = user_error_message(e)
+            if message is None:
+                raise
+            if cleanup is not None:
+                cleanup()
+            if os.environ.get("LIT_PEFT_DEBUG"):
+                raise
+            fail.exit(message)
+
+
+# ------------------------------------------------------------------------------------------- argparse: one line
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's error format: `error: <message>` in one line (no usage block), exit status 2."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        fail.exit(f"{message} (see {self.prog} --help)")
+
+
+def _number(text: str, kind: type) -> float | int:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _ranged(kind: type, test: Callable[[Any], bool], valid: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = _number(text, kind)
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"{text} is out of range; valid: {valid}")
+        return value
+
+    parse.__name__ = valid  # argparse names the type in "invalid <name> value" messages
+    return parse
+
+
+positive_int = _ranged(int, lambda v: v >= 1, "an integer >= 1")
+non_negative_int = _ranged(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _ranged(float, lambda v: v > 0, "a number > 0")
+non_negative_float = _ranged(float, lambda v: v >= 0, "a number >= 0")
+unit_interval = _ranged(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+seed_int = _ranged(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2^32)")
+
+
+def existing_dir(text: str) -> Path:
+    """A folder that must exist (named as a path when it does not)."""
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such folder")
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    return path
+
+
+def choice_of(choices: Iterable[str], what: str = "value") -> Callable[[str], str]:
+    """A string from a fixed set; the error lists the set."""
+    valid = sorted(choices)
+
+    def parse(text: str) -> str:
+        if text not in valid:
+            raise argparse.ArgumentTypeError(f"unknown {what} {text!r}; valid: {', '.join(valid)}")
+        return text
+
+    parse.__name__ = what
+    return parse
+
+
+# ---------------------------------------------------------------------------------------- Hydra: group choices
 
 
 def group_choices(conf_dir: Path, group: str) -> list[str]:
@@ -17,7 +196,7 @@ def group_choices(conf_dir: Path, group: str) -> list[str]:
 def check_group_choices(argv: list[str], conf_dir: Path) -> None:
     """Fail fast, in one line, on `group=value` overrides that name no conf/<group>/<value>.yaml.
 
-    Hydra reports these too, but over several lines and after start-up; sweeps (`a,b`) are checked value by value.
+    Sweeps (`a,b`) are checked value by value.
     """
     groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
     for arg in argv:
@@ -29,29 +208,6 @@ def check_group_choices(argv: list[str], conf_dir: Path) -> None:
                 fail.exit(f"unknown {key} {choice!r}; valid choices: {', '.join(group_choices(conf_dir, key))}")
 
 
-class fail:  # noqa: N801 - a namespace of two helpers
-    @staticmethod
-    def exit(message: str, code: int = 2) -> None:
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(code)
-
-    @staticmethod
-    @contextlib.contextmanager
-    def on_user_error(cleanup: Callable[[], None] | None = None) -> Iterator[None]:
-        """Turn configuration, data and checkpoint errors into `error: <one line>` and exit status 2.
-
-        `cleanup` runs first (to remove what the failed run began). LIT_PEFT_DEBUG=1 shows the traceback instead.
-        """
-        try:
-            yield
-        except (ValueError, FileNotFoundError, NotADirectoryError) as e:
-            if cleanup is not None:
-                cleanup()
-            if os.environ.get("LIT_PEFT_DEBUG"):
-                raise
-            fail.exit(" ".join(str(e).split()) or type(e).__name__)
-
-
 def run_dir_follows_out_dir(argv: list[str]) -> list[str]:
     """`out_dir=X` also puts Hydra's own files (.hydra/, run.log) in X, unless hydra.run.dir is given."""
     out = [a.partition("=")[2] for a in argv if a.startswith("out_dir=")]
@@ -61,7 +217,312 @@ def run_dir_follows_out_dir(argv: list[str]) -> list[str]:
     return argv
 
 
+# ------------------------------------------------------------------------------ output folders this run created
+
+
+HYDRA_FILES = {".hydra", "run.log", "multirun.yaml"}
+
+
+class OutputFolders:
+    """Remembers, before anything is written, which output folders exist; a failed run then removes exactly the
+    folders it created (and parents it created that are left empty), never one that existed (a resumed out_dir)."""
+
+    def __init__(self) -> None:
+        self.existed: dict[Path, bool] = {}
+        self.children: dict[Path, set[str]] = {}
+
+    @staticmethod
+    def _abs(path: str | os.PathLike) -> Path:
+        return Path(os.path.abspath(os.fspath(path)))
+
+    def remember(self, path: str | os.PathLike) -> None:
+        p = self._abs(path)
+        while p not in self.existed:
+            self.existed[p] = p.exists()
+            if self.existed[p]:
+                if p.is_dir():
+                    self.children[p] = {c.name for c in p.iterdir()}
+                break
+            p = p.parent
+
+    def created(self, path: str | os.PathLike) -> bool:
+        """True when `path` did not exist when remembered (nor did an ancestor); False when unknown."""
+        p = self._abs(path)
+        if p in self.existed:
+            return not self.existed[p]
+        parent = p.parent
+        if parent in self.existed:
+            return not self.existed[parent] or (parent in self.children and p.name not in self.children[parent])
+        return any(not self.existed.get(a, True) for a in p.parents)
+
+    def remove_created(self, *paths: str | os.PathLike | None) -> None:
+        for path in paths:
+            if path is None or not self.created(path):
+                continue
+            p = self._abs(path)
+            shutil.rmtree(p, ignore_errors=True)
+            parent = p.parent
+            while self.created(parent) and parent.is_dir():
+                left = {c.name for c in parent.iterdir()}
+                if not left <= HYDRA_FILES:
+                    break
+                shutil.rmtree(parent, ignore_errors=True)
+                parent = parent.parent
+
+
+OUTPUTS = OutputFolders()
+
+
 def remove_if_only_hydra_files(out_dir: Path) -> None:
     """Delete a run folder that holds nothing but Hydra's bookkeeping, so a failed run leaves no output behind."""
-    if out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= {".hydra", "run.log"}:
+    if out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= HYDRA_FILES:
         shutil.rmtree(out_dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------ Hydra: compose and check
+
+HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p"}
+HYDRA_PASS_THROUGH = {
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--version",
+    "--shell-completion",
+    "-sc",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+    "--info",
+    "-i",
+}
+MAX_SWEEP_COMBINATIONS = 64
+
+
+def _quote(value: str) -> str:
+    """A string as a Hydra override value (quoted when it holds characters the grammar reads)."""
+    if re.fullmatch(r"[\w./:@+-]+", value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    flags, overrides = [], []
+    args = iter(argv)
+    for arg in args:
+        if arg.startswith("-"):
+            name = arg.split("=", 1)[0]
+            flags.append(name)
+            if name in HYDRA_FLAGS_WITH_VALUE and "=" not in arg:
+                next(args, None)
+        else:
+            overrides.append(arg)
+    return flags, overrides
+
+
+def _sweep_combinations(overrides: list[str]) -> list[list[str]]:
+    """The overrides of each job of a `-m` sweep (as Hydra's basic sweeper splits them); many: one value at a time."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    lists: list[list[str]] = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if o.is_sweep_override():
+            if not o.is_discrete_sweep():
+                raise ValueError(f"{o.input_line}: the basic sweeper sweeps lists of values only (a,b or choice(a,b))")
+            lists.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+        else:
+            lists.append([o.input_line])
+    if math.prod(len(v) for v in lists) <= MAX_SWEEP_COMBINATIONS:
+        return [list(c) for c in itertools.product(*lists)]
+    combos = []
+    for i, values in enumerate(lists):
+        for v in values:
+            combos.append([v if j == i else other[0] for j, other in enumerate(lists)])
+    return combos
+
+
+def _override_key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def _node_keys(cfg: Any, path: str) -> tuple[str, list[str]]:
+    """The deepest existing node on `path` (dotted) and its keys."""
+    from omegaconf import DictConfig, OmegaConf
+
+    parts = path.split(".")
+    for n in range(len(parts) - 1, -1, -1):
+        node_path = ".".join(parts[:n])
+        node = OmegaConf.select(cfg, node_path) if node_path else cfg
+        if isinstance(node, DictConfig):
+            return node_path, [str(k) for k in node if node_path or k != "hydra"]
+    return "", [str(k) for k in cfg if k != "hydra"]
+
+
+def _unknown_key(key: str, node: str, keys: list[str]) -> str:
+    where = f"of {node}" if node else "at the top level"
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], keys, n=1)
+    hint = f" (did you mean {node + '.' if node else ''}{close[0]}?)" if close else ""
+    return f"unknown key {key}{hint}; valid keys {where}: {', '.join(sorted(keys))}"
+
+
+def composition_error(e: Exception, overrides: list[str], compose: Callable[[list[str]], Any]) -> str:
+    """Hydra's (multi-line) composition error as one line that names the override and what is valid."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    text = str(e)
+    cause = e.__cause__
+    if isinstance(e, OverrideParseException) or (isinstance(e, ValueError) and "Config group override" in text):
+        bad = next((o for o in overrides if o.strip() in text), None) or getattr(e, "override", None)
+        lines = [ln.strip() for ln in text.splitlines()]
+        noise = ("Error parsing", "See ", "^")
+        reason = next((ln for ln in lines if ln and not ln.startswith(noise) and ln != bad), "")
+        reason = reason.removeprefix("LexerNoViableAltException: ")
+        shown = f"override {bad!r}" if bad else "an override"
+        detail = f" ({reason})" if reason and reason != bad else ""
+        return (
+            f"cannot parse {shown}{detail}; write key=value, +key=value to add a key, ~key to delete one, "
+            "group=choice; quote values with spaces or special characters: key='a b'"
+        )
+    if isinstance(e, MissingConfigException):
+        group = re.search(r"Could not find '([^']+)'", text)
+        options = getattr(e, "options", None) or []
+        name = group.group(1) if group else one_line(text)
+        return f"unknown config {name!r}; valid choices: {', '.join(options)}" if options else one_line(text)
+    match = re.search(r"Could not override '([^']+)'", text)
+    if match and cause is not None and "not in" in str(cause):
+        key = match.group(1)
+        rest = [o for o in overrides if _override_key(o) != key]
+        try:
+            node, keys = _node_keys(compose(rest), key)
+        except Exception:
+            return f"unknown key {key}"
+        return _unknown_key(key, node, keys)
+    if match and cause is not None:
+        arg = next((o for o in overrides if _override_key(o) == match.group(1)), match.group(1))
+        return f"{arg}: {one_line(str(cause))}"
+    match = re.search(r"An item is already at '([^']+)'", text)
+    if match:
+        key = match.group(1)
+        return f"+{key}: {key} already exists; set it with {key}=<value> (no '+'), or use ++{key}=<value>"
+    match = re.search(r"Could not delete from config. '([^']+)' does not exist", text)
+    if match:
+        key = match.group(1)
+        rest = [o for o in overrides if _override_key(o) != key]
+        try:
+            node, keys = _node_keys(compose(rest), key)
+        except Exception:
+            return f"~{key}: no key {key} to delete"
+        return f"~{key}: no key {key} to delete; {_unknown_key(key, node, keys).split('; ', 1)[1]}"
+    match = re.search(r"Ambiguous value for argument '([^']+)'", text)
+    if match:
+        arg = match.group(1)
+        key, _, value = arg.partition("=")
+        return (
+            f"{arg}: several values sweep only with -m (--multirun); for a list write {key}=[{value}], "
+            f"for a string quote it: {key}='{value}'"
+        )
+    reason = one_line(text)
+    if cause is not None and one_line(str(cause)) not in reason:
+        reason = f"{reason}: {one_line(str(cause))}"
+    return reason
+
+
+def closed_node_keys(conf_dir: Path, defaults: Any) -> dict[str, set[str]]:
+    """Nodes whose keys are fixed: `+node.key=...` adding a key no consumer reads is an error there.
+
+    The valid keys come from the configs themselves (conf/config.yaml; the union over conf/data, conf/model)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    keys: dict[str, set[str]] = {"": {str(k) for k in defaults if k != "hydra"}}
+    for node in ("trainer", "schedule", "cqil", "lrc"):
+        value = OmegaConf.select(defaults, node)
+        if isinstance(value, DictConfig):
+            keys[node] = {str(k) for k in value}
+    for group in ("data", "model"):
+        union: set[str] = set()
+        for f in (conf_dir / group).glob("*.yaml"):
+            loaded = OmegaConf.load(f)
+            if isinstance(loaded, DictConfig):
+                union |= {str(k) for k in loaded}
+        keys[group] = union
+    return keys
+
+
+def hydra_preflight(
+    argv: list[str],
+    conf_dir: Path,
+    config_name: str,
+    validate: Callable[[Any], None],
+    outputs: OutputFolders = OUTPUTS,
+) -> list[str]:
+    """Compose the config as Hydra will (every job of a `-m` sweep) and check it before Hydra writes anything.
+
+    Composition errors and `validate`'s ValueErrors exit with one line. Returns argv with the run (or sweep) folder
+    pinned to the path resolved here, which `outputs` remembers (so a failed run removes only what it created).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import DictConfig, OmegaConf
+
+    flags, overrides = _split_argv(argv)
+    if any(f in HYDRA_PASS_THROUGH for f in flags):
+        return argv
+    multirun = "-m" in flags or "--multirun" in flags
+    run_job = not any(f in HYDRA_FLAGS_WITH_VALUE or f == "--resolve" for f in flags)
+    pinned: list[str] = []
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+
+        def compose_with(ovr: list[str]) -> DictConfig:
+            return compose(config_name, overrides=ovr, return_hydra_config=True)
+
+        try:
+            combos = _sweep_combinations(overrides) if multirun else [overrides]
+        except Exception as e:
+            fail.exit(composition_error(e, overrides, compose_with))
+        try:
+            defaults = compose_with([])
+        except Exception as e:  # the shipped config itself does not compose: a bug, not the user's input
+            raise RuntimeError(f"conf/{config_name}.yaml does not compose") from e
+        closed = closed_node_keys(conf_dir, defaults)
+        groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
+        for o in overrides:
+            key = _override_key(o)
+            if o.startswith("+") and not o.startswith("++") and key not in groups:
+                node, _, leaf = key.rpartition(".")
+                if node in closed and leaf not in closed[node]:
+                    fail.exit(_unknown_key(key, node, sorted(closed[node])))
+        for i, combo in enumerate(combos):
+            try:
+                cfg = compose_with(combo)
+            except Exception as e:
+                fail.exit(composition_error(e, combo, compose_with))
+            key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+            if i == 0:
+                try:
+                    folder = str(OmegaConf.select(cfg, key, throw_on_missing=True))
+                except Exception:
+                    folder = None
+                if folder:
+                    outputs.remember(folder)
+                    pinned = [f"{key}={_quote(folder)}"]
+                    raw_out = next((o.partition("=")[2] for o in reversed(overrides) if o.startswith("out_dir=")), None)
+                    if raw_out:
+                        outputs.remember(raw_out)
+            if not run_job:
+                continue
+            job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+            raw = OmegaConf.to_container(job, resolve=False).get("out_dir")
+            if isinstance(raw, str) and "hydra:" in raw:
+                job.out_dir = folder if (not multirun and pinned) else None
+            try:
+                validate(job)
+            except Exception as e:
+                message = user_error_message(e)
+                if message is None or os.environ.get("LIT_PEFT_DEBUG"):
+                    raise
+                fail.exit(message)
+    GlobalHydra.instance().clear()
+    return [*argv, *pinned]
