@@ -142,7 +142,9 @@ def pickle_to_safetensors(path: Path) -> Path:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        reason = " ".join(str(e).split("\n")[0].split())[:200]
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = next((line for line in lines[1:] if not line.startswith("Check the doc")), lines[0] if lines else "")
+        reason = reason[:200]
         raise ValueError(
             f"{path.name} holds more than tensors, refused even with --allow-pickle (weights_only: {reason})"
         ) from None
