@@ -16,14 +16,20 @@ precision it trained in) unless --dtype says otherwise. Both choices, and where 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lit_peft.cli import fail  # noqa: E402
+from lit_peft.cli import (  # noqa: E402
+    ArgumentParser,
+    fail,
+    non_negative_float,
+    positive_int,
+    seed_int,
+    unit_interval,
+)
 
 DEFAULT_CHECKPOINT = ROOT / "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -31,7 +37,7 @@ DEFAULT_CHECKPOINT = ROOT / "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"
 def parse_args(argv: list[str] | None):
     from lit_peft.data.templates import TEMPLATES
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument(
         "--checkpoint-dir", type=Path, help="LitGPT checkpoint (default: the adapter's base, or SmolLM2)"
     )
@@ -48,11 +54,11 @@ def parse_args(argv: list[str] | None):
         default="auto",
         help="auto | float32 | bfloat16 | float16 (auto: the base's stored dtype; a 4-bit adapter's training one)",
     )
-    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--temperature", type=non_negative_float, default=0.7, help=">= 0; 0 = greedy")
+    parser.add_argument("--top-k", type=positive_int, default=50, help="sample from the k likeliest tokens (>= 1)")
+    parser.add_argument("--top-p", type=unit_interval, default=0.9, help="nucleus sampling share, in (0, 1]")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256, help="longest reply in tokens (>= 1)")
+    parser.add_argument("--seed", type=seed_int, default=1234)
     return parser.parse_args(argv)
 
 

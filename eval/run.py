@@ -31,7 +31,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lit_peft.cli import fail  # noqa: E402
+from lit_peft.cli import (  # noqa: E402
+    ArgumentParser,
+    fail,
+    non_negative_int,
+    positive_int,
+    seed_int,
+)
 
 DEFAULT_CHECKPOINT = ROOT / "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"
 PRECISIONS = {"32-true": "float32", "bf16-true": "bfloat16", "16-true": "float16"}
@@ -41,7 +47,7 @@ NO_TEMPLATE = "none"
 def parse_args(argv: list[str] | None):
     from lit_peft.data.templates import TEMPLATES
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--checkpoint-dir", type=Path, help="LitGPT checkpoint (default: the adapter's base, or SmolLM2)")
     p.add_argument("--adapter", type=Path, help="an adapter folder written by finetune/run.py")
     p.add_argument(
@@ -50,13 +56,13 @@ def parse_args(argv: list[str] | None):
         help="also evaluate the original model (adapters off, CQIL undone) and, for CQIL, the rewired one",
     )
     p.add_argument("--cqil", help="rewire the loaded model first: groups such as pairs:12-27 or [[12,13],[14,15]]")
-    p.add_argument("--cqil-bypass", type=int, default=0, help="CQIL bypass d (with --cqil)")
+    p.add_argument("--cqil-bypass", type=non_negative_int, default=0, help="CQIL bypass d (with --cqil)")
     p.add_argument("--tasks", default="local_core", help="comma-separated lm-eval task or group names")
-    p.add_argument("--num-fewshot", type=int, help="few-shot examples per question (default: each task's own)")
-    p.add_argument("--limit", type=float, help="items per task (a count, or a fraction below 1)")
+    p.add_argument("--num-fewshot", type=non_negative_int, help="few-shot examples per question (default: the task's)")
+    p.add_argument("--limit", type=limit_value, help="items per task (a count, or a fraction below 1)")
     p.add_argument("--data-dir", type=Path, help="folder the local tasks read (e.g. ../shared/data)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, help="longest input in tokens (default: the model's block size)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--max-length", type=positive_int, help="longest input in tokens (default: the model's block size)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument(
         "--dtype",
@@ -75,15 +81,47 @@ def parse_args(argv: list[str] | None):
         f"from the tokenizer; {NO_TEMPLATE}: plain lm-eval prompts)",
     )
     p.add_argument("--system", help="system prompt in the chat template (default: the recorded one; '' for none)")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=seed_int, default=1234)
     p.add_argument("--log-samples", action="store_true", help="keep every item's scores in results.json")
     p.add_argument("--out", type=Path, help="output folder (default: outputs/eval/<date>_<time>)")
     args = p.parse_args(argv)
     if args.compare_base and args.adapter is None and args.cqil is None:
         p.error("--compare-base needs --adapter or --cqil")
-    if args.limit is not None and (args.limit <= 0 or (args.limit >= 1 and not args.limit.is_integer())):
-        p.error(f"--limit must be a whole count or a fraction in (0, 1), got {args.limit}")
+    if args.cqil_bypass and args.cqil is None:
+        p.error("--cqil-bypass needs --cqil")
+    if not [t for t in args.tasks.split(",") if t.strip()]:
+        p.error(f"--tasks {args.tasks!r} names no task; give comma-separated task names, e.g. local_core")
     return args
+
+
+def limit_value(text: str) -> float:
+    """--limit: a whole count of items (>= 1) or a fraction in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (0 < value < 1 or (value >= 1 and value.is_integer())):
+        raise argparse.ArgumentTypeError(f"{text} is not valid; expected a whole count >= 1 or a fraction in (0, 1)")
+    return value
+
+
+def parse_cqil(text: str, bypass: int):
+    """--cqil as groups (a preset string or a YAML list of layer lists), checked before the model loads."""
+    import yaml
+
+    from lit_peft import cqil
+
+    spec = text
+    if text.lstrip().startswith("["):
+        try:
+            spec = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ValueError(f"--cqil {text!r} is not a list of layer groups, e.g. [[12,13],[14,15]]") from None
+    groups = cqil.parse_groups(spec)
+    if not groups:
+        raise ValueError(f"--cqil {text!r} names no groups; e.g. pairs:12-27 or [[12,13],[14,15]]")
+    cqil.check(groups, bypass, n_layer=10**6)  # the layer range is checked once the model is loaded
+    return spec
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -115,8 +153,11 @@ def main(argv: list[str] | None = None) -> dict:
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     out = args.out or ROOT / "outputs" / "eval" / time.strftime("%Y-%m-%d_%H-%M-%S")
     with fail.on_user_error():
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file; pass a new folder")
         if out.exists() and any(out.iterdir()):
             raise ValueError(f"output folder {out} is not empty; pass a new --out")
+        cqil_spec = parse_cqil(args.cqil, args.cqil_bypass) if args.cqil else None
         if args.data_dir is not None and not args.data_dir.is_dir():
             raise NotADirectoryError(f"--data-dir {args.data_dir} is not a folder")
         requested_dtype = check_dtype(args.dtype)
@@ -139,6 +180,15 @@ def main(argv: list[str] | None = None) -> dict:
                 device = torch.device(args.device)
             except RuntimeError:
                 raise ValueError(f"unknown --device {args.device!r}; valid: auto, cpu, cuda, cuda:<index>") from None
+            if device.type == "cuda":
+                count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+                if count == 0 or (device.index or 0) >= count:
+                    have = f"CUDA devices 0..{count - 1}" if count else "no CUDA device"
+                    raise ValueError(f"--device {args.device}: this machine has {have}; valid: auto, cpu, cuda:<index>")
+            elif device.type == "mps" and not torch.backends.mps.is_available():
+                raise ValueError(f"--device {args.device}: MPS is not available here; valid: auto, cpu")
+            elif device.type not in ("cpu", "cuda", "mps"):
+                raise ValueError(f"unknown --device {args.device!r}; valid: auto, cpu, cuda, cuda:<index>")
         checkpoint_dir, meta = inference_source(args.checkpoint_dir, args.adapter, DEFAULT_CHECKPOINT)
         dtype, dtype_from = inference_dtype(requested_dtype, checkpoint_dir, meta)
         if args.precision is not None:
@@ -153,11 +203,9 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             print(f"prompts: lm-eval's plain prompts, no chat template ({why})")
         model, _, _ = load_for_inference(checkpoint_dir, args.adapter, DEFAULT_CHECKPOINT, dtype=dtype)
-        if args.cqil:
-            import yaml
-
-            spec = yaml.safe_load(args.cqil) if args.cqil.lstrip().startswith("[") else args.cqil
-            cqil.install(model, cqil.build_settings({"groups": spec, "bypass": args.cqil_bypass}, model.config.n_layer))
+        if cqil_spec is not None:
+            settings = {"groups": cqil_spec, "bypass": args.cqil_bypass}
+            cqil.install(model, cqil.build_settings(settings, model.config.n_layer))
         model = model.to(device=device)
         tokenizer = Tokenizer(checkpoint_dir)
         template = get_template(fmt.template, fmt.system_prompt) if apply_chat else None

@@ -70,9 +70,8 @@ def _corrupt_weights_message(e: BaseException) -> str | None:
     if not corrupt:
         return None
     path = _weight_file(e.__traceback__)
-    reason = one_line(str(e)) or kind
-    where = f" {path}" if path else ""
-    return f"corrupt or truncated weight file{where} ({reason}); replace it (download, convert or train it again)"
+    reason = f"{kind}: {one_line(str(e))}" if one_line(str(e)) else kind
+    return f"{path or 'a weight file'} is corrupt or truncated ({reason}); replace it (download, convert, train again)"
 
 
 def user_error_message(e: BaseException) -> str | None:
@@ -128,6 +127,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        if "prog" not in kwargs and sys.argv and sys.argv[0]:  # chat/base.py rather than base.py
+            prog = os.path.relpath(os.path.abspath(sys.argv[0]))
+            kwargs["prog"] = prog if not prog.startswith("..") else os.path.basename(sys.argv[0])
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
