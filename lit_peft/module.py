@@ -55,6 +55,68 @@ def clip_sharded_grad_norm_(wrapped: nn.Module, module: nn.Module, max_norm: flo
     return total
 
 
+class NonFiniteError(ValueError):
+    """A non-finite loss, gradient or weight; the run stops at that step (train() names the last good checkpoint)."""
+
+    keep_output = True  # the run folder holds the last good checkpoint: a failed run must not remove it
+
+    def __init__(
+        self, step: int, loss: float | None, allowed: int, weights: list[str] | None = None, gradient: bool = False
+    ) -> None:
+        self.step = step
+        if weights:
+            what = f"weights ({', '.join(weights[:2])}{', ...' if len(weights) > 2 else ''})"
+        else:
+            what = f"gradient (loss {loss:.4g})" if gradient else f"loss ({loss})"
+        value = ""
+        hint = (
+            f"after {allowed} skipped step(s) (trainer.max_nonfinite_skips={allowed})"
+            if allowed
+            else "(trainer.max_nonfinite_skips=N skips up to N such steps)"
+        )
+        super().__init__(f"non-finite {what}{value} at step {step}, nothing of it was saved {hint}")
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random number generator states (torch CPU and CUDA, Python, NumPy) as plain tensors and ints."""
+    import random
+
+    import numpy as np
+
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype("int64")), "pos": pos, "gauss": (has_gauss, cached)},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype("uint32"), n["pos"], *n["gauss"]))
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's RNG state, in rank order (a collective when distributed)."""
+    import torch.distributed as dist
+
+    state = rng_state()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [state]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
 class WeightedMeans:
     """Running sums of value x weight and of weight per name, for means that are exact across batches and ranks."""
 
@@ -91,6 +153,7 @@ class FineTuneModule(L.LightningModule):
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.1,
         save_full_state: bool = False,
+        max_nonfinite_skips: int = 0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -101,6 +164,8 @@ class FineTuneModule(L.LightningModule):
         self.save_full_state = save_full_state
         self.trainable_float32 = not save_full_state  # adapters train in float32 under half precision
         self.strict_loading = save_full_state
+        self.max_nonfinite_skips, self.nonfinite_skipped = max_nonfinite_skips, 0
+        self._rng_to_restore: dict[str, Any] | None = None  # this rank's RNG state from a checkpoint, set at step 1
         self._step_start: float | None = None
         self._train_sums: WeightedMeans | None = None  # the current optimizer step's metrics, over its micro-batches
         self._step_units: torch.Tensor | None = None
@@ -116,6 +181,9 @@ class FineTuneModule(L.LightningModule):
         self.print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.3f}%)")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:  # after the loader has started: the stream continues where it was saved
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
         if self._step_start is None:
             self._step_start = time.perf_counter()
 
@@ -163,6 +231,8 @@ class FineTuneModule(L.LightningModule):
         self._train_sums = None
         shares, count = sums.pop("loss")
         loss = shares if self._step_units is not None else shares / count
+        if not self._finite_step(loss):
+            return
         self.log("train_loss", loss.float(), prog_bar=True, on_step=True, on_epoch=False, sync_dist=False)
         for name, (vw, w) in sums.items():
             if w > 0:
@@ -172,6 +242,26 @@ class FineTuneModule(L.LightningModule):
             for unit in dict.fromkeys([self.task.unit, *self.task.metric_units.values()]):
                 self.log(f"train/{COUNT_NAMES[unit]}", counts[unit].float(), on_step=True, on_epoch=False)
         self.log("lr", float(optimizer.param_groups[0]["lr"]), prog_bar=True, on_step=True, on_epoch=False)
+
+    def _finite_step(self, loss: torch.Tensor) -> bool:
+        """Whether the step's loss and gradients are finite (on every rank). If not: skip the step (no gradient, so
+        the optimizer leaves every weight as it is) while `max_nonfinite_skips` allows, else stop the run."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
+        if self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            return True
+        step = self.trainer.global_step
+        if self.nonfinite_skipped >= self.max_nonfinite_skips:
+            raise NonFiniteError(step, float(loss), self.max_nonfinite_skips, gradient=bool(torch.isfinite(loss)))
+        self.nonfinite_skipped += 1
+        for p in self.parameters():
+            p.grad = None
+        self.print(
+            f"step {step}: non-finite loss ({float(loss)}) or gradient; step skipped "
+            f"({self.nonfinite_skipped} of trainer.max_nonfinite_skips={self.max_nonfinite_skips})"
+        )
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True, on_epoch=False)
+        return False
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.trainer.fit_loop._should_accumulate():
@@ -235,7 +325,12 @@ class FineTuneModule(L.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+        if bad:  # never write non-finite weights (every rank checks the same replicated weights)
+            raise NonFiniteError(self.trainer.global_step, None, self.max_nonfinite_skips, weights=bad)
         checkpoint["task_state"] = self.task.state_dict()
+        checkpoint["rng_states"] = gather_rng_states()  # one per rank: dropout draws differ with the data's shapes
+        checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
         if not self.save_full_state:
             # Only the adapter: the frozen base comes from its own folder. Keys are filtered (not re-read from the
             # parameters), since under FSDP the strategy has already gathered them from the shards.
@@ -244,3 +339,8 @@ class FineTuneModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.task.load_state_dict(checkpoint.get("task_state") or {})
+        self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
+        states = checkpoint.get("rng_states") or []
+        if states:
+            rank = self.trainer.global_rank if self._trainer is not None else 0
+            self._rng_to_restore = states[rank] if rank < len(states) else states[0]

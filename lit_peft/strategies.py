@@ -86,11 +86,13 @@ class TrainableFloat32Precision(HalfPrecision):
     """
 
     def convert_module(self, module: nn.Module) -> nn.Module:
+        # The float32 values themselves are kept, not a round trip through half precision: on resume, Lightning has
+        # already loaded the checkpoint's float32 adapter weights into the module.
+        keep = {p: p.data for p in module.parameters() if p.requires_grad}
         module = super().convert_module(module)
         if getattr(module, "trainable_float32", False):
-            for p in module.parameters():
-                if p.requires_grad:
-                    p.data = p.data.float()
+            for p, data in keep.items():
+                p.data = data.float()
         return module
 
 

@@ -22,8 +22,18 @@ from lit_peft.data.text import TextDataModule
 from lit_peft.hub import prepare_checkpoint
 from lit_peft.lrc import LowRankClone, LRCSettings
 from lit_peft.model import enable_gradient_checkpointing, install_method, load_base
-from lit_peft.module import FineTuneModule
+from lit_peft.module import FineTuneModule, NonFiniteError
 from lit_peft.quantize import quantize_base
+from lit_peft.resume import (
+    FinalCheckpoint,
+    Preemption,
+    RunIdentity,
+    check_identity,
+    finished,
+    load_checkpoint,
+    resume_checkpoint,
+    run_identity,
+)
 from lit_peft.strategies import precision_plugin
 from lit_peft.tasks import get_task
 
@@ -52,18 +62,6 @@ def build_strategy(cfg: DictConfig) -> Any:
     if "_target_" in cfg:
         return instantiate(cfg, _convert_="all")
     return cfg.get("name", "auto")
-
-
-def resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
-    resume = cfg.get("resume")
-    if resume in (None, False, "false", "no"):
-        return None
-    path = out_dir / "checkpoints" / "last.ckpt" if resume in (True, "true", "last", "auto") else Path(str(resume))
-    if not path.is_file():
-        if resume == "auto":
-            return None
-        raise ConfigError(f"resume={resume}: no checkpoint at {path}")
-    return str(path)
 
 
 def build_datamodule(cfg: DictConfig, tokenizer: Tokenizer, template, task, out_dir: Path) -> L.LightningDataModule:
@@ -142,6 +140,8 @@ def clone_settings(cfg: DictConfig) -> LRCSettings | None:
     return LRCSettings.from_dict(lrc)
 
 
+PREEMPTED = 3  # exit status of a run stopped by SIGTERM/SIGUSR1 after writing its checkpoint
+
 EXAMPLE_DATA = {"conversation": "data=alpaca", "text": "data=text", "preference": "data=hh_rlhf"}
 
 
@@ -154,6 +154,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     accumulate = accumulation_steps(int(t.global_batch_size), int(t.micro_batch_size), world)
 
     checkpoint_dir = prepare_checkpoint(cfg.model)
+    ckpt_dir = out_dir / "checkpoints"
+    resume_from = resume_checkpoint(cfg.get("resume"), ckpt_dir)
+    identity = run_identity(OmegaConf.to_container(cfg, resolve=True), checkpoint_dir)
+    if resume_from is not None:
+        saved = load_checkpoint(resume_from)
+        check_identity(saved.get("lit_peft_run"), identity, resume_from)
+        if finished(saved, t.max_steps, t.max_epochs):
+            print(
+                f"already finished: {resume_from} is at step {saved.get('global_step')} (trainer.max_steps="
+                f"{t.max_steps}); nothing was changed (raise trainer.max_steps to train on)",
+                flush=True,
+            )
+            export_dir = out_dir / (
+                "lrc" if cfg.task.name == "lrc" else "model" if cfg.method.name == "full" else "adapter"
+            )
+            return {"out_dir": str(out_dir), "export": str(export_dir), "initial": {}, "final": {}, "log_dir": None}
+        del saved
     tokenizer = Tokenizer(checkpoint_dir)
     lrc = clone_settings(cfg)
     model = load_base(checkpoint_dir, max_seq_length=int(cfg.data.max_seq_length))
@@ -182,6 +199,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         warmup_steps=int(cfg.schedule.warmup_steps),
         min_lr_ratio=float(cfg.schedule.min_lr_ratio),
         save_full_state=full,
+        max_nonfinite_skips=int(t.get("max_nonfinite_skips") or 0),
     )
     meta = {
         **method_meta,
@@ -195,12 +213,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     export = ExportAdapter(
         out_dir, meta, checkpoint_dir, full=full, every_n_steps=t.save_every_n_steps, name="lrc" if lrc else None
     )
+    keep = int(t.get("keep_last_checkpoints") or 0)
     checkpointing = ModelCheckpoint(
-        dirpath=out_dir / "checkpoints",
-        save_last=True,
-        save_top_k=0,
+        dirpath=ckpt_dir,
+        save_last=True,  # last.ckpt, always this run's: no last-v1.ckpt beside a stale one
+        enable_version_counter=False,
+        save_top_k=keep,  # and the newest `keep` step checkpoints, step-000012.ckpt
+        monitor="step" if keep else None,
+        mode="max",
+        filename="step-{step:06d}",
+        auto_insert_metric_name=False,
         every_n_train_steps=t.save_every_n_steps,
     )
+    final = FinalCheckpoint(ckpt_dir / "last.ckpt")
+    preemption = Preemption(final, requeue=bool(t.get("requeue", True)))
     logger = instantiate(cfg.logger)
     strategy = build_strategy(cfg.strategy)
     precision = precision_plugin(str(cfg.precision), strategy)  # keeps adapters float32 under -true half precision
@@ -220,7 +246,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         limit_val_batches=t.limit_val_batches,
         num_sanity_val_steps=0,
         logger=logger,
-        callbacks=[checkpointing, export],
+        callbacks=[checkpointing, RunIdentity(identity), final, preemption, export],
         plugins=[AtomicCheckpointIO(), *([precision] if precision else [])],
         default_root_dir=out_dir,
         enable_progress_bar=t.progress_bar,
@@ -229,7 +255,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     trainer.validate(module, datamodule=data, verbose=False) if t.validate_first else None
     initial = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    trainer.fit(module, datamodule=data, ckpt_path=resume_path(cfg, out_dir))
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
+    except NonFiniteError as e:
+        last = (
+            final.saved_step
+            if final.saved_step is not None
+            else (torch.load(resume_from, weights_only=True, mmap=True)["global_step"] if resume_from else None)
+        )
+        where = (
+            f"the last good checkpoint is {ckpt_dir / 'last.ckpt'} (step {last})"
+            if last
+            else "no checkpoint was written"
+        )
+        stopped = ConfigError(f"{e}; {where}")
+        stopped.keep_output = True  # the folder holds what was trained before the failure
+        raise stopped from None
+    if preemption.step is not None:
+        print(
+            f"preempted by {preemption.signal_name} at step {preemption.step}: checkpoint {ckpt_dir / 'last.ckpt'}; "
+            "run the same command to resume (resume=auto)",
+            flush=True,
+        )
+        raise SystemExit(PREEMPTED)
     if t.validate_last:
         trainer.validate(module, datamodule=data, verbose=False)
     final = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -11,10 +11,10 @@ from typing import Any
 import lightning as L
 import torch
 from litgpt import Tokenizer
-from torch.utils.data import DataLoader, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lit_peft.data.formats import DataError, SkipRecord, check_conversation, get_format, load_records
-from lit_peft.data.steps import StepBatches
+from lit_peft.data.steps import ResumableSampler, StepBatches
 from lit_peft.data.synthetic import synthetic_records
 from lit_peft.data.templates import Template
 from lit_peft.data.tokenize import collate, encode_segments, special_strings
@@ -38,26 +38,33 @@ def report_skipped(skipped: list[SkipRecord], total: int) -> None:
         )
 
 
-def make_loader(data, micro_batch_size: int, shuffle: bool, seed: int, collate_fn, num_workers: int = 0) -> DataLoader:
+def make_loader(
+    data, micro_batch_size: int, shuffle: bool, seed: int, collate_fn, num_workers: int = 0
+) -> StatefulDataLoader:
     """One loader for any world size: the (seeded, per-epoch) order is the same on every world size and rank r takes
     examples r, r + W, ... of it, so a run on W processes sees the same global batches as one process with W times
-    the gradient accumulation. One process is the W = 1 case of the same sampler, whose epoch Lightning sets."""
+    the gradient accumulation. One process is the W = 1 case of the same sampler, whose epoch Lightning sets.
+
+    The loader is torchdata's StatefulDataLoader over a ResumableSampler: Lightning saves its state in checkpoints and
+    restores it on resume, so a resumed run continues with the next unseen micro-batch of the same epoch order. Its
+    own seeded generator keeps data loading off the global RNG (dropout's stream is the same with or without resume).
+    """
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    sampler = DistributedSampler(
+    sampler = ResumableSampler(
         data,
         num_replicas=torch.distributed.get_world_size() if distributed else 1,
         rank=torch.distributed.get_rank() if distributed else 0,
         shuffle=shuffle,
         seed=seed,
-        drop_last=False,
     )
-    return DataLoader(
+    return StatefulDataLoader(
         data,
         batch_size=micro_batch_size,
         sampler=sampler,
         collate_fn=collate_fn,
         num_workers=num_workers,
         drop_last=False,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -72,10 +79,10 @@ class SplitDataModule(L.LightningDataModule):
     def collate_fn(self) -> Callable:
         raise NotImplementedError
 
-    def _loader(self, data, shuffle: bool) -> DataLoader:
+    def _loader(self, data, shuffle: bool) -> StatefulDataLoader:
         return make_loader(data, self.micro_batch_size, shuffle, self.seed, self.collate_fn(), self.num_workers)
 
-    def train_dataloader(self) -> DataLoader | StepBatches:
+    def train_dataloader(self) -> StatefulDataLoader | StepBatches:
         """The training loader; under a Trainer, its micro-batches carry their optimizer step's units (steps.py)."""
         loader = self._loader(self.train, shuffle=self.shuffle)
         trainer = getattr(self, "trainer", None)
@@ -88,7 +95,7 @@ class SplitDataModule(L.LightningDataModule):
             lambda t: strategy.reduce(t.to(strategy.root_device), reduce_op="sum").cpu(),
         )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> StatefulDataLoader:
         return self._loader(self.val, shuffle=False)
 
 

@@ -15,6 +15,7 @@ from itertools import islice
 from typing import Any
 
 import torch
+from torch.utils.data import DistributedSampler
 
 from lit_peft.data.tokenize import IGNORE_INDEX
 
@@ -63,6 +64,10 @@ class StepBatches:
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.loader, self.accumulate, self.reduce = loader, accumulate, reduce
+        self._window: list[dict[str, Any]] | None = None  # the current step's micro-batches
+        self._window_state: dict[str, Any] | None = None  # the loader's state before them
+        self._offset = 0  # how many of them were handed out
+        self._skip = 0  # how many to skip after a restore (a checkpoint written inside a step)
 
     @property
     def sampler(self):
@@ -77,9 +82,69 @@ class StepBatches:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         batches = iter(self.loader)
-        while window := list(islice(batches, self.accumulate)):
+        skip, self._skip = self._skip, 0
+        while True:
+            self._window_state = self._loader_state()
+            window = list(islice(batches, self.accumulate))
+            if not window:
+                self._window, self._offset = None, 0
+                return
             totals = sum(pack_units(batch_units(b)) for b in window)
             if self.reduce is not None:
                 totals = self.reduce(totals)
-            for batch in window:
+            self._window, self._offset = window, skip
+            for batch in window[skip:]:
+                self._offset += 1
                 yield {**batch, "step_units": totals.detach().double().cpu()}
+            skip = 0
+
+    # The loader's position, for Lightning to save in its checkpoint and restore on resume (a stateful loader).
+
+    def _loader_state(self) -> dict[str, Any] | None:
+        return self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner loader's state where the current step's window began, and how many of its micro-batches ran
+        (0 at a step boundary, where checkpoints are written: then the loader's state after the window)."""
+        if self._window is not None and self._offset < len(self._window):
+            return {"loader": self._window_state, "offset": self._offset}
+        return {"loader": self._loader_state(), "offset": 0}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("loader") is not None and hasattr(self.loader, "load_state_dict"):
+            self.loader.load_state_dict(state["loader"])
+        self._skip = int(state.get("offset", 0))
+
+
+class ResumableSampler(DistributedSampler):
+    """torch's DistributedSampler (the seeded order of an epoch, rank r taking positions r, r + W, ...) whose state,
+    the epoch and how far into it the run is, is saved with the loader (torchdata's StatefulDataLoader asks a sampler
+    for `state_dict`), so a resumed run continues with the next unseen example in the uninterrupted run's order.
+
+    The position is kept in global samples (this rank's count x W), so a checkpoint resumes on another world size.
+    """
+
+    def __init__(self, data, num_replicas: int, rank: int, shuffle: bool, seed: int) -> None:
+        super().__init__(data, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.start = 0  # local position to begin the next iteration at (set by load_state_dict)
+        self.yielded = 0  # local samples yielded in the current epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:  # a new epoch starts at its beginning; the restored one where it was left
+            self.start = 0
+        super().set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        start, self.start = self.start, 0
+        self.yielded = start
+        for index in indices[start:]:
+            self.yielded += 1
+            yield index
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.yielded * self.num_replicas}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.start = self.yielded = int(state["consumed"]) // self.num_replicas
