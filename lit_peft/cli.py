@@ -175,6 +175,13 @@ def existing_dir(text: str) -> Path:
     return path
 
 
+def repo_id(text: str) -> str:
+    """A Hugging Face hub repository id: org/name."""
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", text) or ".." in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a hub repository id; expected org/name")
+    return text
+
+
 def choice_of(choices: Iterable[str], what: str = "value") -> Callable[[str], str]:
     """A string from a fixed set; the error lists the set."""
     valid = sorted(choices)

@@ -6,7 +6,6 @@ litgpt's config).
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 from pathlib import Path
@@ -14,11 +13,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lit_peft.cli import fail  # noqa: E402
+from lit_peft.cli import ArgumentParser, fail  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--hf-dir", type=Path, required=True, help="a folder with config.json and weights")
     parser.add_argument("--out", type=Path, required=True, help="new folder for the LitGPT checkpoint")
     parser.add_argument("--model-name", help="litgpt config name (default: the name of --out)")

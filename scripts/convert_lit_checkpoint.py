@@ -5,18 +5,17 @@ python scripts/convert_lit_checkpoint.py --checkpoint-dir checkpoints/merged/my-
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lit_peft.cli import fail  # noqa: E402
+from lit_peft.cli import ArgumentParser, fail  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint-dir", type=Path, required=True, help="a LitGPT checkpoint (base or merged)")
     parser.add_argument("--out", type=Path, required=True, help="new folder for the Hugging Face export")
     args = parser.parse_args(argv)

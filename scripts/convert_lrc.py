@@ -12,21 +12,22 @@ WIDTH hidden dimensions (a baseline, and what `lrc.init=identity` starts from).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lit_peft.cli import fail  # noqa: E402
+from lit_peft.cli import ArgumentParser, fail, positive_int  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--clone", type=Path, help="the <out_dir>/lrc folder a task=lrc run wrote")
-    source.add_argument("--truncate", type=int, metavar="WIDTH", help="cut the --teacher to this hidden size instead")
+    source.add_argument(
+        "--truncate", type=positive_int, metavar="WIDTH", help="cut the --teacher to this hidden size instead"
+    )
     parser.add_argument("--out", type=Path, required=True, help="new folder for the student checkpoint")
     parser.add_argument("--teacher", type=Path, help="teacher checkpoint (default: the one the clone was trained on)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never the teacher)")

@@ -10,7 +10,6 @@ Hub downloads go through huggingface_hub (HF_ENDPOINT and HF_TOKEN are honoured)
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -18,18 +17,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lit_peft.cli import fail, group_choices  # noqa: E402
+from lit_peft.cli import ArgumentParser, fail, group_choices, repo_id  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument(
         "model",
         nargs="?",
         default="model=smollm2-135m-instruct",
         help="model=<name> from conf/model/ (default: smollm2-135m-instruct)",
     )
-    parser.add_argument("--repo-id", help="any Hugging Face hub repository litgpt can convert, e.g. org/name")
+    parser.add_argument(
+        "--repo-id", type=repo_id, help="any Hugging Face hub repository litgpt can convert, e.g. org/name"
+    )
     parser.add_argument("--model-name", help="litgpt config name, when the repo id is not one litgpt knows")
     parser.add_argument("--access-token", default=os.getenv("HF_TOKEN") or None, help="hub token for gated models")
     parser.add_argument("--checkpoint-dir", type=Path, help="where to write (default: checkpoints/<org>/<name>)")

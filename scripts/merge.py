@@ -12,18 +12,17 @@ dtype and the template and system prompt the adapter was trained with, which cha
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lit_peft.cli import fail  # noqa: E402
+from lit_peft.cli import ArgumentParser, fail  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--adapter", type=Path, required=True, help="an adapter folder written by finetune/run.py")
     parser.add_argument("--out", type=Path, required=True, help="new folder for the merged checkpoint")
     parser.add_argument("--base", type=Path, help="base checkpoint (default: the one the adapter was trained on)")
