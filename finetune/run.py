@@ -41,14 +41,10 @@ def main(cfg: DictConfig) -> dict:
     return result
 
 
-def validate(cfg: DictConfig) -> None:
-    from lit_peft.validate import validate_config
-
-    validate_config(cfg)
-
-
 if __name__ == "__main__":
+    from lit_peft.validate import STAGES
+
     check_group_choices(sys.argv[1:], ROOT / "conf")
     argv = run_dir_follows_out_dir(sys.argv[1:])
-    sys.argv = [sys.argv[0], *hydra_preflight(argv, ROOT / "conf", "config", validate)]
+    sys.argv = [sys.argv[0], *hydra_preflight(argv, ROOT / "conf", "config", STAGES)]
     main()

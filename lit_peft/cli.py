@@ -27,7 +27,7 @@ import re
 import shutil
 import sys
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -464,13 +464,14 @@ def hydra_preflight(
     argv: list[str],
     conf_dir: Path,
     config_name: str,
-    validate: Callable[[Any], None],
+    validate: Callable[[Any], None] | Sequence[Callable[[Any], None]],
     outputs: OutputFolders = OUTPUTS,
 ) -> list[str]:
     """Compose the config as Hydra will (every job of a `-m` sweep) and check it before Hydra writes anything.
 
-    Composition errors and `validate`'s ValueErrors exit with one line. Returns argv with the run (or sweep) folder
-    pinned to the path resolved here, which `outputs` remembers (so a failed run removes only what it created).
+    Composition errors and `validate`'s ValueErrors exit with one line (`validate` may be a sequence of stages, cheap
+    first: each stage checks every job of a sweep before the next stage runs). Returns argv with the run (or sweep)
+    folder pinned to the path resolved here, which `outputs` remembers (so a failed run removes only what it created).
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -482,6 +483,7 @@ def hydra_preflight(
     multirun = "-m" in flags or "--multirun" in flags
     run_job = not any(f in HYDRA_FLAGS_WITH_VALUE or f == "--resolve" for f in flags)
     pinned: list[str] = []
+    jobs: list[DictConfig] = []
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
 
         def compose_with(ovr: list[str]) -> DictConfig:
@@ -526,8 +528,11 @@ def hydra_preflight(
             raw = OmegaConf.to_container(job, resolve=False).get("out_dir")
             if isinstance(raw, str) and "hydra:" in raw:
                 job.out_dir = folder if (not multirun and pinned) else None
+            jobs.append(job)
+    for stage in [validate] if callable(validate) else validate:
+        for job in jobs:
             try:
-                validate(job)
+                stage(job)
             except Exception as e:
                 message = user_error_message(e)
                 if message is None or os.environ.get("LIT_PEFT_DEBUG"):

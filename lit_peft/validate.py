@@ -379,12 +379,25 @@ def check_owners(cfg: DictConfig) -> None:
             _target_kwargs(key, node)
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Check a composed run config; raise ValueError (one line: `key=value` and what is valid) on the first bad one."""
+def check_table(cfg: DictConfig) -> None:
+    """Stage 1: the rule table and the checks across settings (nothing heavy imported)."""
     check_rules(cfg)
     check_resume(cfg)
     check_batches(cfg)
+
+
+def check_built(cfg: DictConfig) -> None:
+    """Stage 2: what the settings' owners check when they are built (imports the methods and tasks)."""
     try:
         check_owners(cfg)
     except TypeError as e:  # an owner met a value of the wrong type that no rule above covers
         raise ConfigError(" ".join(str(e).split())) from None
+
+
+STAGES = (check_table, check_built)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check a composed run config; raise ValueError (one line: `key=value` and what is valid) on the first bad one."""
+    for stage in STAGES:
+        stage(cfg)
