@@ -13,12 +13,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lit_peft.cli import ArgumentParser, existing_dir, fail  # noqa: E402
+from lit_peft.cli import ArgumentParser, fail  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("--hf-dir", type=existing_dir, required=True, help="a folder with config.json and weights")
+    parser.add_argument("--hf-dir", type=Path, required=True, help="a folder with config.json and weights")
     parser.add_argument("--out", type=Path, required=True, help="new folder for the LitGPT checkpoint")
     parser.add_argument("--model-name", help="litgpt config name (default: the name of --out)")
     parser.add_argument(

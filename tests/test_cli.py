@@ -326,6 +326,6 @@ def test_chat_and_convert_answer_bad_values_in_one_line(tmp_path):
     res = run_cli(
         "scripts/convert_hf_checkpoint.py", "--hf-dir", str(tmp_path / "missing"), "--out", str(tmp_path / "x")
     )
-    message = f"error: argument --hf-dir: {tmp_path / 'missing'}: no such folder"
+    message = f"error: --hf-dir {tmp_path / 'missing'} is not a folder"
     assert res.returncode == 2 and one_error(res.stderr).startswith(message)
     assert not (tmp_path / "x").exists()
