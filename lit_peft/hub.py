@@ -137,17 +137,14 @@ def pickle_to_safetensors(path: Path) -> Path:
     """One pickle weight file -> safetensors beside it, read with `torch.load(weights_only=True)` (tensors only)."""
     from safetensors.torch import save_file
 
-    from lit_peft.io import corrupt, unshared
+    from lit_peft.io import asks_for_globals, corrupt, not_just_tensors, unshared
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        reason = next((line for line in lines[1:] if not line.startswith("Check the doc")), lines[0] if lines else "")
-        reason = reason[:200]
-        raise ValueError(
-            f"{path.name} holds more than tensors, refused even with --allow-pickle (weights_only: {reason})"
-        ) from None
+        if not asks_for_globals(e):
+            raise corrupt(path.name, e) from None
+        raise not_just_tensors(path.name, e, " even with --allow-pickle") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, AttributeError) as e:
         raise corrupt(path.name, e) from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state

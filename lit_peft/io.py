@@ -280,8 +280,29 @@ def is_checkpoint_or_empty(folder: Path) -> bool:
 
 def corrupt(path: str | Path, error: BaseException) -> ValueError:
     """The one-line error for a weight file that does not deserialize."""
-    reason = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, pickle.UnpicklingError):
+        reason = weights_only_reason(error)
+    else:
+        reason = " ".join(str(error).split()) or type(error).__name__
     return ValueError(f"{path} is corrupt or truncated ({type(error).__name__}: {reason[:200]})")
+
+
+def weights_only_reason(error: BaseException) -> str:
+    """The line of torch's weights_only refusal that names what was refused (e.g. the global a file asks for)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = [line for line in lines[1:] if not line.startswith("Check the doc")]
+    return (detail[-1:] or lines or [type(error).__name__])[0][:200]
+
+
+def asks_for_globals(error: BaseException) -> bool:
+    """Whether torch's weights_only unpickler refused a global (a crafted or non-weights pickle), rather than bytes
+    that are no pickle at all (a damaged file)."""
+    return "global" in str(error).lower()
+
+
+def not_just_tensors(path: str | Path, error: BaseException, note: str = "") -> ValueError:
+    """The one-line error for a pickle that asks for more than tensors (what a crafted file does): nothing ran."""
+    return ValueError(f"{path} holds more than tensors, refused{note} (weights_only: {weights_only_reason(error)})")
 
 
 def load_weights(path: str | Path) -> dict[str, Any]:
@@ -293,7 +314,9 @@ def load_weights(path: str | Path) -> dict[str, Any]:
     try:
         mmap = zipfile.is_zipfile(path)  # the legacy (pre-1.6) format cannot be memory-mapped
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, AttributeError) as e:
+    except pickle.UnpicklingError as e:
+        raise (not_just_tensors(path, e) if asks_for_globals(e) else corrupt(path, e)) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, AttributeError) as e:
         raise corrupt(path, e) from None
 
 

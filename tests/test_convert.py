@@ -69,3 +69,39 @@ def test_a_bf16_checkpoint_exports_as_bf16(tiny_checkpoint, tmp_path):
         torch.testing.assert_close(
             hf(idx).logits.float(), load_base(bf16, dtype="auto")(idx).float(), rtol=0, atol=0.05
         )
+
+
+class Payload:
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.marker,))
+
+
+def test_a_crafted_lit_model_pth_is_read_as_tensors_only(tiny_checkpoint, tmp_path):
+    """The HF export reads lit_model.pth with weights_only (litgpt's converter would unpickle it with lazy_load)."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    state = torch.load(ckpt / "lit_model.pth", weights_only=True)
+    torch.save({**state, "extra": Payload(tmp_path / "pwned")}, ckpt / "lit_model.pth")
+    res = run_cli("scripts/convert_lit_checkpoint.py", "--checkpoint-dir", str(ckpt), "--out", str(tmp_path / "hf"))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    assert res.stderr.startswith(f"error: {ckpt / 'lit_model.pth'} holds more than tensors, refused (weights_only:")
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "hf").exists()
+
+
+def test_the_hf_export_never_lands_inside_its_checkpoint(tiny_checkpoint):
+    res = run_cli(
+        "scripts/convert_lit_checkpoint.py",
+        "--checkpoint-dir",
+        str(tiny_checkpoint),
+        "--out",
+        str(tiny_checkpoint / "hf"),
+    )
+    assert res.returncode == 2 and f"is inside the checkpoint {tiny_checkpoint}" in res.stderr
+    assert not (tiny_checkpoint / "hf").exists()

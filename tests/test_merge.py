@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -214,3 +215,26 @@ def test_a_4bit_adapter_computes_and_merges_in_its_training_precision(tmp_path):
     assert "dtype: bfloat16 (the 4-bit adapter's training precision bf16-true)" in res.stdout
     state = torch.load(tmp_path / "merged" / "lit_model.pth", weights_only=True)
     assert {v.dtype for v in state.values()} == {torch.bfloat16}
+
+
+def test_overwrite_swaps_in_a_whole_merged_folder_with_its_record(tiny_checkpoint, tmp_path, monkeypatch):
+    """--overwrite replaces an earlier merge only once the new one (weights and lit_peft_merge.json) is complete,
+    in one rename, and leaves no hidden folder behind."""
+    from lit_peft import io
+    from lit_peft.merge import merge_checkpoint
+
+    adapter, _ = trained_adapter(tiny_checkpoint, tmp_path, "lora")
+    out = tmp_path / "merged"
+    merge_checkpoint(adapter, out)
+    (out / "from-the-first-merge.txt").write_text("x")
+    staged = []
+    real = io.publish
+    monkeypatch.setattr(
+        io, "publish", lambda s, p, replace=True: staged.append(sorted(os.listdir(s))) or real(s, p, replace)
+    )
+    with pytest.raises(ValueError, match="already exists; pick a new folder or pass --overwrite"):
+        merge_checkpoint(adapter, out)
+    merge_checkpoint(adapter, out, overwrite=True)
+    assert len(staged) == 1 and {"lit_model.pth", "lit_peft_merge.json", "model_config.yaml"} <= set(staged[0])
+    assert not (out / "from-the-first-merge.txt").exists() and (out / "lit_peft_merge.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]
