@@ -88,6 +88,8 @@ def user_error_message(e: BaseException) -> str | None:
         from omegaconf.errors import OmegaConfBaseException
     except ImportError:  # pragma: no cover - hydra is a dependency
         return None
+    if "MisconfigurationException" in {c.__name__ for c in type(e).__mro__}:  # Lightning's settings errors
+        return one_line(str(e)) or type(e).__name__
     if isinstance(e, (OmegaConfBaseException, HydraException)):
         return one_line(str(e)) or type(e).__name__
     return None

@@ -341,6 +341,39 @@ def _n_layer(model: Mapping[str, Any]) -> int | None:
     return None
 
 
+def check_devices(cfg: DictConfig) -> None:
+    """trainer.accelerator and trainer.devices against this machine (Lightning would fail with a traceback)."""
+    import torch
+
+    t = cfg.trainer
+    accelerator, devices = str(t.get("accelerator", "auto")), _value(cfg, "trainer.devices")
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = torch.backends.mps.is_available()
+    if accelerator in ("gpu", "cuda") and not cuda and not (accelerator == "gpu" and mps):
+        raise ConfigError(f"trainer.accelerator={accelerator}: this machine has no GPU; valid here: auto, cpu")
+    if accelerator == "mps" and not mps:
+        raise ConfigError("trainer.accelerator=mps: MPS is not available here; valid here: auto, cpu")
+    target = _value(cfg, "strategy._target_")
+    target = target if isinstance(target, str) else ""
+    if "fsdp" in target.lower() and not cuda:
+        raise ConfigError("strategy=fsdp needs CUDA devices; this machine has none (use strategy=ddp or auto on CPU)")
+    if "deepspeed" in target.lower():
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("strategy=deepspeed needs DeepSpeed: pip install -e '.[deepspeed]' (or strategy=ddp)")
+    on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and cuda > 0)
+    if accelerator == "cpu" or (accelerator == "auto" and not cuda and not mps):
+        if not (_is_int(devices) and devices > 0) and devices not in ("auto", -1):
+            raise ConfigError(f"trainer.devices={show(devices)}: on CPU, devices is a process count (an integer >= 1)")
+    elif on_cuda:
+        if isinstance(devices, str) and devices != "auto":
+            devices = [int(d) for d in devices.split(",")]
+        wanted = max(devices) + 1 if isinstance(devices, list) else devices if _is_int(devices) else 0
+        if wanted > cuda:
+            raise ConfigError(f"trainer.devices={show(devices)}: this machine has {cuda} CUDA device(s)")
+
+
 def check_owners(cfg: DictConfig) -> None:
     from lit_peft.data.formats import format_kind
     from lit_peft.data.templates import get_template
@@ -389,6 +422,7 @@ def check_table(cfg: DictConfig) -> None:
 def check_built(cfg: DictConfig) -> None:
     """Stage 2: what the settings' owners check when they are built (imports the methods and tasks)."""
     try:
+        check_devices(cfg)
         check_owners(cfg)
     except TypeError as e:  # an owner met a value of the wrong type that no rule above covers
         raise ConfigError(" ".join(str(e).split())) from None
