@@ -19,22 +19,22 @@ sys.path.insert(0, str(ROOT))
 from lit_peft.cli import OUTPUTS, check_group_choices, fail, hydra_preflight, run_dir_follows_out_dir  # noqa: E402
 
 
-def _remove_created(cfg: DictConfig) -> None:
+def _run_folders(cfg: DictConfig) -> tuple[str | None, str | None]:
     from hydra.core.hydra_config import HydraConfig
 
-    hydra_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
-    OUTPUTS.remove_created(cfg.get("out_dir"), hydra_dir)
+    return cfg.get("out_dir"), (HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None)
 
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="config")
 def main(cfg: DictConfig) -> dict:
-    with fail.on_user_error(cleanup=lambda: _remove_created(cfg)):
+    with fail.on_user_error(cleanup=lambda: OUTPUTS.remove_created(*_run_folders(cfg))):
         from lit_peft.validate import validate_config
 
         validate_config(cfg)
         from lit_peft.train import train
 
         result = train(cfg)
+    OUTPUTS.keep(*_run_folders(cfg))
     print(f"exported: {result['export']}\nlogs: {result['log_dir']}")
     if "val_loss" in result["initial"] and "val_loss" in result["final"]:
         print(f"held-out loss: {result['initial']['val_loss']:.4f} -> {result['final']['val_loss']:.4f}")

@@ -266,6 +266,14 @@ class OutputFolders:
             return not self.existed[parent] or (parent in self.children and p.name not in self.children[parent])
         return any(not self.existed.get(a, True) for a in p.parents)
 
+    def keep(self, *paths: str | os.PathLike | None) -> None:
+        """What a finished job wrote is the user's from now on (a later job of the sweep failing keeps it)."""
+        for path in paths:
+            if path is not None:
+                p = self._abs(path)
+                for folder in (p, *p.parents):
+                    self.existed[folder] = True
+
     def remove_created(self, *paths: str | os.PathLike | None) -> None:
         for path in paths:
             if path is None or not self.created(path):
