@@ -114,8 +114,8 @@ class fail:  # noqa: N801 - a namespace of two helpers
             message = user_error_message(e)
             if message is None:
                 raise
-            if cleanup is not None:
-                cleanup()
+            if cleanup is not None and not getattr(e, "keep_output", False):  # e.g. a run stopped at a NaN keeps
+                cleanup()  # its folder: it holds the last good checkpoint
             if os.environ.get("LIT_PEFT_DEBUG"):
                 raise
             fail.exit(message)

@@ -148,7 +148,7 @@ EXAMPLE_DATA = {"conversation": "data=alpaca", "text": "data=text", "preference"
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one fine-tuning job. Returns paths of what it wrote and the final metrics."""
     out_dir = Path(cfg.out_dir)
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     t = cfg.trainer
     world = int(t.devices if isinstance(t.devices, int) else 1) * int(t.num_nodes)
     accumulate = accumulation_steps(int(t.global_batch_size), int(t.micro_batch_size), world)

@@ -216,3 +216,13 @@ def test_a_non_finite_step_stops_the_run_and_leaves_finite_files(tiny_checkpoint
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
     assert all(torch.isfinite(v).all() for v in export(out).values())
+
+
+def test_a_run_stopped_at_a_non_finite_step_keeps_its_new_folder(tiny_checkpoint, tmp_path):
+    out = tmp_path / "new" / "nan"
+    bad = ["optim._target_=torch.optim.SGD", "~optim.betas", "optim.lr=1e12", "trainer.save_every_n_steps=1"]
+    res = run_cli("finetune/run.py", *RUN, f"model.checkpoint_dir={tiny_checkpoint}", f"out_dir={out}", *bad)
+    assert res.returncode == 2
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: non-finite") and "the last good checkpoint is" in line, res.stderr[-2000:]
+    assert (out / "checkpoints" / "last.ckpt").is_file()  # the failure does not remove what was trained
