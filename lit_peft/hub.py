@@ -129,7 +129,8 @@ def pickle_refusal(source: str, names: list[str]) -> ValueError:
     listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
     return ValueError(
         f"{source} has only pickle weights ({listed}): unpickling can run arbitrary code, so they are refused; pass "
-        "--allow-pickle (model.allow_pickle=true) to read them as tensors only (torch.load weights_only=True)"
+        "--allow-pickle (or allow_pickle: true in conf/model/<name>.yaml) to read them as tensors only "
+        "(torch.load weights_only=True)"
     )
 
 
