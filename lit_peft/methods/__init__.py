@@ -27,10 +27,19 @@ def get_method(name: str) -> Method:
     return METHODS[name]()
 
 
+# Keys of a conf/method/*.yaml node that are not settings of the adapter: `lr` is the learning rate that works for
+# the method, the default of optim.lr (`lr: ${method.lr}` in conf/config.yaml). It is dropped here, so an adapter's
+# recorded settings never hold it (the run's resolved config, saved beside them, holds both method.lr and optim.lr).
+NOT_SETTINGS = ("lr",)
+
+
 def build_settings(name: str, values: dict[str, Any]) -> tuple[Method, MethodSettings]:
     """The Method for `name` and its validated settings (from a Hydra node or a saved adapter_config.json)."""
     method = get_method(name)
-    return method, method.Settings.from_dict(values)
+    lr = values.get("lr")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+        raise ValueError(f"method.lr={lr} is not valid; expected a number > 0 (the method's default optim.lr)")
+    return method, method.Settings.from_dict({k: v for k, v in values.items() if k not in NOT_SETTINGS})
 
 
 __all__ = [
