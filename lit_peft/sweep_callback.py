@@ -1,0 +1,249 @@
+"""The Hydra callback that keeps a sweep's job records and writes its report (conf/config.yaml `hydra.callbacks`).
+
+In a `-m` sweep it appends to `<sweep dir>/jobs.jsonl` (one JSON object a line, `event` first):
+
+- `sweep`: the sweep process (pid, host) and, for Hydra's basic sweeper, every planned job (num, overrides);
+- `start`: a job began (num, overrides, out_dir, method, task, pid, host);
+- `end`: a job ended, with its `status` (ok / failed), its one-line `error`, num, overrides and out_dir;
+- `sweep_end`: the sweep process is done.
+
+and refreshes `report.md`, `report.csv` and the plots (lit_peft/report.py) after every job and at the end.
+
+How a failed job ends depends on what it raised, in hydra-core 1.3.2's basic launcher:
+
+- an exception: Hydra records the job as FAILED (`on_job_end` gets it), runs the remaining jobs, then re-raises the
+  first failure, so `on_multirun_end` never comes: the report written after each job is the final one;
+- `SystemExit` (finetune/run.py turns a user error into `error: <one line>` and exit status 2 this way): Hydra does
+  not catch it, the sweep stops there and the remaining jobs never run (the report lists them as `not run`). The
+  callback then records the job at interpreter exit (atexit), with the `error: ...` line it captured from stderr,
+  and writes the report. A sweep in which no job finished keeps the old rule of a failed run: it leaves nothing
+  behind (the records and report are removed with the sweep folder the run created).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+REPORT_FILES = ("jobs.jsonl", "report.md", "report.csv", "loss_curves.png", "loss_vs_params.png", "step_time.png")
+
+
+class _StderrTail:
+    """sys.stderr, passed through unchanged, remembering its last lines (to find a job's `error: ...` line)."""
+
+    def __init__(self, stream: Any, keep: int = 65536) -> None:
+        self._stream, self._keep, self._text = stream, keep, ""
+
+    def write(self, text: str) -> int:
+        self._text = (self._text + text)[-self._keep :]
+        return self._stream.write(text)
+
+    def error_line(self) -> str:
+        lines = [ln for ln in self._text.splitlines() if ln.startswith("error: ")]
+        return lines[-1][len("error: ") :] if lines else ""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _multirun(config: DictConfig) -> bool:
+    from hydra.types import RunMode
+
+    return OmegaConf.select(config, "hydra.mode") == RunMode.MULTIRUN
+
+
+def _select(config: DictConfig, key: str) -> Any:
+    try:
+        return OmegaConf.select(config, key, throw_on_missing=False)
+    except Exception:  # an interpolation that does not resolve here
+        return None
+
+
+def planned_jobs(config: DictConfig) -> list[dict[str, Any]] | None:
+    """The jobs Hydra's basic sweeper will launch, numbered as it numbers them; None for other sweepers."""
+    target = str(_select(config, "hydra.sweeper._target_") or "")
+    if not target.endswith("BasicSweeper"):
+        return None
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # its own splitting: the same order
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = _select(config, "hydra.sweeper.params") or {}
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(_select(config, "hydra.overrides.task") or [])
+    overrides = OverridesParser.create().parse_overrides(arguments)
+    batches = BasicSweeper.split_arguments(overrides, _select(config, "hydra.sweeper.max_batch_size"))
+    jobs = [job for batch in batches for job in batch]
+    return [{"num": i, "overrides": list(job)} for i, job in enumerate(jobs)]
+
+
+class SweepReport(Callback):
+    """Records each job of a `-m` sweep in `<sweep>/jobs.jsonl` and writes the sweep's report (see module doc)."""
+
+    def __init__(self, enabled: bool = True, plots: bool = True) -> None:
+        self.enabled, self.plots = enabled, plots
+        self._current: dict[str, Any] | None = None
+        self._tail: _StderrTail | None = None
+        self._sweep_dir: Path | None = None
+        self._registered = False
+
+    # ------------------------------------------------------------------------------------------- Hydra's hooks
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not self.enabled:
+            return
+        sweep = self._sweep(config)
+        sweep.mkdir(parents=True, exist_ok=True)
+        record: dict[str, Any] = {"event": "sweep", "pid": os.getpid(), "host": _host(), "time": time.time()}
+        try:
+            planned = planned_jobs(config)
+        except Exception:  # the plan is a courtesy (rows for jobs that never ran): never fail the sweep on it
+            planned = None
+        if planned is not None:
+            record["jobs"] = planned
+        self._append(sweep, record)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not self.enabled or not _multirun(config):
+            return
+        sweep = self._sweep(config)
+        sweep.mkdir(parents=True, exist_ok=True)
+        self._current = {
+            "event": "start",
+            "num": _select(config, "hydra.job.num"),
+            "overrides": list(_select(config, "hydra.overrides.task") or []),
+            "out_dir": str(_select(config, "hydra.runtime.output_dir") or ""),
+            "method": _select(config, "method.name"),
+            "task": _select(config, "task.name"),
+            "pid": os.getpid(),
+            "host": _host(),
+            "time": time.time(),
+        }
+        self._sweep_dir = sweep
+        self._append(sweep, self._current)
+        if not isinstance(sys.stderr, _StderrTail):
+            self._tail = _StderrTail(sys.stderr)
+            sys.stderr = self._tail
+        if not self._registered:
+            atexit.register(self._at_exit)
+            self._registered = True
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if not self.enabled or not _multirun(config):
+            return
+        from hydra.core.utils import JobStatus
+
+        status, error = "ok", ""
+        if job_return.status == JobStatus.FAILED:
+            status, error = "failed", _error_line(job_return._return_value)
+        elif job_return.status != JobStatus.COMPLETED:
+            status = "killed"
+        self._end(status, error)
+        self._restore_stderr()
+        self._write_report()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not self.enabled:
+            return
+        sweep = self._sweep(config)
+        self._append(sweep, {"event": "sweep_end", "pid": os.getpid(), "host": _host(), "time": time.time()})
+        self._sweep_dir = sweep
+        md = self._write_report()
+        if md is not None:
+            print(f"sweep report: {md}", flush=True)
+
+    # -------------------------------------------------------------------------------------------------- helpers
+
+    @staticmethod
+    def _sweep(config: DictConfig) -> Path:
+        return Path(os.path.abspath(str(_select(config, "hydra.sweep.dir"))))
+
+    @staticmethod
+    def _append(sweep: Path, record: dict[str, Any]) -> None:
+        from lit_peft.report import append_record
+
+        try:
+            append_record(sweep, record)
+        except OSError as e:
+            print(f"warning: could not record the job in {sweep}/jobs.jsonl: {e}", file=sys.stderr)
+
+    def _end(self, status: str, error: str) -> None:
+        if self._current is None or self._sweep_dir is None:
+            return
+        keep = ("num", "overrides", "out_dir", "method", "task", "pid", "host")
+        record = {"event": "end", "status": status, "error": error, **{k: self._current.get(k) for k in keep}}
+        record["time"] = time.time()
+        self._append(self._sweep_dir, record)
+        self._current = None
+
+    def _restore_stderr(self) -> None:
+        if self._tail is not None and sys.stderr is self._tail:
+            sys.stderr = self._tail._stream
+        self._tail = None
+
+    def _write_report(self) -> Path | None:
+        if self._sweep_dir is None or not self._sweep_dir.is_dir():
+            return None
+        from lit_peft.report import write_report
+
+        try:
+            return write_report([self._sweep_dir], plots=self.plots, log=lambda *_: None)
+        except Exception as e:  # the report never fails a sweep
+            print(f"warning: the sweep report could not be written: {type(e).__name__}: {e}", file=sys.stderr)
+            return None
+
+    def _at_exit(self) -> None:
+        """A job that never reached on_job_end: SystemExit (a user error, exit 2; a preemption, exit 3) or Ctrl-C."""
+        if self._current is None or self._sweep_dir is None:
+            return
+        error = self._tail.error_line() if self._tail is not None else ""
+        self._restore_stderr()
+        if error:
+            self._end("failed", error)
+        else:
+            self._end("killed", "")
+        sweep = self._sweep_dir
+        self._append(sweep, {"event": "sweep_end", "pid": os.getpid(), "host": _host(), "time": time.time()})
+        if self._nothing_finished(sweep):
+            return
+        self._write_report()
+
+    @staticmethod
+    def _nothing_finished(sweep: Path) -> bool:
+        """A sweep folder this run created in which no job finished: removed, as a failed single run's folder."""
+        try:
+            from lit_peft.cli import HYDRA_FILES, OUTPUTS
+        except ImportError:  # pragma: no cover - lit_peft.cli is part of the package
+            return False
+        if not OUTPUTS.created(sweep) or not sweep.is_dir():
+            return False  # it existed before, or a job finished (OUTPUTS.keep) and made it the user's
+        left = {p.name for p in sweep.iterdir() if p.name not in REPORT_FILES}
+        if not left <= HYDRA_FILES:
+            return False  # a failed job kept its folder (e.g. a run stopped at a non-finite step)
+        for name in REPORT_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                (sweep / name).unlink()
+        OUTPUTS.remove_created(sweep)
+        return True
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def _error_line(error: Any) -> str:
+    """One line for a failed job's exception: the project's user-error message, else `Type: message`."""
+    if not isinstance(error, BaseException):
+        return str(error or "failed")
+    from lit_peft.cli import one_line, user_error_message
+
+    message = user_error_message(error)
+    return message or f"{type(error).__name__}: {one_line(str(error))}"
