@@ -3,10 +3,15 @@
 Hydra composes conf/config.yaml with the method/, model/, data/, task/ and strategy/ groups; `-m` sweeps.
 Every override is composed and checked (lit_peft/validate.py) before Hydra writes anything: a bad one is a one-line
 `error: ...` with exit status 2, and a run that fails later removes the folders it created.
+
+`main` returns the run's final held-out loss (lit_peft.launch.final_loss), the value `hydra/sweeper=optuna`
+minimizes. Under `hydra/launcher=joblib` each concurrent job on a machine with several GPUs gets its own
+(lit_peft.launch.job_devices); conf/hydra/ holds the launcher and sweeper presets.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -25,26 +30,81 @@ def _run_folders(cfg: DictConfig) -> tuple[str | None, str | None]:
     return cfg.get("out_dir"), (HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None)
 
 
+def _sweep_job_devices(cfg: DictConfig) -> None:
+    """Before anything starts CUDA: a parallel local sweep job's own GPUs (lit_peft.launch.job_devices)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    from lit_peft.launch import job_devices
+
+    hc = HydraConfig.get()
+    line = job_devices(
+        launcher_target=str(hc.launcher.get("_target_", "")),
+        sweep_dir=str(hc.sweep.dir),
+        job_num=int(hc.job.num),
+        devices=cfg.trainer.get("devices"),
+        accelerator=cfg.trainer.get("accelerator"),
+    )
+    if line:
+        print(line, flush=True)
+
+
+def _failed_trial_goes_on() -> bool:
+    """An optuna search that tolerates failed trials (max_failure_rate > 0) records a failed job as a failed trial:
+    the job must raise an Exception (Hydra's JobReturn holds it), not exit the process."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    sweeper = HydraConfig.get().sweeper
+    return "optuna" in str(sweeper.get("_target_", "")).lower() and float(sweeper.get("max_failure_rate") or 0) > 0
+
+
+class FailedTrial(RuntimeError):
+    pass
+
+
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="config")
-def main(cfg: DictConfig) -> dict:
-    with fail.on_user_error(cleanup=lambda: OUTPUTS.remove_created(*_run_folders(cfg))):
-        from lit_peft.validate import validate_config
+def main(cfg: DictConfig) -> float:
+    """One run; returns its final held-out loss (the last train loss without one; +inf when nothing was measured)."""
+    from lit_peft.launch import final_loss
 
-        validate_config(cfg)
-        from lit_peft.train import train
+    _sweep_job_devices(cfg)
+    try:
+        with fail.on_user_error(cleanup=lambda: OUTPUTS.remove_created(*_run_folders(cfg))):
+            from lit_peft.validate import validate_config
 
-        result = train(cfg)
+            validate_config(cfg)
+            from lit_peft.train import train
+
+            result = train(cfg)
+    except SystemExit as e:
+        if e.code == 2 and _failed_trial_goes_on():  # the one-line error is printed; the search goes on
+            raise FailedTrial(f"the job failed (exit status {e.code}; its error is printed above)") from None
+        raise
     OUTPUTS.keep(*_run_folders(cfg))
     print(f"exported: {result['export']}\nlogs: {result['log_dir']}")
     if "val_loss" in result["initial"] and "val_loss" in result["final"]:
         print(f"held-out loss: {result['initial']['val_loss']:.4f} -> {result['final']['val_loss']:.4f}")
-    return result
+    return final_loss(result)
 
 
 if __name__ == "__main__":
     from lit_peft.validate import STAGES
 
+    os.environ["LIT_PEFT_SWEEP_PID"] = str(os.getpid())  # lit_peft.launch.SWEEP_PID: a job in a worker knows it
     check_group_choices(sys.argv[1:], ROOT / "conf")
     argv = run_dir_follows_out_dir(sys.argv[1:])
-    sys.argv = [sys.argv[0], *hydra_preflight(argv, ROOT / "conf", "config", STAGES)]
+    argv = hydra_preflight(argv, ROOT / "conf", "config", STAGES)
+    if "-m" in argv or "--multirun" in argv:  # job folders name what differs between the jobs, never a path
+        from omegaconf import OmegaConf
+
+        from lit_peft.cli import _split_argv
+        from lit_peft.launch import EXCLUDE_KEYS, job_folder_exclusions
+
+        path_keys = OmegaConf.select(OmegaConf.load(ROOT / "conf" / "config.yaml"), EXCLUDE_KEYS, default=[])
+        argv = [*argv, *job_folder_exclusions(_split_argv(argv)[1], list(path_keys))]
+    sys.argv = [sys.argv[0], *argv]
     main()

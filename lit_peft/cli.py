@@ -347,11 +347,16 @@ def _sweep_combinations(overrides: list[str]) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     lists: list[list[str]] = []
+    searched = any(_override_key(o) == "hydra/sweeper" and o.partition("=")[2] not in ("", "basic") for o in overrides)
     for o in OverridesParser.create().parse_overrides(overrides):
         if o.is_sweep_override():
-            if not o.is_discrete_sweep():
+            if searched and o.is_interval_sweep():  # a search space (hydra/sweeper=optuna): both ends are checked
+                sweep, cast = o.value(), int if "int" in o.value().tags else float
+                lists.append([f"{o.get_key_element()}={cast(v)!r}" for v in (sweep.start, sweep.end)])
+            elif not o.is_discrete_sweep():
                 raise ValueError(f"{o.input_line}: the basic sweeper sweeps lists of values only (a,b or choice(a,b))")
-            lists.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+            else:
+                lists.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
         else:
             lists.append([o.input_line])
     if math.prod(len(v) for v in lists) <= MAX_SWEEP_COMBINATIONS:
