@@ -77,6 +77,15 @@ class NonFiniteError(ValueError):
         super().__init__(f"non-finite {what}{value} at step {step}, nothing of it was saved {hint}")
 
 
+def peak_memory() -> tuple[int, str]:
+    """(bytes, kind): CUDA's peak allocated memory on this device, else this process's peak resident memory."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_max_rss"  # Linux reports KiB
+
+
 def rng_state() -> dict[str, Any]:
     """This process's random number generator states (torch CPU and CUDA, Python, NumPy) as plain tensors and ints."""
     import random
@@ -165,6 +174,7 @@ class FineTuneModule(L.LightningModule):
         self.trainable_float32 = not save_full_state  # adapters train in float32 under half precision
         self.strict_loading = save_full_state
         self.max_nonfinite_skips, self.nonfinite_skipped = max_nonfinite_skips, 0
+        self.tokens_seen = 0  # real (non-padding) tokens of every optimizer step so far, all ranks; kept on resume
         self._rng_to_restore: dict[str, Any] | None = None  # this rank's RNG state from a checkpoint, set at step 1
         self._step_start: float | None = None
         self._train_sums: WeightedMeans | None = None  # the current optimizer step's metrics, over its micro-batches
@@ -218,7 +228,7 @@ class FineTuneModule(L.LightningModule):
         self._step_units = packed
         for name, value in metrics.items():
             self._train_sums.add(name, value, local[self.task.metric_units.get(name, self.task.unit)])
-        self._tokens = getattr(self, "_tokens", 0) + int(batch["input_ids"].numel())
+        self._tokens = getattr(self, "_tokens", 0) + int(local["positions"])  # real tokens, not padding
         if totals is None:
             return loss
         return loss * self.trainer.accumulate_grad_batches * self.trainer.world_size
@@ -231,9 +241,11 @@ class FineTuneModule(L.LightningModule):
         self._train_sums = None
         shares, count = sums.pop("loss")
         loss = shares if self._step_units is not None else shares / count
-        if not self._finite_step(loss):
+        grad_norm = self._grad_norm()
+        if not self._finite_step(loss, grad_norm):
             return
-        self.log("train_loss", loss.float(), prog_bar=True, on_step=True, on_epoch=False, sync_dist=False)
+        self.log("train/loss", loss.float(), prog_bar=True, on_step=True, on_epoch=False, sync_dist=False)
+        self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False, sync_dist=False)
         for name, (vw, w) in sums.items():
             if w > 0:
                 self.log(f"train/{name}", (vw / w).float(), on_step=True, on_epoch=False, sync_dist=False)
@@ -241,13 +253,18 @@ class FineTuneModule(L.LightningModule):
             counts = unpack_units(self._step_units)
             for unit in dict.fromkeys([self.task.unit, *self.task.metric_units.values()]):
                 self.log(f"train/{COUNT_NAMES[unit]}", counts[unit].float(), on_step=True, on_epoch=False)
-        self.log("lr", float(optimizer.param_groups[0]["lr"]), prog_bar=True, on_step=True, on_epoch=False)
+            self.tokens_seen += int(counts["positions"])  # every rank's real tokens of this step
+        self.log("train/lr", float(optimizer.param_groups[0]["lr"]), prog_bar=True, on_step=True, on_epoch=False)
 
-    def _finite_step(self, loss: torch.Tensor) -> bool:
+    def _grad_norm(self) -> torch.Tensor:
+        """The L2 norm of all gradients before clipping (this rank's shards under FSDP)."""
+        grads = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
+        return torch.stack(grads).norm() if grads else torch.zeros(())
+
+    def _finite_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
         """Whether the step's loss and gradients are finite (on every rank). If not: skip the step (no gradient, so
         the optimizer leaves every weight as it is) while `max_nonfinite_skips` allows, else stop the run."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
         if self.trainer.strategy.reduce_boolean_decision(finite, all=True):
             return True
         step = self.trainer.global_step
@@ -268,7 +285,9 @@ class FineTuneModule(L.LightningModule):
             return
         elapsed = time.perf_counter() - (self._step_start or time.perf_counter())
         tokens = getattr(self, "_tokens", 0) * self.trainer.world_size
-        self.log("tokens_per_sec", tokens / max(elapsed, 1e-9), prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9), prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/step_time_s", elapsed, on_step=True, on_epoch=False)
+        self.log("train/peak_memory_bytes", float(peak_memory()[0]), on_step=True, on_epoch=False)
         self._step_start, self._tokens = None, 0
 
     # ---------------------------------------------------------------- validation
@@ -287,15 +306,12 @@ class FineTuneModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         """Held-out means over every unit of the validation set on every rank (not means of batch means)."""
         means = self._val_sums.means(self.trainer.strategy)
-        if "loss" in means:
-            self.log("val_loss", means["loss"], prog_bar=True, sync_dist=False)
         for name, value in means.items():
-            if name != "loss":
-                self.log(f"val_{name}", value, sync_dist=False)
+            self.log(f"val/{name}", value, prog_bar=name == "loss", sync_dist=False)
         if self.task.perplexity:
             key = self.task.perplexity if isinstance(self.task.perplexity, str) else "loss"
             if key in means:
-                self.log("val_ppl", torch.exp(means[key]), sync_dist=False)
+                self.log("val/ppl", torch.exp(means[key]), sync_dist=False)
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -331,6 +347,7 @@ class FineTuneModule(L.LightningModule):
         checkpoint["task_state"] = self.task.state_dict()
         checkpoint["rng_states"] = gather_rng_states()  # one per rank: dropout draws differ with the data's shapes
         checkpoint["nonfinite_skipped"] = self.nonfinite_skipped
+        checkpoint["tokens_seen"] = self.tokens_seen
         if not self.save_full_state:
             # Only the adapter: the frozen base comes from its own folder. Keys are filtered (not re-read from the
             # parameters), since under FSDP the strategy has already gathered them from the shards.
@@ -340,6 +357,7 @@ class FineTuneModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.task.load_state_dict(checkpoint.get("task_state") or {})
         self.nonfinite_skipped = int(checkpoint.get("nonfinite_skipped", 0))
+        self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
         states = checkpoint.get("rng_states") or []
         if states:
             rank = self.trainer.global_rank if self._trainer is not None else 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,10 @@ from lit_peft.data.preference import PreferenceDataModule
 from lit_peft.data.templates import get_template
 from lit_peft.data.text import TextDataModule
 from lit_peft.hub import prepare_checkpoint
+from lit_peft.io import write_json
 from lit_peft.lrc import LowRankClone, LRCSettings
 from lit_peft.model import enable_gradient_checkpointing, install_method, load_base
-from lit_peft.module import FineTuneModule, NonFiniteError
+from lit_peft.module import FineTuneModule, NonFiniteError, peak_memory
 from lit_peft.quantize import quantize_base
 from lit_peft.resume import (
     FinalCheckpoint,
@@ -79,6 +81,7 @@ def build_datamodule(cfg: DictConfig, tokenizer: Tokenizer, template, task, out_
         micro_batch_size=int(cfg.trainer.micro_batch_size),
         val_size=d["val_size"],
         seed=int(cfg.seed),
+        split_seed=int(d.get("split_seed", 0)),
         num_workers=int(d.get("num_workers", 0)),
         shuffle=bool(d.get("shuffle", True)),
     )
@@ -96,7 +99,7 @@ def build_datamodule(cfg: DictConfig, tokenizer: Tokenizer, template, task, out_
             cache_dir=d.get("cache_dir") or out_dir / "tokens",
             **common,
         )
-    load, source = record_loader(d, cfg.seed)
+    load, source = record_loader(d, int(d.get("split_seed", 0)))  # synthetic data: the same records for every seed
     if kind == "preference":
         share = float(d.get("prompt_min_share", 0.5))
         return PreferenceDataModule(
@@ -147,6 +150,7 @@ EXAMPLE_DATA = {"conversation": "data=alpaca", "text": "data=text", "preference"
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one fine-tuning job. Returns paths of what it wrote and the final metrics."""
+    started = time.perf_counter()
     out_dir = Path(cfg.out_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     t = cfg.trainer
@@ -225,8 +229,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         auto_insert_metric_name=False,
         every_n_train_steps=t.save_every_n_steps,
     )
-    final = FinalCheckpoint(ckpt_dir / "last.ckpt")
-    preemption = Preemption(final, requeue=bool(t.get("requeue", True)))
+    final_checkpoint = FinalCheckpoint(ckpt_dir / "last.ckpt")
+    preemption = Preemption(final_checkpoint, requeue=bool(t.get("requeue", True)))
     logger = instantiate(cfg.logger)
     strategy = build_strategy(cfg.strategy)
     precision = precision_plugin(str(cfg.precision), strategy)  # keeps adapters float32 under -true half precision
@@ -246,21 +250,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         limit_val_batches=t.limit_val_batches,
         num_sanity_val_steps=0,
         logger=logger,
-        callbacks=[checkpointing, RunIdentity(identity), final, preemption, export],
+        callbacks=[checkpointing, RunIdentity(identity), final_checkpoint, preemption, export],
         plugins=[AtomicCheckpointIO(), *([precision] if precision else [])],
         default_root_dir=out_dir,
         enable_progress_bar=t.progress_bar,
         deterministic=t.get("deterministic", False),
         use_distributed_sampler=False,  # the DataModule shards by rank itself, in the same order as one process
     )
+    if logger:  # before anything saves the logger (hparams.yaml is written once), for the HParams tab
+        logger.log_hyperparams(hyperparameters(cfg))
     trainer.validate(module, datamodule=data, verbose=False) if t.validate_first else None
-    initial = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    initial = held_out(trainer)
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
     except NonFiniteError as e:
         last = (
-            final.saved_step
-            if final.saved_step is not None
+            final_checkpoint.saved_step
+            if final_checkpoint.saved_step is not None
             else (torch.load(resume_from, weights_only=True, mmap=True)["global_step"] if resume_from else None)
         )
         where = (
@@ -280,11 +286,60 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise SystemExit(PREEMPTED)
     if t.validate_last:
         trainer.validate(module, datamodule=data, verbose=False)
-    final = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    final = held_out(trainer)
+    peak, peak_kind = peak_memory()
+    metrics = {
+        "status": "ok",
+        "method": cfg.method.name,
+        "task": cfg.task.name,
+        "initial": initial,
+        "final": final,
+        "held_out_examples": len(data.val) if data.val is not None else 0,
+        "steps": trainer.global_step,
+        "tokens": module.tokens_seen,
+        "wall_time_s": round(time.perf_counter() - started, 3),
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": peak_kind,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "config_digest": identity_digest(identity),
+    }
+    if trainer.is_global_zero:
+        write_json(out_dir / "metrics.json", metrics)
+        if "val/loss" in initial and "val/loss" in final:
+            summary(out_dir, f"held-out loss: {initial['val/loss']:.4f} -> {final['val/loss']:.4f}")
     return {
         "out_dir": str(out_dir),
         "export": str(export.target),
         "initial": initial,
         "final": final,
+        "metrics": metrics,
         "log_dir": logger.log_dir if logger else None,
     }
+
+
+def held_out(trainer: L.Trainer) -> dict[str, float]:
+    """The validation metrics Lightning holds after a validation (val/loss, val/ppl, val/<task metric>)."""
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+
+
+def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config, flattened to `group.key: value` with values TensorBoard can show."""
+    from lit_peft.resume import flatten
+
+    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
+    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flat.items()}
+
+
+def identity_digest(identity: dict[str, Any]) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def summary(out_dir: Path, line: str) -> None:
+    """A summary line on the console and in the run's run.log."""
+    print(line, flush=True)
+    with (out_dir / "run.log").open("a") as f:
+        f.write(line + "\n")

@@ -91,17 +91,20 @@ def make_module(tokenizer, load, **kw):
     return SFTDataModule(tokenizer, get_template("chatml"), load, **{**args, **kw})
 
 
-def test_split_is_deterministic_in_the_seed(tokenizer):
-    records = synthetic_records(20, seed=3)
+def test_the_held_out_set_depends_on_the_split_seed_only(tokenizer):
+    """A seed sweep, or another max_examples, keeps one held-out set; data.split_seed draws another."""
+    records = synthetic_records(40, seed=3)
 
-    def split(seed):
+    def split(seed=1, split_seed=0, max_examples=None):
         dm = make_module(tokenizer, lambda: records, seed=seed)
+        dm.split_seed, dm.max_examples = split_seed, max_examples
         dm.setup()
         return [x["input_ids"].tolist() for x in dm.val], len(dm.train)
 
-    assert split(1) == split(1)
-    assert split(1)[0] != split(2)[0]
-    assert split(1)[1] == 17
+    held, n_train = split()
+    assert n_train == 37 and len(held) == 3  # val_size 3 of 40 records
+    assert split(seed=2)[0] == held and split(max_examples=10) == (held, 10)
+    assert split(split_seed=1)[0] != held
 
 
 def test_synthetic_outputs_are_correct():
@@ -118,7 +121,7 @@ def test_missing_field_names_file_record_and_field(tmp_path, tokenizer):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c", "answer": "d"}]))
     load, source = record_loader({"path": str(path)}, seed=0)
-    dm = make_module(tokenizer, load, source=source)
+    dm = make_module(tokenizer, load, source=source, val_size=1)
     with pytest.raises(DataError, match=rf"{path}: record \d has no field 'output'"):
         dm.setup()
 
@@ -150,10 +153,10 @@ def test_jsonl_and_column_mapping(tmp_path):
 def test_real_alpaca_file_loads_and_masks(tokenizer):
     path = shared_data("alpaca/alpaca_5000.json")
     load, source = record_loader({"path": str(path)}, seed=0)
-    dm = make_module(tokenizer, load, source=source, max_examples=200, val_size=0.1, max_seq_length=256)
+    dm = make_module(tokenizer, load, source=source, max_examples=200, val_size=0.02, max_seq_length=256)
     dm.setup()
-    kept = len(dm.val) + len(dm.train)  # records whose response starts within 256 byte-level tokens
-    assert 150 < kept <= 200 and len(dm.val) == round(0.1 * kept)
+    # the held-out share is of the whole file (100 of 5000 records), the training records are capped at 200
+    assert 90 < len(dm.val) <= 100 and 180 < len(dm.train) <= 200
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 4 and batch["input_ids"].shape[1] <= 256
     assert ((batch["labels"] != IGNORE_INDEX).sum(1) > 0).all()

@@ -417,6 +417,8 @@ def test_records_dropped_or_cut_for_length_are_reported(tokenizer, capsys):
         "d.jsonl: dropped 2 of 10 records: no target token fits in max_seq_length=60",
         "d.jsonl: cut 4 of 10 records at max_seq_length=60: 2 inside their first reply, 2 after the last whole turn "
         "that fits",
+        f"held-out set: {len(dm.val)} examples from 2 records (data.val_size=2, data.split_seed=0); training: "
+        f"{len(dm.train)} examples",
     ]
 
 

@@ -175,7 +175,7 @@ def test_lrc_run_convert_and_reload_give_the_training_time_students_logits(tiny_
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/ce", "train/kl", "train/clone", "train/clone_mlp_out", "val_ppl", "val_teacher_ce"} <= tags
+    assert {"train/ce", "train/kl", "train/clone", "train/clone_mlp_out", "val/ppl", "val/teacher_ce"} <= tags
     meta = json.loads((out / "lrc" / "adapter_config.json").read_text())
     assert meta["lrc"]["target_hidden_size"] == 16
     assert len(meta["rank_digests"]) == 2 and len(set(meta["rank_digests"])) == 1  # 2 gloo ranks, same weights

@@ -34,7 +34,7 @@ def losses(out: Path) -> dict[int, float]:
 
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
-    return {e.step: e.value for e in acc.Scalars("train_loss")}
+    return {e.step: e.value for e in acc.Scalars("train/loss")}
 
 
 def export(out: Path) -> dict[str, torch.Tensor]:

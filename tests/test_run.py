@@ -60,10 +60,28 @@ def test_lora_run_writes_adapter_logs_and_checkpoint(tiny_checkpoint, tmp_path):
     assert state.keys() == weights.keys() and all(torch.equal(state[k], weights[k]) for k in weights)
 
     logged = scalars(out)
-    for tag in ("train_loss", "val_loss", "lr", "tokens_per_sec", "params/trainable", "params/total"):
+    for tag in (
+        "train/loss",
+        "val/loss",
+        "train/lr",
+        "train/tokens_per_sec",
+        "train/grad_norm",
+        "train/step_time_s",
+        "train/peak_memory_bytes",
+        "params/trainable",
+        "params/total",
+    ):
         assert tag in logged, tag
     trainable = logged["params/trainable"][0][1]
     assert trainable == sum(w.numel() for w in weights.values())
+    # metrics.json: what the run measured, read by scripts/report.py
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["steps"] == 4 and metrics["trainable_params"] == trainable
+    assert metrics["final"]["val/loss"] == pytest.approx(logged["val/loss"][-1][1], rel=1e-6)
+    assert metrics["tokens"] > 0 and metrics["peak_memory_bytes"] > 0 and metrics["held_out_examples"] > 0
+    assert "held-out loss:" in (out / "run.log").read_text()
+    hparams = (out / "tensorboard" / "hparams.yaml").read_text()
+    assert "method.r: 8" in hparams and "optim.lr:" in hparams  # the HParams tab has the settings
     assert logged["params/total"][0][1] > trainable
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4

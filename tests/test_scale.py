@@ -185,7 +185,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tiny_checkpoint, tmp_path,
         assert single[k].dtype == ddp[k].dtype == torch.float32
         torch.testing.assert_close(ddp[k], single[k], rtol=rtol, atol=atol)
     assert any((single[k].abs() > 0).any() for k in single if "lora_B" in k)  # it trained
-    losses = {name: [v for _, v in scalars(out)["train_loss"]] for name, out in outs.items()}
+    losses = {name: [v for _, v in scalars(out)["train/loss"]] for name, out in outs.items()}
     assert len(losses["single"]) == 3
     torch.testing.assert_close(torch.tensor(losses["ddp"]), torch.tensor(losses["single"]), rtol=rtol, atol=atol)
     if precision != "32-true":

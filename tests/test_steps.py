@@ -87,13 +87,13 @@ def test_a_two_micro_batch_step_is_the_token_weighted_mean_and_logs_what_it_used
     capture = Capture()
     trainer = one_step(model, SFT(), batches, callbacks=[capture])
     m = trainer.callback_metrics
-    assert m["train_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert m["train/loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert abs(expected.item() - mean_of_means.item()) > 1e-3  # the two definitions differ on these batches
     assert m["train/target_tokens"].item() == 32
     for name, p in reference.named_parameters():
         torch.testing.assert_close(capture.grads[name], p.grad, rtol=1e-4, atol=1e-7)
     # lr: the rate the step used (warmup step 0 of 2), not the one the scheduler set after it.
-    assert m["lr"].item() == pytest.approx(0.1 * warmup_cosine(2, 1, 0.1)(0))
+    assert m["train/lr"].item() == pytest.approx(0.1 * warmup_cosine(2, 1, 0.1)(0))
 
 
 def test_step_batches_sum_the_units_of_a_window_and_keep_the_short_last_one():

@@ -126,8 +126,8 @@ def test_dpo_run_with_lora_logs_rewards_and_starts_at_log2(tiny_checkpoint, tmp_
     res = finetune(tiny_checkpoint, out, "task=dpo", "data=pairs", f"data.path={pairs_file}", "data.val_size=4")
     assert res.returncode == 0, res.stderr[-3000:]
     s = scalars(out)
-    assert s["val_loss"][0] == pytest.approx(math.log(2), abs=1e-5)  # validate_first: adapters start as identity
-    for name in ("train/reward_accuracy", "train/reward_margin", "train/rewards_chosen", "val_reward_accuracy"):
+    assert s["val/loss"][0] == pytest.approx(math.log(2), abs=1e-5)  # validate_first: adapters start as identity
+    for name in ("train/reward_accuracy", "train/reward_margin", "train/rewards_chosen", "val/reward_accuracy"):
         assert name in s, sorted(s)
     assert (out / "adapter" / "adapter.safetensors").is_file()
 
@@ -137,7 +137,7 @@ def test_dpo_full_finetuning_precomputes_the_reference_and_keeps_it_on_resume(ti
     args = ["task=dpo", "data=pairs", f"data.path={pairs_file}", "data.val_size=4", "method=full", "optim.lr=1e-3"]
     res = finetune(tiny_checkpoint, out, *args)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert scalars(out)["val_loss"][0] == pytest.approx(math.log(2), abs=1e-5)
+    assert scalars(out)["val/loss"][0] == pytest.approx(math.log(2), abs=1e-5)
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     table = ckpt["task_state"]["reference_table"]
     assert table.shape == (20, 2, 2) and (table[:, :, 1] > 0).all()  # every pair, both sides, token counts
@@ -174,7 +174,7 @@ def test_full_dpo_on_two_ddp_ranks_starts_at_log2_with_the_single_process_refere
     assert (single[:, :, 1] > 0).all() and (single[:, :, 0] < 0).all()  # every pair, both sides
     torch.testing.assert_close(ddp, single, rtol=1e-5, atol=1e-4)
     for out in runs.values():
-        assert scalars(out)["train_loss"][0] == pytest.approx(math.log(2), abs=1e-5)
+        assert scalars(out)["train/loss"][0] == pytest.approx(math.log(2), abs=1e-5)
 
 
 def test_pretrain_run_logs_perplexity(tiny_checkpoint, tmp_path):
@@ -184,8 +184,8 @@ def test_pretrain_run_logs_perplexity(tiny_checkpoint, tmp_path):
     res = finetune(tiny_checkpoint, out, "task=pretrain", "data=text", f"data.path={corpus}", "data.val_size=4")
     assert res.returncode == 0, res.stderr[-3000:]
     s = scalars(out)
-    assert s["val_ppl"][0] == pytest.approx(math.exp(s["val_loss"][0]), rel=1e-4)
-    assert s["val_loss"][-1] < s["val_loss"][0]
+    assert s["val/ppl"][0] == pytest.approx(math.exp(s["val/loss"][0]), rel=1e-4)
+    assert s["val/loss"][-1] < s["val/loss"][0]
 
 
 def test_streaming_pretrain_run(tiny_checkpoint, tmp_path):

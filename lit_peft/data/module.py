@@ -112,6 +112,7 @@ class SFTDataModule(SplitDataModule):
         val_size: float | int,
         seed: int,
         max_examples: int | None = None,
+        split_seed: int = 0,
         num_workers: int = 0,
         shuffle: bool = True,
     ) -> None:
@@ -122,6 +123,7 @@ class SFTDataModule(SplitDataModule):
         self.source, self.max_seq_length = source, max_seq_length
         self.micro_batch_size, self.val_size, self.seed = micro_batch_size, val_size, seed
         self.max_examples, self.num_workers, self.shuffle = max_examples, num_workers, shuffle
+        self.split_seed = split_seed
         self.train: list[dict[str, torch.Tensor]] = []
         self.val: list[dict[str, torch.Tensor]] = []
 
@@ -165,6 +167,7 @@ class SFTDataModule(SplitDataModule):
                 skipped.append(e)
                 continue
             if example is not None:
+                example["record"] = i  # its position in the file
                 examples.append(example)
         report_skipped(skipped, len(indices))
         self.report_lengths(stats, len(indices))
@@ -180,12 +183,27 @@ class SFTDataModule(SplitDataModule):
             return
         records = self.load()
         order = list(range(len(records)))
-        random.Random(self.seed).shuffle(order)  # deterministic in the seed, before any cut
+        # The held-out records are drawn with their own seed, from the whole file, before `max_examples` caps the
+        # training records: a seed sweep or another max_examples keeps the same held-out set.
+        random.Random(self.split_seed).shuffle(order)
+        n_val = split_sizes(len(records), self.val_size)
+        held, rest = order[:n_val], order[n_val:]
         if self.max_examples:
-            order = order[: self.max_examples]
-        examples = self.encode_records(records, order)
-        n_val = split_sizes(len(examples), self.val_size)
-        self.val, self.train = examples[:n_val], examples[n_val:]
+            rest = rest[: self.max_examples]
+        examples = self.encode_records(records, held + rest)  # one pass, one report
+        held_set = set(held)
+        self.val = [x for x in examples if x["record"] in held_set]
+        self.train = [x for x in examples if x["record"] not in held_set]
+        if not self.val or not self.train:
+            raise DataError(
+                f"{self.source}: data.val_size={self.val_size} leaves {len(self.val)} held-out and {len(self.train)} "
+                "training examples after records that cannot be used were dropped; both need at least one"
+            )
+        print(
+            f"held-out set: {len(self.val)} examples from {n_val} records (data.val_size={self.val_size}, "
+            f"data.split_seed={self.split_seed}); training: {len(self.train)} examples",
+            flush=True,
+        )
 
     def collate_fn(self) -> Callable:
         pad_id = self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 0

@@ -422,6 +422,7 @@ class TextDataModule(SplitDataModule):
         cache_dir: str | Path | None = None,
         num_workers: int = 0,
         shuffle: bool = True,
+        split_seed: int = 0,
         val_split: str = "auto",
         document_separator: str | None = None,
     ) -> None:
@@ -437,6 +438,7 @@ class TextDataModule(SplitDataModule):
         self.tokenizer, self.path, self.fmt = tokenizer, path, fmt
         self.block_size, self.micro_batch_size = max_seq_length, micro_batch_size
         self.val_size, self.seed, self.split = val_size, seed, split
+        self.split_seed = split_seed
         self.columns, self.separator, self.streaming = dict(columns or {}), separator, streaming
         self.val_split = val_split
         self.separator_id = document_separator_id(tokenizer, document_separator)
@@ -490,7 +492,7 @@ class TextDataModule(SplitDataModule):
             return None
         n_docs, problem = len(lengths), None
         try:
-            held = held_out_documents(lengths, self.block_size, self.val_size, self.seed)
+            held = held_out_documents(lengths, self.block_size, self.val_size, self.split_seed)
         except DataError as e:
             held, problem = None, str(e)
         if held is not None:
@@ -553,7 +555,7 @@ class TextDataModule(SplitDataModule):
                 f"{self.path}: the corpus fills {len(blocks)} block(s) of max_seq_length={self.block_size} tokens; "
                 "it needs at least 2 (one to train, one held out)"
             )
-        self.train, self.val = split_blocks(blocks, self.val_size, self.seed)
+        self.train, self.val = split_blocks(blocks, self.val_size, self.split_seed)
 
     def collate_fn(self):
         return partial(collate, pad_id=0)  # blocks are all max_seq_length long: nothing is padded

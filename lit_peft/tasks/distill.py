@@ -53,7 +53,7 @@ def distill_loss(
 
 class Distill(Task):
     data_kinds = ("conversation", "text")
-    perplexity = "ce"  # val_loss is the distillation loss; val_ppl is the student's, from its CE
+    perplexity = "ce"  # val/loss is the distillation loss; val/ppl is the student's, from its CE
 
     def __init__(
         self,

@@ -52,7 +52,7 @@ def clone_losses(
 
 class LowRankCloneTask(Task):
     data_kinds = ("conversation", "text")
-    perplexity = "ce"  # val_ppl is the student's held-out perplexity, not exp(val_loss)
+    perplexity = "ce"  # val/ppl is the student's held-out perplexity, not exp(val/loss)
 
     def __init__(
         self,

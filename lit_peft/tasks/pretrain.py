@@ -6,6 +6,6 @@ from lit_peft.tasks.sft import SFT
 
 
 class Pretrain(SFT):
-    """The SFT loss on blocks whose labels are the inputs themselves; held-out perplexity is logged as val_ppl."""
+    """The SFT loss on blocks whose labels are the inputs themselves; held-out perplexity is logged as val/ppl."""
 
     data_kinds = ("text",)

@@ -21,7 +21,7 @@ class Task:
     alone, each over its unit in `metric_units` (default `unit`), so the module can weight them exactly.
 
     `data_kinds`: the data formats' kinds the task trains on ('conversation', 'text', 'preference'). `perplexity`:
-    whether val_ppl is logged, as exp of the held-out loss (True) or of the named metric (e.g. "ce").
+    whether val/ppl is logged, as exp of the held-out loss (True) or of the named metric (e.g. "ce").
     `attach(module)` runs before a checkpoint is restored and before the strategy wraps the model (what must be taken
     from the untrained weights); `setup(module, datamodule)` runs on the device before the first step;
     `state_dict()` is saved with Lightning checkpoints.
