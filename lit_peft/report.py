@@ -357,19 +357,30 @@ def collect(folders: Sequence[Path], report_dir: Path, stale_after_s: float = ST
     jobs: list[Job] = []
     seen: set[str] = set()
 
+    several = len(folders) > 1
+    names: set[str] = set()
+
     def name_of(folder: Path, base: Path) -> str:
-        for root in (base, report_dir):
-            rel = os.path.relpath(folder, root)
-            if not rel.startswith("..") and rel != ".":
-                return rel
-        return folder.name
+        """The folder relative to the report's folder; with several inputs, prefixed by the input's name."""
+        rel = os.path.relpath(folder, report_dir)
+        if rel.startswith("..") or rel == ".":
+            rel = os.path.relpath(folder, base)
+            rel = folder.name if rel.startswith("..") or rel == "." else rel
+            if several and _key(base) != _key(folder):
+                rel = f"{base.name}/{rel}"
+        name, i = rel, 1
+        while name in names:
+            i += 1
+            name = f"{rel} ({i})"
+        names.add(name)
+        return name
 
     for given in folders:
         given = Path(given)
         if is_run_dir(given):
             if _key(given) not in seen:
                 seen.add(_key(given))
-                name = name_of(given, report_dir) if _key(given) != _key(report_dir) else given.name
+                name = name_of(given, given.parent)
                 jobs.append(load_job(Job(name=name, folder=given), now, stale_after_s))
             continue
         records = read_records(given)
@@ -413,10 +424,9 @@ def collect(folders: Sequence[Path], report_dir: Path, stale_after_s: float = ST
             if plan.get("num") in started_nums:
                 continue
             status = "pending" if sweep_alive else "not run"
-            name = f"{name_of(given, report_dir)}#{plan.get('num')}" if _key(given) != _key(report_dir) else ""
             jobs.append(
                 Job(
-                    name=name or f"#{plan.get('num')}",
+                    name=name_of(given / f"#{plan.get('num')}", given),
                     folder=None,
                     num=plan.get("num"),
                     overrides=list(plan.get("overrides") or []),
@@ -533,7 +543,8 @@ def fill_rows(jobs: Sequence[Job]) -> tuple[list[str], list[str], list[str]]:
     keys: dict[str, None] = {}
     for job in jobs:
         keys.update(dict.fromkeys(job.override_map))
-    differing = [k for k in keys if len({job.override_map.get(k) for job in jobs}) > 1]
+    shown = ("method", "task")  # columns of their own
+    differing = [k for k in keys if k not in shown and len({_same(job.override_map.get(k)) for job in jobs}) > 1]
     vals, trains = val_names(jobs), train_names(jobs)
     for job in jobs:
         trainable = _as_int(_num(job, "trainable_params", "params/trainable"))
@@ -575,6 +586,19 @@ def fill_rows(jobs: Sequence[Job]) -> tuple[list[str], list[str], list[str]]:
         row["folder"] = str(job.folder) if job.folder is not None else ""
         job.row = row
     return differing, vals, trains
+
+
+def _same(value: str | None) -> Any:
+    """An override's value as parsed (False and false, 1e-3 and 0.001 are the same setting)."""
+    if value is None:
+        return None
+    import yaml
+
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    return json.dumps(parsed, sort_keys=True, default=str)
 
 
 def columns(jobs: Sequence[Job]) -> list[str]:
@@ -947,7 +971,7 @@ def _run_eval(
     errors = io.StringIO()
     try:
         main = runpy.run_path(str(root / "eval" / "run.py"), run_name="lit_peft_report_eval")["main"]
-        with contextlib.redirect_stderr(errors):
+        with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
             try:
                 report = main(argv)
             except SystemExit as e:
