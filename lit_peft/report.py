@@ -424,15 +424,15 @@ def collect(folders: Sequence[Path], report_dir: Path, stale_after_s: float = ST
             if plan.get("num") in started_nums:
                 continue
             status = "pending" if sweep_alive else "not run"
-            jobs.append(
-                Job(
-                    name=name_of(given / f"#{plan.get('num')}", given),
-                    folder=None,
-                    num=plan.get("num"),
-                    overrides=list(plan.get("overrides") or []),
-                    status=status,
-                )
+            job = Job(
+                name=name_of(given / f"#{plan.get('num')}", given),
+                folder=None,
+                num=plan.get("num"),
+                overrides=list(plan.get("overrides") or []),
+                status=status,
             )
+            job.method, job.task = job.override_map.get("method"), job.override_map.get("task")
+            jobs.append(job)
     return jobs
 
 

@@ -144,6 +144,11 @@ class SweepReport(Callback):
             status, error = "failed", _error_line(job_return._return_value)
         elif job_return.status != JobStatus.COMPLETED:
             status = "killed"
+        else:  # a task function may report a failure it handled itself: {"status": "failed", "error": ...}
+            value = job_return._return_value
+            if isinstance(value, dict) and value.get("status") == "failed":
+                status = "failed"
+                error = str(value.get("error") or (self._tail.error_line() if self._tail is not None else ""))
         self._end(status, error)
         self._restore_stderr()
         self._write_report()

@@ -243,11 +243,22 @@ def test_running_and_killed_jobs_read_from_events_alone(sweep, tmp_path):
     assert rows(folder)["0"]["status"] == "killed"
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
     for pid, status in ((os.getpid(), "running"), (int(dead.stdout), "killed")):
-        record = {"event": "start", "num": 0, "out_dir": str(folder / "0"), "pid": pid, "host": socket.gethostname()}
+        record = {"event": "start", "num": 0, "out_dir": str(folder / "0"), "pid": pid, "host": host}
         (folder / "jobs.jsonl").write_text(json.dumps(record) + "\n")
         write_report([folder], plots=False)
         assert rows(folder)["0"]["status"] == status
+
+    # A planned job that never started: pending while the sweep process runs, not run once it has stopped.
+    plan = {"event": "sweep", "jobs": [{"num": 0}, {"num": 1, "overrides": ["method=oft", "method.nb=8"]}]}
+    start = {"event": "start", "num": 0, "out_dir": str(folder / "0"), "pid": os.getpid(), "host": host}
+    for sweep_pid, status in ((os.getpid(), "pending"), (int(dead.stdout), "not run")):
+        lines = [{**plan, "pid": sweep_pid, "host": host}, start]
+        (folder / "jobs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        write_report([folder], plots=False)
+        planned = rows(folder)["#1"]
+        assert planned["status"] == status and planned["method.nb"] == "8" and planned["method"] == "oft"
 
     write_run_metrics(folder / "0", final={"val_loss": 1.25}, steps=4, trainable_params=7, total_params=70)
     saved = json.loads((folder / "0" / "metrics.json").read_text())
