@@ -11,7 +11,6 @@ minimizes. Under `hydra/launcher=joblib` each concurrent job on a machine with s
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -92,9 +91,10 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    from lit_peft.launch import launcher_environment
     from lit_peft.validate import STAGES
 
-    os.environ["LIT_PEFT_SWEEP_PID"] = str(os.getpid())  # lit_peft.launch.SWEEP_PID: a job in a worker knows it
+    launcher_environment()  # before submitit is imported: its SLURM signal is SIGUSR1; jobs know their launcher
     check_group_choices(sys.argv[1:], ROOT / "conf")
     argv = run_dir_follows_out_dir(sys.argv[1:])
     argv = hydra_preflight(argv, ROOT / "conf", "config", STAGES)

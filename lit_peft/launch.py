@@ -28,6 +28,20 @@ from typing import IO, Any
 
 SWEEP_PID = "LIT_PEFT_SWEEP_PID"  # set by finetune/run.py in the launching process; workers inherit it
 
+# submitit asks SLURM for its preemption signal `signal_delay_s` before the time limit (sbatch --signal) and handles
+# it in the job; its default is SIGUSR2, which our runs do not handle. SIGUSR1 is the one they do (and Lightning's
+# SLURM convention): during training a run checkpoints its step and requeues on it; outside training submitit's own
+# handler requeues (at most max_num_timeout times). Set in the launching process, read by submitit when imported
+# there, and inherited by the jobs (sbatch exports the environment).
+SUBMITIT_SIGNAL = {"SUBMITIT_PREEMPT_SIGNAL": "USR1"}
+
+
+def launcher_environment(env: MutableMapping[str, str] = os.environ) -> None:
+    """What the launching process sets before Hydra runs (a value the user exported wins)."""
+    env[SWEEP_PID] = str(os.getpid())
+    for key, value in SUBMITIT_SIGNAL.items():
+        env.setdefault(key, value)
+
 
 class DeviceSlots:
     """One process's claim on a GPU slot of a sweep: held (the lock file kept open) until the process exits."""
