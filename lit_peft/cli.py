@@ -272,6 +272,9 @@ class OutputFolders:
             if path is not None:
                 p = self._abs(path)
                 for folder in (p, *p.parents):
+                    if not self.existed.get(folder, False) and folder.is_dir():
+                        # what it holds now is kept; a later job's new folder inside it is still that job's
+                        self.children[folder] = {c.name for c in folder.iterdir()}
                     self.existed[folder] = True
 
     def remove_created(self, *paths: str | os.PathLike | None) -> None:
