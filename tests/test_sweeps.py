@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ CONF = ROOT / "conf"
 SWEEP = [*TINY_RUN, "trainer.max_steps=2", "trainer.validate_first=false", "hydra.callbacks.sweep_report.enabled=false"]
 
 
-def sweep(tiny_checkpoint: Path, sweep_dir: Path, *overrides: str):
+def sweep(tiny_checkpoint: Path, sweep_dir: Path, *overrides: str, env: dict | None = None):
     res = run_cli(
         "finetune/run.py",
         "-m",
@@ -28,6 +29,7 @@ def sweep(tiny_checkpoint: Path, sweep_dir: Path, *overrides: str):
         f"model.checkpoint_dir={tiny_checkpoint}",
         f"hydra.sweep.dir={sweep_dir}",
         *overrides,
+        env=env,
         timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
@@ -56,12 +58,19 @@ def assert_trained(job: Path) -> None:
 
 
 def test_joblib_launcher_runs_two_jobs_in_parallel(tiny_checkpoint, tmp_path):
-    res = sweep(tiny_checkpoint, tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optim.lr=1e-3,2e-2")
+    # Two GPUs as far as the GPU rule can tell (CPU torch trains on the CPU regardless): each worker claims one.
+    two_gpus = {"CUDA_VISIBLE_DEVICES": "0,1"}
+    args = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optim.lr=1e-3,2e-2"]
+    res = sweep(tiny_checkpoint, tmp_path, *args, env=two_gpus)
     assert "Joblib.Parallel(n_jobs=2," in res.stdout + res.stderr  # the plugin launched them, two at a time
+    claimed = re.findall(r"sweep job \d: GPU (\d) \(slot \d of 2\)", res.stdout)
+    assert claimed and len(set(claimed)) == len(claimed)  # a worker's first job claims a GPU no other worker holds
     jobs = job_folders(tmp_path)
     # Job folders name what differs between the jobs; the fixed overrides and the checkpoint path are left out.
     assert [j.name for j in jobs] == ["0_optim.lr=0.001", "1_optim.lr=0.02"]
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [j.name for j in jobs]  # nothing nested
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith(".")) == [
+        j.name for j in jobs
+    ]  # nothing nested
     for job in jobs:
         assert_trained(job)
     losses = [held_out_loss(j) for j in jobs]
