@@ -85,8 +85,6 @@ def main(cfg: DictConfig) -> float:
         raise
     OUTPUTS.keep(*_run_folders(cfg))
     print(f"exported: {result['export']}\nlogs: {result['log_dir']}")
-    if "val_loss" in result["initial"] and "val_loss" in result["final"]:
-        print(f"held-out loss: {result['initial']['val_loss']:.4f} -> {result['final']['val_loss']:.4f}")
     return final_loss(result)
 
 

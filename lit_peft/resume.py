@@ -27,6 +27,7 @@ import torch
 # Settings a resumed run may change: how long to train, how to report, where and how to run.
 RESUMABLE_CHANGES = (
     "trainer.max_steps",
+    "method.lr",  # the rate a method recommends; optim.lr, the rate used, is checked
     "trainer.max_epochs",
     "trainer.save_every_n_steps",
     "trainer.keep_last_checkpoints",
