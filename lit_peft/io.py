@@ -81,7 +81,8 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -135,7 +136,7 @@ def clean_stale(path: str | Path) -> list[Path]:
             continue
         m = owned.match(entry.name)
         if m is not None:
-            stale = m["host"] == host and not _pid_alive(int(m["pid"]))
+            stale = m["host"] == host and not pid_alive(int(m["pid"]))
         else:
             try:
                 stale = legacy.match(entry.name) is not None and now - entry.stat().st_mtime > LEGACY_STAGING_AGE_S

@@ -233,15 +233,11 @@ def _host() -> str:
 
 def process_alive(pid: Any, host: Any) -> bool | None:
     """Whether process `pid` on `host` runs; None when that cannot be told from here (another host)."""
+    from lit_peft.io import pid_alive
+
     if not isinstance(pid, int) or host != _host():
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
 
 
 def _key(path: Any) -> str:
