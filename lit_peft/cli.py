@@ -401,6 +401,14 @@ def composition_error(e: Exception, overrides: list[str], compose: Callable[[lis
 
     text = str(e)
     cause = e.__cause__
+
+    def keys_without(key: str) -> tuple[str, list[str]] | None:
+        """(the node holding `key`, its valid keys), composed without the override naming `key`; None if unknown."""
+        try:
+            return _node_keys(compose([o for o in overrides if _override_key(o) != key]), key)
+        except Exception:
+            return None
+
     if isinstance(e, OverrideParseException) or (isinstance(e, ValueError) and "Config group override" in text):
         bad = next((o for o in overrides if o.strip() in text), None) or getattr(e, "override", None)
         lines = [ln.strip() for ln in text.splitlines()]
@@ -421,12 +429,8 @@ def composition_error(e: Exception, overrides: list[str], compose: Callable[[lis
     match = re.search(r"Could not override '([^']+)'", text)
     if match and cause is not None and "not in" in str(cause):
         key = match.group(1)
-        rest = [o for o in overrides if _override_key(o) != key]
-        try:
-            node, keys = _node_keys(compose(rest), key)
-        except Exception:
-            return f"unknown key {key}"
-        return _unknown_key(key, node, keys)
+        found = keys_without(key)
+        return _unknown_key(key, *found) if found else f"unknown key {key}"
     if match and cause is not None:
         arg = next((o for o in overrides if _override_key(o) == match.group(1)), match.group(1))
         return f"{arg}: {one_line(str(cause))}"
@@ -437,12 +441,10 @@ def composition_error(e: Exception, overrides: list[str], compose: Callable[[lis
     match = re.search(r"Could not delete from config. '([^']+)' does not exist", text)
     if match:
         key = match.group(1)
-        rest = [o for o in overrides if _override_key(o) != key]
-        try:
-            node, keys = _node_keys(compose(rest), key)
-        except Exception:
+        found = keys_without(key)
+        if not found:
             return f"~{key}: no key {key} to delete"
-        return f"~{key}: no key {key} to delete; {_unknown_key(key, node, keys).split('; ', 1)[1]}"
+        return f"~{key}: no key {key} to delete; {_unknown_key(key, *found).split('; ', 1)[1]}"
     match = re.search(r"Ambiguous value for argument '([^']+)'", text)
     if match:
         arg = match.group(1)

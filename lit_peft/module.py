@@ -130,12 +130,12 @@ class WeightedMeans:
     """Running sums of value x weight and of weight per name, for means that are exact across batches and ranks."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, list[torch.Tensor]] = {}
+        self.sums: dict[str, torch.Tensor] = {}  # name -> [sum of value x weight, sum of weight]
 
     def add(self, name: str, value: torch.Tensor, weight: torch.Tensor | float) -> None:
         weight = torch.as_tensor(weight, dtype=torch.float64, device=value.device)
         pair = torch.stack([value.detach().double() * weight, weight])
-        self.sums[name] = [self.sums[name][0] + pair] if name in self.sums else [pair]
+        self.sums[name] = self.sums[name] + pair if name in self.sums else pair
 
     def reduce(self, strategy) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{name: (sum of value x weight, sum of weight)} over everything added on every rank (a collective: every
@@ -143,8 +143,8 @@ class WeightedMeans:
         names = sorted(self.sums)
         if not names:
             return {}
-        device = self.sums[names[0]][0].device
-        total = strategy.reduce(torch.stack([self.sums[n][0].to(device) for n in names]), reduce_op="sum")
+        device = self.sums[names[0]].device
+        total = strategy.reduce(torch.stack([self.sums[n].to(device) for n in names]), reduce_op="sum")
         self.sums = {}
         return {n: (t[0], t[1]) for n, t in zip(names, total, strict=True)}
 

@@ -161,8 +161,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_dir = out_dir / "checkpoints"
     resume_from = resume_checkpoint(cfg.get("resume"), ckpt_dir)
     identity = run_identity(OmegaConf.to_container(cfg, resolve=True), checkpoint_dir)
+    resumed_step = None
     if resume_from is not None:
         saved = load_checkpoint(resume_from)
+        resumed_step = int(saved.get("global_step", 0))
         check_identity(saved.get("lit_peft_run"), identity, resume_from)
         if finished(saved, t.max_steps, t.max_epochs):
             print(
@@ -264,11 +266,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
     except NonFiniteError as e:
-        last = (
-            final_checkpoint.saved_step
-            if final_checkpoint.saved_step is not None
-            else (torch.load(resume_from, weights_only=True, mmap=True)["global_step"] if resume_from else None)
-        )
+        last = final_checkpoint.saved_step if final_checkpoint.saved_step is not None else resumed_step
         where = (
             f"the last good checkpoint is {ckpt_dir / 'last.ckpt'} (step {last})"
             if last

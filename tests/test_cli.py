@@ -259,10 +259,14 @@ def _module(path: str):
     ],
 )
 def test_script_arguments_are_one_line_errors(script, argv, message):
-    module = _module(script)
+    assert_one_line_exit(_module(script).parse_args, argv, message)
+
+
+def assert_one_line_exit(entry, argv: list[str], message: str) -> None:
+    """`entry(argv)` exits with status 2 after one `error: ...` line that starts with `message`."""
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_:
-        module.parse_args(argv)
+        entry(argv)
     assert exit_.value.code == 2
     assert one_error(stderr.getvalue()).startswith(message)
 
@@ -279,12 +283,7 @@ def test_script_arguments_are_one_line_errors(script, argv, message):
     ],
 )
 def test_every_script_parser_answers_in_one_line(script, argv, message):
-    module = _module(script)
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_:
-        module.main(argv)
-    assert exit_.value.code == 2
-    assert one_error(stderr.getvalue()).startswith(message)
+    assert_one_line_exit(_module(script).main, argv, message)
 
 
 # ---------------------------------------------------------------- corrupt weight files, named
