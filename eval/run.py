@@ -82,6 +82,12 @@ def parse_args(argv: list[str] | None):
     )
     p.add_argument("--system", help="system prompt in the chat template (default: the recorded one; '' for none)")
     p.add_argument("--seed", type=seed_int, default=1234)
+    p.add_argument(
+        "--bootstrap-iters",
+        type=non_negative_int,
+        default=1000,
+        help="lm-eval's resamples for the standard errors of bootstrapped metrics (acc's is analytic); 0: none",
+    )
     p.add_argument("--log-samples", action="store_true", help="keep every item's scores in results.json")
     p.add_argument("--out", type=Path, help="output folder (default: outputs/eval/<date>_<time>)")
     args = p.parse_args(argv)
@@ -212,7 +218,9 @@ def main(argv: list[str] | None = None) -> dict:
         lm = LitLM(model, tokenizer, args.batch_size, args.max_length, template=template, name=checkpoint_dir.name)
 
         def run() -> dict:
-            return evaluate(lm, tasks, manager, args.num_fewshot, limit, args.seed, apply_chat, args.log_samples)
+            return evaluate(
+                lm, tasks, manager, args.num_fewshot, limit, args.seed, apply_chat, args.log_samples, args.bootstrap_iters
+            )
 
         named: dict[str, dict] = {}
         rewired = getattr(model, "cqil", None) is not None
@@ -245,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
         "system_prompt": fmt.system_prompt if apply_chat else None,
         "prompt_format": fmt.to_dict(),
         "seed": args.seed,
+        "bootstrap_iters": args.bootstrap_iters,
     }
     report = {
         "settings": settings,

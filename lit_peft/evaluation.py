@@ -7,6 +7,7 @@ same model scores the same through either (tests/test_eval.py checks it on an ex
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -260,8 +261,13 @@ def evaluate(
     seed: int = 1234,
     apply_chat_template: bool = False,
     log_samples: bool = False,
+    bootstrap_iters: int = 1000,
 ) -> dict[str, Any]:
-    """lm-eval's `simple_evaluate` on our model; adds the wall time to the results."""
+    """lm-eval's `simple_evaluate` on our model; adds the wall time to the results.
+
+    Standard errors are lm-eval's own: analytic for means such as acc (sqrt(p(1-p)/(n-1))), `bootstrap_iters`
+    resamples for the metrics it bootstraps (f1, mcc, bleu, ...); 0 computes none.
+    """
     from lm_eval import simple_evaluate
 
     start = time.perf_counter()
@@ -277,7 +283,7 @@ def evaluate(
         numpy_random_seed=seed,
         torch_random_seed=seed,
         fewshot_random_seed=seed,
-        bootstrap_iters=0,
+        bootstrap_iters=bootstrap_iters,
     )
     results["wall_seconds"] = time.perf_counter() - start
     return results
@@ -285,20 +291,28 @@ def evaluate(
 
 def headline(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     """{task: {metric: value}} with lm-eval's 'acc,none' keys shortened to 'acc' and stderr left out."""
-    table: dict[str, dict[str, float]] = {}
+    return {task: {m: v for m, (v, _) in row.items()} for task, row in _metrics(results).items()}
+
+
+def _metrics(results: dict[str, Any]) -> dict[str, dict[str, tuple[float, float | None]]]:
+    """{task: {metric: (value, lm-eval's standard error or None)}}."""
+    table: dict[str, dict[str, tuple[float, float | None]]] = {}
     for task, metrics in results["results"].items():
         row = {}
         for key, value in metrics.items():
             metric, _, filt = key.partition(",")
             if isinstance(value, (int, float)) and "stderr" not in metric and metric not in ("alias", "sample_len"):
-                row[metric if filt in ("none", "") else f"{metric} ({filt})"] = float(value)
+                stderr = metrics.get(f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr")
+                ok = isinstance(stderr, (int, float)) and math.isfinite(stderr)
+                row[metric if filt in ("none", "") else f"{metric} ({filt})"] = (float(value), float(stderr) if ok else None)
         table[task] = row
     return table
 
 
 def comparison_table(named: dict[str, dict[str, Any]], samples: dict[str, dict[str, int]] | None = None) -> str:
-    """A Markdown table: one row per task and metric, one column per evaluated model, and the change to the first."""
-    heads = {name: headline(res) for name, res in named.items()}
+    """A Markdown table: one row per task and metric, one column per evaluated model (value ± lm-eval's standard
+    error), and the change to the first with the standard error of the difference of two independent estimates."""
+    heads = {name: _metrics(res) for name, res in named.items()}
     names = list(heads)
     cols = names + ([f"{names[-1]} - {names[0]}"] if len(names) > 1 else [])
     lines = ["| task | metric | n | " + " | ".join(cols) + " |", "|---|---|---:|" + "---:|" * len(cols)]
@@ -306,9 +320,13 @@ def comparison_table(named: dict[str, dict[str, Any]], samples: dict[str, dict[s
     for task in sorted(first):
         for metric in first[task]:
             values = [heads[n].get(task, {}).get(metric) for n in names]
-            cells = [f"{v:.4f}" if v is not None else "-" for v in values]
+            cells = ["-" if v is None else f"{v[0]:.4f}" + (f" ± {v[1]:.4f}" if v[1] is not None else "") for v in values]
             if len(names) > 1 and values[0] is not None and values[-1] is not None:
-                cells.append(f"{values[-1] - values[0]:+.4f}")
+                (a, sa), (b, sb) = values[0], values[-1]
+                diff = f"{b - a:+.4f}"
+                if sa is not None and sb is not None:
+                    diff += f" ± {math.hypot(sa, sb):.4f}"
+                cells.append(diff)
             n = (samples or {}).get(task, {}).get("effective", "")
             lines.append(f"| {task} | {metric} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

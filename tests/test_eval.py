@@ -299,6 +299,12 @@ def test_eval_script_compares_base_and_adapter(tiny_checkpoint, data_dir, tmp_pa
     table = (out / "results.md").read_text()
     assert "| local_arc_easy | acc | 6 |" in table and "adapter - base" in table
     base, adapted = report["models"]["base"], report["models"]["adapter"]
+    # Standard errors are lm-eval's own (analytic for acc: sqrt(p(1-p)/(n-1)) over the n items), shown as value ± se.
+    for name, res in report["models"].items():
+        acc, n = res["results"]["local_arc_easy"]["acc,none"], 6
+        stderr = res["results"]["local_arc_easy"]["acc_stderr,none"]
+        assert stderr == pytest.approx(math.sqrt(acc * (1 - acc) / (n - 1)), abs=1e-12), name
+        assert f"{acc:.4f} ± {stderr:.4f}" in table
 
     # The base column equals evaluating the base checkpoint on its own (adapters switched off = base).
     alone = tmp_path / "alone"
