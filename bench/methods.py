@@ -7,7 +7,8 @@
 
 One step = forward to logits, mean next-token cross-entropy over every position (the same `lm_loss` for every
 row), backward, AdamW step, on a fixed batch. All variants share one process and one frozen model (installed,
-timed, removed), interleaved over several rounds so that machine noise hits them alike; s/step is the median.
+timed, removed), interleaved over several rounds so that machine noise hits them alike; s/step is the median of
+the timed steps (the first round starts with one untimed warm-up step per variant).
 "frozen base" is the floor every adapter pays: the same forward and backward through the frozen model, gradients
 flowing to the activations only. "x LoRA r=8" divides by our LoRA r=8, "x floor" by the frozen base of the row's
 own model (ours for our rows, the Hugging Face twin for "peft" rows), both measured in the same run and the same
@@ -355,7 +356,8 @@ def worker(model_key: str, rows: list[str], args: argparse.Namespace) -> list[di
                     torch.cuda.reset_peak_memory_stats()
                 else:
                     rss = RssPeak()
-            for step in range(1 + args.steps):  # one warm-up step per round
+            warmup = 0 if n else 1  # the first round's first step compiles and allocates; later rounds reuse that
+            for step in range(warmup + args.steps):
                 sync()
                 start = time.perf_counter()
                 lm_loss(logits(idx), idx).backward()
@@ -363,7 +365,7 @@ def worker(model_key: str, rows: list[str], args: argparse.Namespace) -> list[di
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                 sync()
-                if step:
+                if step >= warmup:
                     res["times"].append(time.perf_counter() - start)
             if n == 0:
                 res["peak_mb"] = (torch.cuda.max_memory_allocated() if device == "cuda" else rss.stop()) / 2**20
