@@ -187,7 +187,7 @@ class FinalCheckpoint(L.Callback):
 
     def save(self, trainer: L.Trainer) -> None:
         if trainer.global_step > 0 and self.saved_step != trainer.global_step:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.save(trainer)
@@ -228,6 +228,8 @@ class Preemption(L.Callback):
         self.signal_name, self.step = self.received or "a signal on another rank", trainer.global_step
         self.final.save(trainer)
         trainer.should_stop = True
+        # Lightning validates when should_stop is set (for early stopping); a preempted job has seconds left.
+        trainer.limit_val_batches = 0
         if self.requeue and trainer.is_global_zero and os.environ.get("SLURM_JOB_ID"):
             job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
             task = os.environ.get("SLURM_ARRAY_TASK_ID")

@@ -226,3 +226,37 @@ def test_a_run_stopped_at_a_non_finite_step_keeps_its_new_folder(tiny_checkpoint
     line = res.stderr.strip().splitlines()[-1]
     assert line.startswith("error: non-finite") and "the last good checkpoint is" in line, res.stderr[-2000:]
     assert (out / "checkpoints" / "last.ckpt").is_file()  # the failure does not remove what was trained
+
+
+def test_a_signal_checkpoints_and_stops_without_a_validation_pass(tmp_path):
+    """Lightning validates when should_stop is set (early stopping); a preempted job has seconds, not a val pass."""
+    import os
+
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from lit_peft.resume import FinalCheckpoint, Preemption
+
+    class Signalled(BoringModel):
+        validations = 0
+
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # handled by Preemption: flag, then stop after this step
+            return super().training_step(batch, batch_idx)
+
+        def validation_step(self, batch, batch_idx):
+            type(self).validations += 1
+            return super().validation_step(batch, batch_idx)
+
+    final = FinalCheckpoint(tmp_path / "last.ckpt")
+    preemption = Preemption(final, requeue=False)
+    trainer = L.Trainer(
+        max_steps=10, val_check_interval=8, limit_val_batches=2, num_sanity_val_steps=0, callbacks=[final, preemption],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(Signalled())
+    assert preemption.signal_name == "SIGTERM" and preemption.step == 3 and trainer.global_step == 3
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert Signalled.validations == 0
+    assert signal.getsignal(signal.SIGTERM) is not preemption._handler  # the previous handler is back
