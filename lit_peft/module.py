@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -53,6 +54,39 @@ def clip_sharded_grad_norm_(wrapped: nn.Module, module: nn.Module, max_norm: flo
     for g in grads:
         g.mul_(factor.to(g.device, g.dtype))
     return total
+
+
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # trainer.compile=true is inductor; the others debug it
+
+
+def run_block(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """Call `block` as its module call does (hooks, forward, CQIL's and gradient checkpointing's wrappers).
+
+    The frame compile_blocks compiles: dynamo traces from here into the block; started at the block's own call it
+    would skip torch.nn's frames and stop at `torch.utils.checkpoint`, which is disabled for dynamo unless traced.
+    """
+    return block._call_impl(*args, **kwargs)
+
+
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
+    """torch.compile every LitGPT transformer block in `model` in place; returns how many were compiled.
+
+    Per block: what a block runs (adapters swapped into its Linears, attention with RoPE, CQIL's rewired forwards,
+    gradient checkpointing) is compiled, while embeddings, the head and the loss stay eager. Identical blocks share
+    one compiled graph (dynamo lifts their parameters to inputs); the variants (training, validation, adapters off for
+    a DPO reference or a distillation teacher) compile once each. The module tree is unchanged, so parameter names,
+    state dicts, checkpoints and exports keep their keys (no `_orig_mod.`), and a deep copy calls its own blocks.
+    """
+    from litgpt.model import Block
+
+    if backend not in COMPILE_BACKENDS:
+        raise ValueError(f"unknown compile backend {backend!r}; valid: {', '.join(COMPILE_BACKENDS)}")
+    compiled = torch.compile(run_block, backend=backend)
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    for block in blocks:
+        if block._compiled_call_impl is None:  # what nn.Module.__call__ runs instead of _call_impl when it is set
+            block._compiled_call_impl = partial(compiled, block)
+    return len(blocks)
 
 
 class NonFiniteError(ValueError):
@@ -163,6 +197,7 @@ class FineTuneModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         save_full_state: bool = False,
         max_nonfinite_skips: int = 0,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -174,6 +209,7 @@ class FineTuneModule(L.LightningModule):
         self.trainable_float32 = not save_full_state  # adapters train in float32 under half precision
         self.strict_loading = save_full_state
         self.max_nonfinite_skips, self.nonfinite_skipped = max_nonfinite_skips, 0
+        self.compile_backend = "inductor" if compile is True else compile or None  # trainer.compile
         self.tokens_seen = 0  # real (non-padding) tokens of every optimizer step so far, all ranks; kept on resume
         self._rng_to_restore: dict[str, Any] | None = None  # this rank's RNG state from a checkpoint, set at step 1
         self._step_start: float | None = None
@@ -201,6 +237,8 @@ class FineTuneModule(L.LightningModule):
         # Before Lightning restores a checkpoint and before the strategy wraps the model: what the task takes from the
         # untrained weights (e.g. DPO's frozen reference copy) is taken from them, also when a run resumes.
         self.task.attach(self)
+        if self.compile_backend:  # after attach: a deep copy of a compiled block would call the original's forward
+            compile_blocks(self.model, self.compile_backend)
 
     def on_fit_start(self) -> None:
         self.task.setup(self, self.trainer.datamodule)

@@ -134,6 +134,11 @@ def clone_settings(cfg: DictConfig) -> LRCSettings | None:
         )
     if (cfg.get("cqil") or {}).get("groups"):
         raise ConfigError("task=lrc clones the teacher as it is; cqil.groups must be null")
+    if cfg.trainer.get("compile"):
+        raise ConfigError(
+            f"trainer.compile={cfg.trainer.compile} does not apply to task=lrc: its activation captures and projected "
+            "Linears make torch.compile recompile every step (then run eager); use trainer.compile=false"
+        )
     target = str(cfg.strategy.get("_target_", cfg.strategy.get("name", "")))
     if "fsdp" in target.lower() or cfg.strategy.get("stage") == 3:
         raise ConfigError(
@@ -206,6 +211,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         min_lr_ratio=float(cfg.schedule.min_lr_ratio),
         save_full_state=full,
         max_nonfinite_skips=int(t.get("max_nonfinite_skips") or 0),
+        compile=t.get("compile", False),
     )
     meta = {
         **method_meta,

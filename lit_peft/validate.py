@@ -148,6 +148,7 @@ RULES: dict[str, Rule] = {
     "trainer.validate_first": BOOL,
     "trainer.validate_last": BOOL,
     "trainer.gradient_checkpointing": BOOL,
+    "trainer.compile": BOOL | one_of("inductor", "aot_eager", "eager"),  # module.COMPILE_BACKENDS
     "trainer.progress_bar": BOOL,
     "trainer.deterministic": BOOL | one_of("warn"),
     "optim": MAPPING,

@@ -8,6 +8,7 @@ packed text (targets: every token).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 
 from lit_peft.data.steps import batch_units
 from lit_peft.data.tokenize import IGNORE_INDEX
+from lit_peft.tasks.chunked_head import HEAD_CHUNK, chunked, compute_dtype, final_hidden, head_logits, target_positions
 from lit_peft.tasks.sft import Task, Units, causal_lm_loss, cross_entropy_sum
 
 DIRECTIONS = ("forward", "reverse")
@@ -23,8 +25,9 @@ DIRECTIONS = ("forward", "reverse")
 
 def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, direction: str):
     """Per-position KL divergence between the temperature-softened distributions, (B, T)."""
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    dtype = compute_dtype(student_logits.dtype)
+    s = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
     if direction == "reverse":
         return (s.exp() * (s - t)).sum(-1)
     return (t.exp() * (t - s)).sum(-1)
@@ -49,6 +52,36 @@ def distill_loss(
     ce = cross_entropy_sum(student_logits, labels) if alpha < 1 else torch.zeros((), device=kd.device)
     loss = (alpha * temperature**2 * kd + (1 - alpha) * ce) / tokens
     return loss, {"kd": kd.detach() / n, "ce": ce.detach() / n}
+
+
+def distill_sums_chunked(
+    student: nn.Module,
+    student_hidden: torch.Tensor,
+    teacher_head: Callable[[torch.Tensor], torch.Tensor],
+    teacher_hidden: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    direction: str = "forward",
+    chunk: int = HEAD_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(KL sum, student CE sum, teacher CE sum) over the target tokens, from both models' final hidden states (B, T, C),
+    the heads a chunk of target positions at a time (tasks/chunked_head.py). `teacher_head` turns the teacher's hidden
+    states into its logits; it runs without gradients (and again in backward, with the student's chunk)."""
+    h, targets, _ = target_positions(student_hidden, labels)
+    t, _, _ = target_positions(teacher_hidden, labels)
+    dtype = compute_dtype(student_hidden.dtype)
+
+    def sums(h: torch.Tensor, t: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        s = head_logits(student, h).to(dtype)  # (n, V)
+        with torch.no_grad():
+            tl = teacher_head(t).to(dtype)  # (n, V)
+            teacher_ce = tl.logsumexp(-1) - tl.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        ce = s.logsumexp(-1) - s.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        kl = token_kl(s, tl, temperature, direction)
+        return kl.sum().view(1), ce.sum().view(1), teacher_ce.sum().view(1)
+
+    kl, ce, teacher_ce = chunked(sums, chunk, h, t, targets)
+    return kl.sum(), ce.sum(), teacher_ce.sum()
 
 
 class Distill(Task):
@@ -116,10 +149,34 @@ class Distill(Task):
         finally:
             model.train(was_training)
 
+    @torch.no_grad()
+    def teacher_hidden(
+        self, model: nn.Module, input_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """The teacher's final hidden states (B, T, C) and its head (hidden states -> logits)."""
+        if self._teachers:
+            teacher = self._teachers[0]
+            return final_hidden(teacher, input_ids), lambda h: head_logits(teacher, h)
+        from lit_peft.cqil import original_model
+
+        def head(h: torch.Tensor) -> torch.Tensor:
+            with original_model(model):  # an adapter on the head is off for the teacher
+                return head_logits(model, h)
+
+        was_training = model.training
+        model.eval()
+        try:
+            with original_model(model):
+                return final_hidden(model, input_ids), head
+        finally:
+            model.train(was_training)
+
     def __call__(
         self, model: nn.Module, batch: dict[str, torch.Tensor], totals: Units | None = None
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         totals = totals if totals is not None else batch_units(batch)
+        if self.head_chunk:
+            return self.chunked_loss(model, batch, totals)
         teacher = self.teacher_logits(model, batch["input_ids"])
         student = model(batch["input_ids"])
         loss, metrics = distill_loss(
@@ -129,3 +186,20 @@ class Distill(Task):
             metrics["ce"] = causal_lm_loss(student.detach(), batch["labels"])
         metrics["teacher_ce"] = causal_lm_loss(teacher, batch["labels"])  # the same tokens under the teacher
         return loss, metrics
+
+    def chunked_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], totals: Units
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The loss and metrics of `distill_loss`, without either model's full logits."""
+        labels = batch["labels"]
+        teacher, teacher_head = self.teacher_hidden(model, batch["input_ids"])
+        student = final_hidden(model, batch["input_ids"])
+        kd, ce, teacher_ce = distill_sums_chunked(
+            model, student, teacher_head, teacher, labels, self.temperature, self.kl, self.head_chunk
+        )
+        loss = self.alpha * self.temperature**2 * kd
+        if self.alpha < 1:
+            loss = loss + (1 - self.alpha) * ce
+        n = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
+        metrics = {"kd": kd.detach() / n, "ce": ce.detach() / n, "teacher_ce": teacher_ce / n}
+        return loss / totals["tokens"].clamp(min=1), metrics

@@ -27,6 +27,7 @@ from lit_peft.cqil import original_model
 from lit_peft.data.steps import batch_units
 from lit_peft.data.tokenize import IGNORE_INDEX
 from lit_peft.methods import adapters
+from lit_peft.tasks.chunked_head import reply_logps_chunked
 from lit_peft.tasks.sft import Task, Units
 
 LOSSES = ("sigmoid", "ipo")
@@ -146,7 +147,7 @@ class DPO(Task):
         model.eval()
         with original_model(model):
             for batch in datamodule._loader(examples, shuffle=False):
-                s, n = reply_logps(model(batch["input_ids"].to(device)), batch["labels"].to(device))
+                s, n = self.logps(model, batch["input_ids"].to(device), batch["labels"].to(device))
                 index = batch["index"]
                 rows = torch.stack([s, n.to(s.dtype)], -1).view(2, len(index), 2).transpose(0, 1).double().cpu()
                 table.index_add_(0, index, rows)
@@ -170,9 +171,17 @@ class DPO(Task):
         with torch.no_grad():
             if mode == "copy":
                 with original_model(self.frozen):
-                    return reply_logps(self.frozen(batch["input_ids"]), batch["labels"])
+                    return self.logps(self.frozen, batch["input_ids"], batch["labels"])
             with original_model(model):  # adapters off, CQIL undone: the model before training
-                return reply_logps(model(batch["input_ids"]), batch["labels"])
+                return self.logps(model, batch["input_ids"], batch["labels"])
+
+    def logps(
+        self, model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row (sum of the target tokens' log-probabilities, their number); the head a chunk at a time."""
+        if self.head_chunk:
+            return reply_logps_chunked(model, input_ids, labels, self.head_chunk)
+        return reply_logps(model(input_ids), labels)
 
     # ---------------------------------------------------------------- loss
 
@@ -180,7 +189,7 @@ class DPO(Task):
         self, model: nn.Module, batch: dict[str, torch.Tensor], totals: Units | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         totals = totals if totals is not None else batch_units(batch)
-        sums, counts = reply_logps(model(batch["input_ids"]), batch["labels"])
+        sums, counts = self.logps(model, batch["input_ids"], batch["labels"])
         ref_sums, ref_counts = self.reference_logps(model, batch)
         if self.loss == "ipo":
             sums, ref_sums = sums / counts.clamp(min=1), ref_sums / ref_counts.clamp(min=1)

@@ -22,7 +22,8 @@ from torch import nn
 from lit_peft.data.steps import batch_units, real_positions
 from lit_peft.data.tokenize import IGNORE_INDEX
 from lit_peft.lrc import SITES, LowRankClone, capture
-from lit_peft.tasks.distill import token_kl
+from lit_peft.tasks.chunked_head import final_hidden, head_logits
+from lit_peft.tasks.distill import distill_sums_chunked, token_kl
 from lit_peft.tasks.sft import Task, Units, causal_lm_loss, cross_entropy_sum
 
 KL_REDUCTIONS = ("sequence", "token")
@@ -86,6 +87,10 @@ class LowRankCloneTask(Task):
         kl_unit = "sequences" if self.kl_reduction == "sequence" else "tokens"
         return {"kl": kl_unit, "clone": "positions", **{f"clone_{site}": "positions" for site in SITES}}
 
+    def outputs(self, gpt: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        """The final hidden states (B, T, C) when the head runs in chunks, else the logits (B, T, V)."""
+        return final_hidden(gpt, input_ids) if self.head_chunk else gpt(input_ids)
+
     def __call__(
         self, model: nn.Module, batch: dict[str, torch.Tensor], totals: Units | None = None
     ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -94,14 +99,27 @@ class LowRankCloneTask(Task):
         totals = totals if totals is not None else local
         sites = self.clone_sites if self.aux_scale > 0 else ()
         with torch.no_grad(), capture(model.teacher, sites) as teacher_acts:
-            teacher = model.teacher(input_ids)
+            teacher = self.outputs(model.teacher, input_ids)
         with capture(model.student, sites) as student_acts:
-            student = model.student(input_ids)
+            student = self.outputs(model.student, input_ids)
 
-        targets = labels[:, 1:] != IGNORE_INDEX
-        kl_sum = (token_kl(student[:, :-1], teacher[:, :-1], self.temperature, "forward") * targets).sum()
         kl_unit = self.metric_units["kl"]
-        ce_sum = cross_entropy_sum(student, labels)
+        if self.head_chunk:  # final hidden states: the heads run a chunk of target positions at a time
+            kl_sum, ce_sum, teacher_ce_sum = distill_sums_chunked(
+                model.student,
+                student,
+                lambda h: head_logits(model.teacher, h),
+                teacher,
+                labels,
+                self.temperature,
+                chunk=self.head_chunk,
+            )
+            teacher_ce = teacher_ce_sum / local["tokens"].clamp(min=1)
+        else:
+            targets = labels[:, 1:] != IGNORE_INDEX
+            kl_sum = (token_kl(student[:, :-1], teacher[:, :-1], self.temperature, "forward") * targets).sum()
+            ce_sum = cross_entropy_sum(student, labels)
+            teacher_ce = causal_lm_loss(teacher, labels)
         mask = real_positions(labels)
         clones = clone_losses(model, student_acts, teacher_acts, mask) if sites else {}
         clone_sum = sum(clones.values(), torch.zeros((), device=student.device))
@@ -114,7 +132,7 @@ class LowRankCloneTask(Task):
             "ce": ce_sum.detach() / local["tokens"].clamp(min=1),
             "kl": kl_sum.detach() / local[kl_unit].clamp(min=1),
             "clone": clone_sum.detach() / local["positions"].clamp(min=1),
-            "teacher_ce": causal_lm_loss(teacher, labels),
+            "teacher_ce": teacher_ce,
         }
         metrics.update({f"clone_{s}": v.detach() / local["positions"].clamp(min=1) for s, v in clones.items()})
         return loss, metrics

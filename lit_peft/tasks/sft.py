@@ -8,6 +8,7 @@ from torch import nn
 
 from lit_peft.data.steps import batch_units
 from lit_peft.data.tokenize import IGNORE_INDEX
+from lit_peft.tasks.chunked_head import HEAD_CHUNK, cross_entropy_sum_chunked
 
 Units = dict[str, torch.Tensor]
 
@@ -24,12 +25,14 @@ class Task:
     whether val/ppl is logged, as exp of the held-out loss (True) or of the named metric (e.g. "ce").
     `attach(module)` runs before a checkpoint is restored and before the strategy wraps the model (what must be taken
     from the untrained weights); `setup(module, datamodule)` runs on the device before the first step;
-    `state_dict()` is saved with Lightning checkpoints.
+    `state_dict()` is saved with Lightning checkpoints. `head_chunk`: target positions per chunk of the output head's
+    logits (tasks/chunked_head.py); 0 computes the full (B, T, V) logits, as the model's forward does.
     """
 
     data_kinds: tuple[str, ...] = ("conversation",)
     perplexity: bool | str = False
     unit: str = "tokens"
+    head_chunk: int = HEAD_CHUNK
 
     @property
     def metric_units(self) -> dict[str, str]:
@@ -75,5 +78,8 @@ class SFT(Task):
         self, model: nn.Module, batch: dict[str, torch.Tensor], totals: Units | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         totals = totals if totals is not None else batch_units(batch)
+        if self.head_chunk:
+            ce = cross_entropy_sum_chunked(model, batch["input_ids"], batch["labels"], self.head_chunk)
+            return ce / totals["tokens"].clamp(min=1), {}
         logits = model(batch["input_ids"])  # (B, T, V)
         return causal_lm_loss(logits, batch["labels"], totals["tokens"]), {}
