@@ -83,7 +83,7 @@ CORE_TRAIN = {
     "train/nonfinite_skipped",
 }
 CORE_VAL = ("val/loss", "val/ppl")
-STATUSES = ("ok", "failed", "running", "killed", "pending", "not run")
+STATUSES = ("ok", "failed", "running", "preempted", "killed", "pending", "not run")
 
 
 class ReportError(ValueError):

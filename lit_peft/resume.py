@@ -202,6 +202,7 @@ class Preemption(L.Callback):
     """
 
     SIGNALS = ("SIGTERM", "SIGUSR1")
+    stopped: str | None = None  # "<signal> at step N" once a run in this process stopped for a signal (sweep records)
 
     def __init__(self, final: FinalCheckpoint, requeue: bool = True) -> None:
         self.final, self.requeue = final, requeue
@@ -226,6 +227,7 @@ class Preemption(L.Callback):
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
         self.signal_name, self.step = self.received or "a signal on another rank", trainer.global_step
+        Preemption.stopped = f"{self.signal_name} at step {self.step}"
         self.final.save(trainer)
         trainer.should_stop = True
         # Lightning validates when should_stop is set (for early stopping); a preempted job has seconds left.

@@ -209,8 +209,12 @@ class SweepReport(Callback):
             return
         error = self._tail.error_line() if self._tail is not None else ""
         self._restore_stderr()
+        from lit_peft.resume import Preemption
+
         if error:
             self._end("failed", error)
+        elif Preemption.stopped is not None:  # checkpointed; the same command resumes it
+            self._end("preempted", f"preempted by {Preemption.stopped}; run the same command to resume")
         else:
             self._end("killed", "")
         sweep = self._sweep_dir

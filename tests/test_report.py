@@ -309,3 +309,25 @@ def test_bad_input_is_one_line(tmp_path, make, extra, message):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message.format(p=p)), res.stderr
     assert not (tmp_path / "in" / "report.md").exists()
+
+
+def test_a_preempted_job_is_recorded_as_preempted_not_killed(sweep, tmp_path, monkeypatch):
+    """A job stopped by SIGTERM/SIGUSR1 exits 3 after its checkpoint: the sweep record says so and how to resume."""
+    from lit_peft.resume import Preemption
+    from lit_peft.sweep_callback import SweepReport
+
+    source, _ = sweep
+    folder = tmp_path / "preempted"
+    folder.mkdir()
+    shutil.copytree(source / "0", folder / "0")
+    (folder / "0" / "metrics.json").unlink()
+    callback = SweepReport(enabled=True)
+    callback._sweep_dir = folder
+    callback._current = {"event": "start", "num": 0, "out_dir": str(folder / "0"), "pid": os.getpid(), "host": "x"}
+    monkeypatch.setattr(Preemption, "stopped", "SIGUSR1 at step 3")
+    callback._at_exit()  # what runs when the job's SystemExit(3) ends the process
+    end = [json.loads(line) for line in (folder / "jobs.jsonl").read_text().splitlines()][0]
+    assert end["event"] == "end" and end["status"] == "preempted"
+    assert end["error"] == "preempted by SIGUSR1 at step 3; run the same command to resume"
+    assert rows(folder)["0"]["status"] == "preempted"
+    assert "preempted" in (folder / "report.md").read_text()
