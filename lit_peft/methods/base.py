@@ -30,6 +30,7 @@ class Part:
 
     name: str
     rows: torch.Tensor  # (n_rows,) indices into the Linear's output features
+    linear: str = ""  # the Linear's name in the model, for messages
 
 
 class AdapterLinear(nn.Module):
@@ -169,7 +170,7 @@ def target_linears(
         *_, parent_name, attr = ("", "", *name.split("."))
         if parent_name == "attn" and attr == "qkv":
             if qkv_parts:
-                yield name, module, [Part(p, rows[p]) for p in qkv_parts]
+                yield name, module, [Part(p, rows[p], name) for p in qkv_parts]
             continue
         selected = (
             (parent_name == "attn" and attr == "proj" and "projection" in targets)
@@ -177,7 +178,7 @@ def target_linears(
             or (name == "lm_head" and "head" in targets)
         )
         if selected:
-            yield name, module, [Part("all", torch.arange(module.out_features))]
+            yield name, module, [Part("all", torch.arange(module.out_features), name)]
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

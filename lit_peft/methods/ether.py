@@ -5,7 +5,10 @@
 - ETHER+HH (`etherplusHH`): ETHER+ on both sides, W' = H_out W H_in.
 One side is the input side (W' = W H) unless `flip_side` puts it on the output side (W' = H W). Blocks follow the
 paper's block-diagonal definition: block b covers features [b*d/nb, (b+1)*d/nb) of the transformed side.
-Each H is applied to activations as a rank-1 (ETHER) or rank-2 (ETHER+) update per block: O(width) per token.
+
+All three are one form, H_b = I + sum_k s_k d_kb d_kb^T with unit directions d_k = u_k/||u_k|| and signs s
+(ETHER: s = (-2,); ETHER+: s = (-1, +1) for d = (u, v)), applied to activations by `Reflect`: a rank-1 or rank-2
+update per block, O(width) per token, with a hand-written backward that keeps only the input and K*nb coefficients.
 """
 
 from __future__ import annotations
@@ -24,57 +27,95 @@ def _init_directions(nb: int, block: int) -> torch.Tensor:
     return u
 
 
-def _reflect(x: torch.Tensor, unit: torch.Tensor, scale: float) -> torch.Tensor:
-    """x_b + scale * (unit_b^T x_b) unit_b for every block b: x (..., nb, block), unit (nb, block)."""
-    coef = torch.einsum("...nb,nb->...n", x, unit)  # (..., nb)
-    return torch.addcmul(x, coef.unsqueeze(-1), unit, value=scale)
+def _coefficients(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """c[n, k, t] = d_kn . x_tn for x (tokens, nb, b) and d (K, nb, b): (nb, K, tokens), one batched matmul over the
+    blocks for all K directions at once, reading x in place."""
+    return torch.bmm(d.transpose(0, 1), x.permute(1, 2, 0))
 
 
-class Householder(BlockTransform):
-    """H_b = I - 2 u_b u_b^T / ||u_b||^2."""
+def _update(x: torch.Tensor, c: torch.Tensor, d: torch.Tensor, signs: tuple[float, ...]) -> torch.Tensor:
+    """x_tn + sum_k s_k c[n, k, t] d_kn for every token t and block n: a new tensor (tokens, nb, b)."""
+    y = torch.addcmul(x, c[:, 0].t()[..., None], d[0], value=signs[0])
+    for k in range(1, len(d)):
+        y.addcmul_(c[:, k].t()[..., None], d[k], value=signs[k])
+    return y
 
-    def __init__(self, width: int, nb: int, where: str) -> None:
-        super().__init__(width, nb, where)
-        self.u = nn.Parameter(_init_directions(nb, self.block))
+
+class Reflect(torch.autograd.Function):
+    """y_n = H_n x_n with H_n = I + sum_k s_k d_kn d_kn^T, for x (tokens, nb, b), unit directions d (K, nb, b).
+
+    Forward: c = d . x (K*nb numbers per token), y = x + sum_k s_k c_k d_k. H is symmetric, so backward is
+        grad_x   = H grad_y = grad_y + sum_k s_k e_k d_k,                 e = d . grad_y
+        grad_d_k = s_k sum_tokens (c_k grad_y + e_k x)                    (per block: two batched matmuls)
+    Saved for backward: x (the input, usually alive anyway), c and d; never y. Each pass allocates one
+    activation-sized tensor, its output.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, d: torch.Tensor, signs: tuple[float, ...]) -> torch.Tensor:
+        c = _coefficients(x, d)  # (nb, K, tokens)
+        ctx.save_for_backward(x, d, c)
+        ctx.signs = signs
+        return _update(x, c, d, signs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, d, c = ctx.saved_tensors
+        e = _coefficients(grad, d)  # (nb, K, tokens)
+        grad_d = None
+        if ctx.needs_input_grad[1]:
+            grad_d = torch.baddbmm(torch.bmm(c, grad.transpose(0, 1)), e, x.transpose(0, 1))  # (nb, K, b)
+            grad_d = grad_d.transpose(0, 1) * grad_d.new_tensor(ctx.signs)[:, None, None]  # (K, nb, b)
+        grad_x = _update(grad, e, d, ctx.signs) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_d, None
+
+
+class HouseholderType(BlockTransform):
+    """H_b = I + sum_k s_k d_kb d_kb^T, d_k = (unit) directions; subclasses say which directions and signs."""
+
+    signs: tuple[float, ...]
+
+    def directions(self) -> torch.Tensor:
+        """The unit directions (K, nb, b), differentiable in the parameters."""
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xb = x.unflatten(-1, (self.nb, self.block))  # (..., nb, block)
-        unit = nn.functional.normalize(self.u, dim=-1).to(x.dtype)
-        return _reflect(xb, unit, -2.0).flatten(-2)
+        d = self.directions().to(x.dtype)
+        y = Reflect.apply(x.reshape(-1, self.nb, self.block), d, self.signs)  # (tokens, nb, b)
+        return y.view(x.shape)
 
     def blocks(self) -> torch.Tensor:
-        unit = nn.functional.normalize(self.u.float(), dim=-1)
-        eye = torch.eye(self.block, device=unit.device)
-        return eye - 2 * unit[:, :, None] * unit[:, None, :]
+        d = self.directions().float()  # (K, nb, b)
+        eye = torch.eye(self.block, device=d.device)
+        return eye + sum(s * d[k, :, :, None] * d[k, :, None, :] for k, s in enumerate(self.signs))
 
 
-class HouseholderPlus(BlockTransform):
-    """H_b = I - u_b u_b^T/||u_b||^2 + v_b v_b^T/||v_b||^2, v = -u at init (H = I)."""
+class Householder(HouseholderType):
+    """H_b = I - 2 u_b u_b^T / ||u_b||^2."""
 
-    def __init__(self, width: int, nb: int, where: str) -> None:
-        super().__init__(width, nb, where)
-        u = _init_directions(nb, self.block)
+    signs = (-2.0,)
+
+    def __init__(self, width: int, where: str, nb: int | None = None, block_size: int | None = None) -> None:
+        super().__init__(width, where, nb, block_size)
+        self.u = nn.Parameter(_init_directions(self.nb, self.block))
+
+    def directions(self) -> torch.Tensor:
+        return nn.functional.normalize(self.u, dim=-1)[None]
+
+
+class HouseholderPlus(HouseholderType):
+    """H_b = I - u_b u_b^T/||u_b||^2 + v_b v_b^T/||v_b||^2, v = -u at init (H = I): one rank-2 update per block."""
+
+    signs = (-1.0, 1.0)
+
+    def __init__(self, width: int, where: str, nb: int | None = None, block_size: int | None = None) -> None:
+        super().__init__(width, where, nb, block_size)
+        u = _init_directions(self.nb, self.block)
         self.u = nn.Parameter(u)
         self.v = nn.Parameter(-u.clone())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xb = x.unflatten(-1, (self.nb, self.block))  # (..., nb, block)
-        u = nn.functional.normalize(self.u, dim=-1).to(x.dtype)
-        v = nn.functional.normalize(self.v, dim=-1).to(x.dtype)
-        return self._plus(xb, u, v).flatten(-2)
-
-    @staticmethod
-    def _plus(xb: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # Both projections read the same x (H = I - uu^T + vv^T), so they cannot be chained as two reflections.
-        cu = torch.einsum("...nb,nb->...n", xb, u).unsqueeze(-1)  # (..., nb, 1)
-        cv = torch.einsum("...nb,nb->...n", xb, v).unsqueeze(-1)
-        return torch.addcmul(torch.addcmul(xb, cu, u, value=-1.0), cv, v)
-
-    def blocks(self) -> torch.Tensor:
-        u = nn.functional.normalize(self.u.float(), dim=-1)
-        v = nn.functional.normalize(self.v.float(), dim=-1)
-        eye = torch.eye(self.block, device=u.device)
-        return eye - u[:, :, None] * u[:, None, :] + v[:, :, None] * v[:, None, :]
+    def directions(self) -> torch.Tensor:
+        return nn.functional.normalize(torch.stack([self.u, self.v]), dim=-1)
 
 
 class Ether(BlockTransformMethod):
