@@ -226,3 +226,137 @@ def test_sft_on_lima_multi_turn_through_the_entry_point(tiny_checkpoint, tmp_pat
     out = tmp_path / "lima"
     res = finetune(tiny_checkpoint, out, "data=lima", f"data.path={lima}", "data.max_examples=40", "data.val_size=8")
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- the output head a chunk of target positions at a time
+
+
+def float64_adapted_model() -> GPT:
+    """The tiny model with LoRA on query, value, MLP and the head (moved off its identity start), in float64."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    method, settings = build_settings("lora", {"r": 4, "targets": ["query", "value", "mlp", "head"]})
+    method.apply(model, settings)
+    model.double()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def gradients(model: GPT) -> dict[str, torch.Tensor]:
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return grads
+
+
+def full_logps(model: GPT, ids: torch.Tensor) -> torch.Tensor:
+    """log p(token | prefix) of every next token from the full (B, T, V) logits: (B, T-1, V)."""
+    return F.log_softmax(model(ids)[:, :-1].double(), dim=-1)
+
+
+@pytest.mark.parametrize("chunk", [5, 1000])  # chunks that do not divide the 26 targets, and one
+def test_chunked_head_losses_and_gradients_equal_the_full_logits_definitions(chunk):
+    from lit_peft.methods import adapters_disabled
+    from lit_peft.tasks.distill import Distill
+    from lit_peft.tasks.sft import SFT
+
+    model = float64_adapted_model()
+    batch = pair_batch(vocab=259)
+    ids, labels = batch["input_ids"], batch["labels"]
+    targets = labels[:, 1:]
+    mask = targets != -100
+    picked = lambda logps: logps.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask  # noqa: E731
+
+    # SFT: the mean cross-entropy over the target tokens
+    sft = SFT()
+    sft.head_chunk = chunk
+    loss, _ = sft(model, batch)
+    loss.backward()
+    got = gradients(model)
+    expected = F.cross_entropy(model(ids)[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    assert got.keys() == (want := gradients(model)).keys() and any(n.startswith("lm_head.") for n in got)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], msg=n)
+
+    # DPO: summed reply log-probabilities of the policy against those of the adapters-off reference
+    dpo = DPO(beta=0.5, reference="adapters_off")
+    dpo.head_chunk = chunk
+    loss, _ = dpo(model, batch)
+    loss.backward()
+    got = gradients(model)
+    sums = picked(full_logps(model, ids)).sum(-1)
+    with torch.no_grad(), adapters_disabled(model):
+        ref = picked(full_logps(model, ids)).sum(-1)
+    z = (sums[:2] - ref[:2]) - (sums[2:] - ref[2:])
+    expected = -F.logsigmoid(0.5 * z).mean()
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    want = gradients(model)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], msg=n)
+
+    # Distillation from the model itself with adapters off: alpha T^2 KL(teacher_T || student_T) + (1 - alpha) CE
+    alpha, temperature = 0.3, 2.0
+    distill = Distill(alpha=alpha, temperature=temperature)
+    distill.head_chunk = chunk
+    loss, metrics = distill(model, batch)
+    loss.backward()
+    got = gradients(model)
+    student_logits = model(ids)[:, :-1]
+    with torch.no_grad(), adapters_disabled(model):
+        teacher_logits = model(ids)[:, :-1]
+    s, t = (F.log_softmax(x / temperature, -1) for x in (student_logits, teacher_logits))
+    kl = ((t.exp() * (t - s)).sum(-1) * mask).sum()
+    ce = -picked(F.log_softmax(student_logits, -1)).sum()
+    n = mask.sum()
+    expected = (alpha * temperature**2 * kl + (1 - alpha) * ce) / n
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(metrics["teacher_ce"], -picked(F.log_softmax(teacher_logits, -1)).sum() / n)
+    want = gradients(model)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], msg=n)
+
+
+def test_the_chunked_head_never_sees_more_positions_than_a_chunk():
+    """Forward and backward (which recomputes each chunk's logits): at most `chunk` rows reach the head at once."""
+    from lit_peft.tasks.sft import SFT
+
+    model = float64_adapted_model()
+    batch = pair_batch(vocab=259)
+    rows = []
+    model.lm_head.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[:-1].numel()))
+    sft = SFT()
+    sft.head_chunk = 5
+    loss, _ = sft(model, batch)
+    loss.backward()
+    targets = int((batch["labels"][:, 1:] != -100).sum())  # 26: only target positions reach the head
+    assert rows[0] == 0  # the model's own forward hands its head no positions
+    assert max(rows) == 5 and sum(rows) == 2 * targets  # each chunk once in forward, once recomputed in backward
+
+
+def test_the_low_rank_clone_loss_with_a_chunked_head_equals_the_full_logits_one():
+    from lit_peft.lrc import LowRankClone, LRCSettings
+    from lit_peft.tasks.lrc import LowRankCloneTask
+
+    torch.manual_seed(0)
+    clone = LowRankClone(GPT(tiny_config()), LRCSettings(16)).double()
+    batch = pair_batch(vocab=259)
+    results = []
+    for chunk in (5, 0):  # 0: the full (B, T, V) logits of student and teacher
+        task = LowRankCloneTask(temperature=3.0, kl_reduction="token")
+        task.head_chunk = chunk
+        loss, metrics = task(clone, batch)
+        loss.backward()
+        results.append((loss, metrics, gradients(clone)))
+    (loss, metrics, got), (expected, expected_metrics, want) = results
+    torch.testing.assert_close(loss, expected)
+    for k in ("ce", "kl", "teacher_ce"):
+        torch.testing.assert_close(metrics[k], expected_metrics[k], msg=k)
+    assert got.keys() == want.keys() and want
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], msg=n)

@@ -27,7 +27,7 @@ from lit_peft.cqil import original_model
 from lit_peft.data.steps import batch_units
 from lit_peft.data.tokenize import IGNORE_INDEX
 from lit_peft.methods import adapters
-from lit_peft.tasks.chunked_head import reply_logps_chunked
+from lit_peft.tasks.chunked_head import compute_dtype, reply_logps_chunked
 from lit_peft.tasks.sft import Task, Units
 
 LOSSES = ("sigmoid", "ipo")
@@ -36,7 +36,7 @@ REFERENCES = ("auto", "adapters_off", "precompute", "copy")
 
 def reply_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the target tokens' log-probabilities, number of target tokens) per row."""
-    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    logits, targets = logits[:, :-1].to(compute_dtype(logits.dtype)), labels[:, 1:]
     mask = targets != IGNORE_INDEX
     token_logps = torch.gather(F.log_softmax(logits, dim=-1), 2, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (token_logps * mask).sum(-1), mask.sum(-1)

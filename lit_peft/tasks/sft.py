@@ -8,7 +8,7 @@ from torch import nn
 
 from lit_peft.data.steps import batch_units
 from lit_peft.data.tokenize import IGNORE_INDEX
-from lit_peft.tasks.chunked_head import HEAD_CHUNK, cross_entropy_sum_chunked
+from lit_peft.tasks.chunked_head import HEAD_CHUNK, compute_dtype, cross_entropy_sum_chunked
 
 Units = dict[str, torch.Tensor]
 
@@ -60,7 +60,7 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     """Sum of the cross-entropies of predicting labels[:, t+1] from position t, over unmasked tokens."""
     logits = logits[:, :-1].reshape(-1, logits.size(-1))  # (B*(T-1), V)
     targets = labels[:, 1:].reshape(-1)  # (B*(T-1),)
-    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(logits.to(compute_dtype(logits.dtype)), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
