@@ -1,13 +1,18 @@
-"""Peak memory of a LoRA training step over an fp32, a bf16 and a 4-bit (QLoRA, nf4 + double quantization) base.
+"""Peak memory of a training step: LoRA over an fp32, a bf16 and a 4-bit (QLoRA, nf4 + double quantization) base,
+ETHER over the same 4-bit base, each with the output head a chunk of positions at a time and with the full logits.
 
     python bench/memory.py                      # SmolLM2-135M and a random TinyLlama-1.1B-shaped model
-    python bench/memory.py --models tinyllama --batch 1 --seq 256
+    python bench/memory.py --models smollm2 --batch 4 --seq 1024     # the 49k-vocabulary head at 4 x 1024 tokens
+    python bench/memory.py --models tinyllama --batch 1 --seq 256 --head chunked
 
 Each variant runs in its own process. On CUDA the figure is torch's peak allocated memory over the steps; on CPU it
 is the process's peak resident memory while stepping (sampled every millisecond; glibc's mmap threshold fixed at
 1 MiB so freed buffers leave), minus what the process held after its imports: the model, adapters, optimizer state,
 activations and temporaries, without the Python runtime.
-LoRA r=8 on query, key, value, projection and mlp in every variant; ratios are to the fp32 base, measured in one run.
+Every variant adapts query, key, value, projection and mlp (LoRA r=8; ETHER one block); the loss is next-token
+cross-entropy on every token, through the SFT task: `--head chunked` runs the head a chunk of target positions at a
+time (tasks/chunked_head.py, the default in training), `--head full` computes the full (B, T, V) logits. Ratios are
+to the fp32 base with the same head, and chunked to full, all measured in one run.
 """
 
 from __future__ import annotations
@@ -43,12 +48,18 @@ TINYLLAMA = dict(
     rotary_percentage=1.0,
     parallel_residual=False,
 )
-VARIANTS = {
-    "LoRA, fp32 base": (None, "float32"),
-    "LoRA, bf16 base": (None, "bfloat16"),
-    "QLoRA, nf4-dq base, fp32 compute": ("nf4-dq", "float32"),
-    "QLoRA, nf4-dq base, bf16 compute": ("nf4-dq", "bfloat16"),
+TARGETS = ["query", "key", "value", "projection", "mlp"]
+LORA = ("lora", {"targets": TARGETS, "r": 8})
+ETHER = ("ether", {"targets": TARGETS})
+VARIANTS = {  # name: (method and settings, quantize, base dtype)
+    "LoRA, fp32 base": (LORA, None, "float32"),
+    "LoRA, bf16 base": (LORA, None, "bfloat16"),
+    "QLoRA, nf4-dq base, fp32 compute": (LORA, "nf4-dq", "float32"),
+    "QLoRA, nf4-dq base, bf16 compute": (LORA, "nf4-dq", "bfloat16"),
+    "ETHER, nf4-dq base, fp32 compute": (ETHER, "nf4-dq", "float32"),
+    "ETHER, nf4-dq base, bf16 compute": (ETHER, "nf4-dq", "bfloat16"),
 }
+HEADS = ("chunked", "full")
 
 
 def rss_bytes() -> int:
@@ -83,13 +94,15 @@ class RssPeak:
         return self.peak - self.start
 
 
-def worker(model_key: str, variant: str, steps: int, batch: int, seq: int) -> dict:
+def worker(model_key: str, variant: str, head: str, steps: int, batch: int, seq: int) -> dict:
     import torch
     from litgpt import GPT, Config
 
     from lit_peft.model import install_method, load_base
+    from lit_peft.tasks.chunked_head import HEAD_CHUNK
+    from lit_peft.tasks.sft import SFT
 
-    quantize, dtype = VARIANTS[variant]
+    (method, settings), quantize, dtype = VARIANTS[variant]
     cuda = torch.cuda.is_available()
     release_free_memory()
     baseline = rss_bytes()
@@ -105,9 +118,7 @@ def worker(model_key: str, variant: str, steps: int, batch: int, seq: int) -> di
         model = GPT(Config(**TINYLLAMA))
         model.max_seq_length = seq
     model = model.to(getattr(torch, dtype))
-    install_method(
-        model, "lora", {"targets": ["query", "key", "value", "projection", "mlp"], "r": 8}, quantize=quantize
-    )
+    install_method(model, method, settings, quantize=quantize)
     if cuda:
         model = model.cuda()
     release_free_memory()
@@ -116,13 +127,14 @@ def worker(model_key: str, variant: str, steps: int, batch: int, seq: int) -> di
     opt = torch.optim.AdamW(trainable, lr=1e-4)
     idx = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     idx = idx.to(device)
+    task = SFT()  # every token a target: the labels are the inputs
+    task.head_chunk = HEAD_CHUNK if head == "chunked" else 0
 
     sampler = RssPeak()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for _ in range(steps):
-        logits = model(idx)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), idx[:, 1:].flatten())
+        loss, _ = task(model, {"input_ids": idx, "labels": idx})
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -130,55 +142,55 @@ def worker(model_key: str, variant: str, steps: int, batch: int, seq: int) -> di
     used = torch.cuda.max_memory_allocated() if cuda else sampler.start + above_start - baseline
     return {
         "variant": variant,
+        "head": head,
         "mib": used / 2**20,
         "trainable": sum(p.numel() for p in trainable),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
     }
 
 
+def measure(model_key: str, variant: str, head: str, args: argparse.Namespace) -> dict:
+    """One variant's step in a fresh process (its peak is its own)."""
+    cmd = [sys.executable, __file__, "--worker", model_key, variant, head]
+    cmd += ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
+    # A fixed mmap threshold makes glibc hand large freed buffers (dequantized weights, activations) back
+    # to the OS at once, so resident memory follows what is allocated instead of what malloc kept.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        sys.exit(f"error: {model_key} / {variant} / {head} head failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["smollm2", "tinyllama"], choices=["smollm2", "tinyllama"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT")
+    parser.add_argument("--head", nargs="+", default=list(HEADS), choices=HEADS, help="chunked, full or both")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker, args.steps, args.batch, args.seq)))
         return
+    heads = [h for h in HEADS if h in args.head]
     for model_key in args.models:
-        rows = []
-        for variant in VARIANTS:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                model_key,
-                variant,
-                "--steps",
-                str(args.steps),
-                "--batch",
-                str(args.batch),
-                "--seq",
-                str(args.seq),
-            ]
-            # A fixed mmap threshold makes glibc hand large freed buffers (dequantized weights, activations) back
-            # to the OS at once, so resident memory follows what is allocated instead of what malloc kept.
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if out.returncode:
-                sys.exit(f"error: {model_key} / {variant} failed:\n{out.stderr[-2000:]}")
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        fp32 = rows[0]["mib"]
-        print(f"\n### {model_key} (batch {args.batch} x {args.seq} tokens, {rows[0]['device']}, {args.steps} steps)\n")
-        print("| variant | peak memory (MiB) | x fp32 base | x bf16 base | trainable params |")
-        print("|---|---:|---:|---:|---:|")
-        for r in rows:
-            print(
-                f"| {r['variant']} | {r['mib']:.0f} | {r['mib'] / fp32:.2f} | {r['mib'] / rows[1]['mib']:.2f} "
-                f"| {r['trainable']:,} |"
-            )
+        rows = {v: {h: measure(model_key, v, h, args) for h in heads} for v in args.variants}
+        first = rows[args.variants[0]]
+        device = next(iter(first.values()))["device"]
+        print(f"\n### {model_key} (batch {args.batch} x {args.seq} tokens, {device}, {args.steps} steps)\n")
+        columns = [f"peak MiB, {h} head" for h in heads] + [f"x {args.variants[0]}, {heads[0]} head"]
+        columns += ["chunked / full"] if len(heads) == 2 else []
+        print("| variant | " + " | ".join(columns) + " | trainable params |")
+        print("|---|" + "---:|" * (len(columns) + 1))
+        for variant, by_head in rows.items():
+            cells = [f"{by_head[h]['mib']:.0f}" for h in heads]
+            cells.append(f"{by_head[heads[0]]['mib'] / first[heads[0]]['mib']:.2f}")
+            if len(heads) == 2:
+                cells.append(f"{by_head['chunked']['mib'] / by_head['full']['mib']:.2f}")
+            print(f"| {variant} | " + " | ".join(cells) + f" | {by_head[heads[0]]['trainable']:,} |")
         sys.stdout.flush()
 
 

@@ -5,8 +5,8 @@ cross-entropy keeps about three such tensors alive (the logits, their float32 co
 than the whole 135M model's activations. Here the model runs up to its final norm (`final_hidden`), the positions
 that have a target are gathered, and every chunk of `chunk` of them goes through the head and its loss inside
 `torch.utils.checkpoint`: forward keeps only the chunk's hidden states, backward recomputes the chunk's logits, so
-at most one chunk's logits exist at a time, at the cost of one more head forward per step. Only target positions
-are computed at all (an SFT prompt's positions never reach the head).
+at most one chunk's logits exist at a time, at the cost of one more head forward per step (none when the targets fit
+in one chunk). Only target positions are computed at all (an SFT prompt's positions never reach the head).
 """
 
 from __future__ import annotations
@@ -62,19 +62,19 @@ def target_positions(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
 
 
 def chunked(fn: Callable[..., tuple[torch.Tensor, ...]], chunk: int, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """fn over chunks of `chunk` rows of `inputs`, the outputs concatenated; each chunk checkpointed when autograd
-    records (its activations, the logits, are recomputed in backward instead of kept)."""
+    """fn over chunks of `chunk` rows of `inputs`, the outputs concatenated. When autograd records, every chunk but
+    the last is checkpointed (its logits recomputed in backward instead of kept); backward starts with the last one,
+    so keeping its logits costs no more memory than recomputing them would."""
     n = inputs[0].shape[0]
     outputs = []
     for start in range(0, n, chunk):
         part = [x[start : start + chunk] for x in inputs]
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and start + chunk < n:
             outputs.append(checkpoint(fn, *part, use_reentrant=False))
         else:
             outputs.append(fn(*part))
     if not outputs:  # no target position: empty outputs of the right kind, still attached to the graph
-        empty = fn(*(x[:0] for x in inputs))
-        return tuple(empty)
+        return tuple(fn(*(x[:0] for x in inputs)))
     return tuple(torch.cat(parts) for parts in zip(*outputs, strict=True))
 
 
