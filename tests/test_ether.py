@@ -57,11 +57,13 @@ def perturb(module: nn.Module) -> None:
                 p.add_(torch.randn_like(p) * 0.3)
 
 
-def make_qkv(method: str, parts, layout: str, nb: int = 2, flip_side: bool = False, bias: bool = True):
+def make_qkv(method: str, parts, layout: str, nb: int = 2, flip_side: bool = False, bias: bool = True, block_size=None):
+    """A fused qkv adapter of the tiny model; `block_size` replaces `nb` when given."""
     config = tiny_config()
     base = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_query_groups) * config.head_size, bias=bias)
+    blocks = {"nb": nb} if block_size is None else {"block_size": block_size}
     m, settings = build_settings(
-        method, {"targets": list(parts), "qkv_layout": layout, "nb": nb, "flip_side": flip_side}
+        method, {"targets": list(parts), "qkv_layout": layout, "flip_side": flip_side, **blocks}
     )
     rows = qkv_rows(config, layout)
     layer = m.make_adapter(base, [Part(p, rows[p]) for p in parts], settings)
@@ -274,3 +276,276 @@ def test_every_registered_adapter_method_starts_exactly_or_as_documented():
 def test_oft_refuses_blocks_that_cannot_rotate():
     with pytest.raises(ValueError, match=r"nb=32 leaves blocks of 1 feature on the input of query \(width 32\)"):
         make_qkv("oft", ("query",), "concatenated", nb=32)
+
+
+# ---- forward and backward of the Functions against the definitions, float64 ---------------------------------------
+def definition(t, params: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
+    """The block-diagonal matrix of transform `t` written out from its definition, differentiable in `params`."""
+    if hasattr(t, "s"):
+        return torch.block_diag(*[cayley(row, t.block) for row in params[f"{prefix}.s"]])
+    if hasattr(t, "v"):
+        u, v = params[f"{prefix}.u"], params[f"{prefix}.v"]
+        return torch.block_diag(*[householder_plus(u[n], v[n]) for n in range(t.nb)])
+    return torch.block_diag(*[householder(row) for row in params[f"{prefix}.u"]])
+
+
+def reference_forward(layer, rows: dict[str, list[int]], parts, x: torch.Tensor, params: dict) -> torch.Tensor:
+    """y = x W'^T + b' with W'_p = H_out_p W_p H_in_p (and b'_p = H_out_p b_p) for each adapted part p, in float64."""
+    w = layer.base.weight.detach().double()
+    b = layer.base.bias.detach().double() if layer.base.bias is not None else torch.zeros(len(w), dtype=torch.double)
+    for i, name in enumerate(parts):
+        idx = torch.tensor(rows[name])
+        w_p, b_p = w[idx], b[idx]
+        if layer.t_in is not None:
+            w_p = w_p @ definition(layer.t_in[i], params, f"t_in.{i}")
+        if layer.t_out is not None:
+            h = definition(layer.t_out[i], params, f"t_out.{i}")
+            w_p, b_p = h @ w_p, h @ b_p
+        w, b = w.index_copy(0, idx, w_p), b.index_copy(0, idx, b_p)
+    return x @ w.T + b
+
+
+def assert_forward_and_backward_match_definition(layer, rows, parts, x_shape) -> None:
+    layer.double()
+    x = torch.randn(*x_shape, dtype=torch.double, requires_grad=True)
+    y = layer(x)
+    grad_y = torch.randn_like(y)
+    y.backward(grad_y)
+    params = {n: p.detach().clone().requires_grad_() for n, p in layer.named_parameters() if p.requires_grad}
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = reference_forward(layer, rows, parts, x_ref, params)
+    y_ref.backward(grad_y)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
+    assert params and all(p.grad is not None for p in params.values())
+    for name, p in layer.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-9, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("flip_side", [False, True], ids=["input", "flip"])
+@pytest.mark.parametrize("parts", [("query", "value"), ("query", "key", "value"), ("key",)], ids="-".join)
+@pytest.mark.parametrize("method", FAMILY)
+def test_gradients_equal_the_dense_definition_on_fused_qkv(method, parts, flip_side, layout):
+    """Output, input gradient and every adapter parameter's gradient equal the dense W' = H_out W H_in, per part."""
+    config, layer = make_qkv(method, parts, layout, nb=2, flip_side=flip_side)
+    perturb(layer)
+    assert_forward_and_backward_match_definition(layer, dense_qkv_rows(config, layout), parts, (2, 3, config.n_embd))
+
+
+@pytest.mark.parametrize("flip_side", [False, True], ids=["input", "flip"])
+@pytest.mark.parametrize("method", FAMILY)
+def test_gradients_equal_the_dense_definition_on_a_plain_linear(method, flip_side):
+    base = nn.Linear(16, 24, bias=True)
+    m, settings = build_settings(method, {"nb": 4, "flip_side": flip_side})
+    layer = m.make_adapter(base, [Part("all", torch.arange(24))], settings)
+    perturb(layer)
+    assert_forward_and_backward_match_definition(layer, {"all": list(range(24))}, ("all",), (5, 16))
+
+
+def test_the_functions_pass_gradcheck():
+    from lit_peft.methods.ether import Reflect
+    from lit_peft.methods.oft import Rotate
+    from lit_peft.methods.transform import GroupedLinear
+
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=torch.double, requires_grad=True)
+
+    x = leaf(5, 3, 4)  # (tokens, nb, b)
+    assert torch.autograd.gradcheck(Reflect.apply, (x, leaf(1, 3, 4), (-2.0,)))
+    assert torch.autograd.gradcheck(Reflect.apply, (x, leaf(2, 3, 4), (-1.0, 1.0)))
+    assert torch.autograd.gradcheck(Rotate.apply, (x, leaf(3, 4, 4)))
+    w, b = torch.randn(8, 6, dtype=torch.double), torch.randn(8, dtype=torch.double)
+    runs = (((0, 2), (5, 6)), ((2, 5),), ((6, 8),))  # three row groups, the first in two runs
+    xs = (leaf(2, 3, 6), leaf(2, 3, 6), leaf(2, 3, 6))
+    assert torch.autograd.gradcheck(lambda *xs: GroupedLinear.apply(w, b, None, runs, *xs), xs)
+    expected = torch.cat([xs[0] @ w[:2].T, xs[1] @ w[2:5].T, xs[0] @ w[5:6].T, xs[2] @ w[6:].T], -1) + b
+    torch.testing.assert_close(GroupedLinear.apply(w, b, None, runs, *xs), expected)
+
+
+@pytest.mark.parametrize("flip_side", [False, True], ids=["input", "flip"])
+@pytest.mark.parametrize("method", FAMILY)
+def test_only_the_inputs_of_the_transforms_are_kept_for_backward(method, flip_side):
+    """Activation-sized tensors autograd keeps: the input of each transform (the Linear's input x on the input side,
+    the base output W x + b on the output side, one storage for all parts), never a transformed activation."""
+    config, layer = make_qkv(method, ("query", "key", "value"), "concatenated", nb=4, flip_side=flip_side)
+    perturb(layer)
+    x = torch.randn(64, config.n_embd, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    storages = {t.untyped_storage().data_ptr() for t in saved if t.numel() >= x.numel()}
+    storages -= {layer.base.weight.untyped_storage().data_ptr()}  # the frozen weight itself, not a copy
+    on_input, on_output = layer.t_in is not None, layer.t_out is not None
+    assert (x.untyped_storage().data_ptr() in storages) == on_input
+    assert len(storages) == on_input + on_output
+    assert y.untyped_storage().data_ptr() not in storages
+
+
+# ---- block_size ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flip_side", [False, True], ids=["input", "flip"])
+@pytest.mark.parametrize("method", FAMILY)
+def test_block_size_gives_width_over_block_size_blocks_per_part(method, flip_side):
+    """block_size=8 on qkv: q, k, v (widths 32, 16, 16 on the output side) get 4, 2 and 2 blocks; the input side 4."""
+    _, layer = make_qkv(method, ("query", "key", "value"), "concatenated", flip_side=flip_side, block_size=8)
+    for side in (layer.t_in, layer.t_out):
+        if side is not None:
+            assert [t.block for t in side] == [8, 8, 8]
+            assert [t.nb for t in side] == [t.width // 8 for t in side]
+    if layer.t_out is not None:
+        assert [t.nb for t in layer.t_out] == [4, 2, 2]
+
+
+@pytest.mark.parametrize("method", FAMILY)
+def test_block_size_equals_the_equivalent_nb(method):
+    """On a 32 x 32 Linear, block_size=8 is nb=4: same parameters, same output, same saved settings."""
+    layers = []
+    for values in ({"nb": 4}, {"block_size": 8}):
+        torch.manual_seed(0)
+        base = nn.Linear(32, 32)
+        m, settings = build_settings(method, values)
+        layers.append(m.make_adapter(base, [Part("all", torch.arange(32))], settings))
+    by_nb, by_size = layers
+    perturb(by_nb)
+    by_size.load_state_dict(by_nb.state_dict())
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(by_size(x), by_nb(x), rtol=0, atol=0)
+    assert settings.to_dict()["block_size"] == 8 and settings.to_dict()["nb"] is None
+    assert build_settings(method, settings.to_dict())[1] == settings  # what an adapter folder saves rebuilds it
+
+
+def test_block_size_is_saved_and_rebuilds_the_same_adapter_for_load_and_merge():
+    from lit_peft.model import trainable_state_dict
+
+    model = tiny_model()
+    m, settings = build_settings("oft", {"targets": ["query", "value", "mlp"], "block_size": 4})
+    m.apply(model, settings)
+    perturb(model)
+    saved = {"method": "oft", "settings": settings.to_dict()}  # as train.py writes adapter_config.json
+    again = tiny_model()
+    m2, settings2 = build_settings(saved["method"], saved["settings"])
+    m2.apply(again, settings2)
+    again.load_state_dict(trainable_state_dict(model), strict=False)
+    idx = torch.randint(0, 259, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(again(idx), model(idx), rtol=0, atol=0)
+        merge_adapters(again)
+        torch.testing.assert_close(again(idx), model(idx), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", FAMILY)
+def test_block_size_that_does_not_divide_the_width_is_a_one_line_error(method):
+    message = (
+        r"block_size=3 does not divide the width 32 of the input of query; valid block_size here: 1, 2, 4, 8, 16, 32$"
+    )
+    with pytest.raises(ValueError, match=message):
+        make_qkv(method, ("query",), "concatenated", block_size=3)
+
+
+def test_a_width_error_names_the_linear_in_the_model():
+    m, settings = build_settings("etherplus", {"targets": ["mlp"], "block_size": 48, "flip_side": True})
+    with pytest.raises(ValueError) as err:
+        m.apply(tiny_model(), settings)
+    assert str(err.value) == (
+        "block_size=48 does not divide the width 64 of the output of transformer.h.0.mlp.fc_1; "
+        "valid block_size here: 1, 2, 4, 8, 16, 32, 64"
+    )
+
+
+@pytest.mark.parametrize(
+    "method, values, message",
+    [
+        ("ether", {"nb": 4, "block_size": 8}, "nb=4 and block_size=8 both given; give one (the other null)"),
+        ("oft", {"block_size": 0}, "block_size must be a positive integer or null, got 0"),
+        ("etherplus", {"nb": 2.5}, "nb must be a positive integer or null, got 2.5"),
+    ],
+)
+def test_bad_block_settings_are_one_line_errors(method, values, message):
+    with pytest.raises(ValueError) as err:
+        build_settings(method, values)
+    assert str(err.value) == message
+
+
+def test_block_settings_defaults():
+    assert build_settings("ether", {})[1].nb == 1 and build_settings("oft", {})[1].nb == 32
+    assert build_settings("oft", {"block_size": 16})[1].nb is None  # the block count then follows each width
+    assert build_settings("oft", {"nb": None, "block_size": None})[1].nb == 32  # conf/method/oft.yaml as written
+    with pytest.raises(ValueError, match=r"^block_size=1 leaves blocks of 1 feature on the input of query"):
+        make_qkv("oft", ("query",), "concatenated", block_size=1)
+
+
+# ---- over a 4-bit base; under torch.compile -----------------------------------------------------------------------
+def saved_bytes(model: nn.Module, idx: torch.Tensor) -> int:
+    """Bytes of the tensors autograd keeps for backward in one forward (unique storages, parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(idx).logsumexp(-1).mean().backward()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("flip_side", [False, True], ids=["input", "flip"])
+@pytest.mark.parametrize("method", FAMILY)
+def test_over_a_4bit_base_gradients_equal_the_dequantized_dense_math_and_no_dense_weight_is_kept(method, flip_side):
+    import copy
+
+    from lit_peft.quantize import dequantize_base, quantize_base
+
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_embd=64, intermediate_size=128))  # widths: multiples of bitsandbytes' 64-wide blocks
+    model.apply(model._init_weights)
+    quantize_base(model, "nf4")
+    m, settings = build_settings(method, {"targets": ["query", "value", "mlp"], "nb": 4, "flip_side": flip_side})
+    m.apply(model, settings)
+    perturb(model)
+    dense = copy.deepcopy(model)
+    assert dequantize_base(dense) == 2 * 5  # the same adapters over plain Linears holding the dequantized weights
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, p in dense.named_parameters():
+        p.requires_grad_(name in trainable)
+    idx = torch.randint(0, 259, (2, 10))
+    grads = []
+    for net in (model, dense):
+        net.zero_grad()
+        logits = net(idx)
+        logits.logsumexp(-1).mean().backward()
+        grads.append((logits, {n: p.grad for n, p in net.named_parameters() if p.requires_grad}))
+    (q_logits, q_grads), (d_logits, d_grads) = grads
+    torch.testing.assert_close(q_logits, d_logits, rtol=1e-5, atol=1e-5)
+    assert q_grads.keys() == d_grads.keys() and q_grads
+    for name, g in q_grads.items():
+        torch.testing.assert_close(g, d_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    # Nothing more is kept for backward than over the dense base, whose weights are parameters (not counted):
+    # no dequantized copy of a 4-bit weight lives until backward.
+    assert saved_bytes(model, idx) == saved_bytes(dense, idx)
+
+
+@pytest.mark.parametrize("method", FAMILY)
+def test_compiled_adapter_equals_eager_without_graph_breaks(method):
+    """torch.compile (dynamo + AOTAutograd, eager kernels) traces the Functions: same output and gradients."""
+    config, layer = make_qkv(method, ("query", "value"), "interleaved", nb=2, flip_side=method == "oft")
+    perturb(layer)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break is an error
+    x = torch.randn(2, 5, config.n_embd)
+    results = []
+    for net in (layer, compiled):
+        layer.zero_grad()
+        x_ = x.clone().requires_grad_()
+        y = net(x_)
+        y.pow(2).sum().backward()
+        grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad}
+        results.append((y.detach(), x_.grad, grads))
+    torch._dynamo.reset()
+    (y, gx, grads), (c_y, c_gx, c_grads) = results
+    torch.testing.assert_close(c_y, y, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(c_gx, gx, rtol=1e-6, atol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(c_grads[name], grads[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -85,8 +85,9 @@ class HouseholderType(BlockTransform):
         return y.view(x.shape)
 
     def blocks(self) -> torch.Tensor:
-        d = self.directions().float()  # (K, nb, b)
-        eye = torch.eye(self.block, device=d.device)
+        d = self.directions()  # (K, nb, b)
+        d = d.to(torch.promote_types(d.dtype, torch.float32))  # float32 or better, also for bfloat16 parameters
+        eye = torch.eye(self.block, device=d.device, dtype=d.dtype)
         return eye + sum(s * d[k, :, :, None] * d[k, :, None, :] for k, s in enumerate(self.signs))
 
 

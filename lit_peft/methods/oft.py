@@ -56,8 +56,9 @@ class Cayley(BlockTransform):
         return upper - upper.transpose(1, 2)  # (nb, b, b)
 
     def blocks(self) -> torch.Tensor:
-        s = self.skew().float()
-        eye = torch.eye(self.block, device=s.device).expand_as(s)
+        s = self.skew()
+        s = s.to(torch.promote_types(s.dtype, torch.float32))  # float32 or better, also for bfloat16 parameters
+        eye = torch.eye(self.block, device=s.device, dtype=s.dtype).expand_as(s)
         # (I + S) and (I - S) commute, so (I + S)(I - S)^-1 = (I - S)^-1 (I + S): one batched solve.
         return torch.linalg.solve(eye - s, eye + s)
 

@@ -83,11 +83,10 @@ class GroupedLinear(torch.autograd.Function):
         y2 = y.view(-1, w.shape[0])  # (tokens, out)
         for x, group in zip(xs, runs, strict=True):
             x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
-            for start, stop in group:
-                if bias is None:
-                    torch.mm(x2, w[start:stop].t(), out=y2[:, start:stop])
-                else:
-                    torch.addmm(bias[start:stop], x2, w[start:stop].t(), out=y2[:, start:stop])
+            for start, stop in group:  # in place into y's columns (beta=0: their old contents are not read)
+                y2[:, start:stop].addmm_(x2, w[start:stop].t(), beta=0)
+        if bias is not None:
+            y2.add_(bias)
         ctx.save_for_backward(weight)
         ctx.quantized, ctx.runs = quantized, runs
         return y
@@ -139,12 +138,12 @@ class TransformLinear(AdapterLinear):
         self.register_buffer("inverse", torch.argsort(order), persistent=False)
         self.runs = tuple(_runs(g) for g in self.groups)
 
-    def _take(self, t: torch.Tensor, i: int) -> torch.Tensor:
-        """Group i's columns of t (..., out): a view when they are one run."""
+    def _take(self, t: torch.Tensor, i: int, dim: int = -1) -> torch.Tensor:
+        """Group i's rows of t along `dim`: a view when they are one run."""
         if len(self.runs[i]) == 1:
             start, stop = self.runs[i][0]
-            return t[..., start:stop]
-        return t.index_select(-1, self.groups[i].to(t.device))
+            return t.narrow(dim, start, stop - start)
+        return t.index_select(dim, self.groups[i].to(t.device))
 
     def _linear(self, xs: list[torch.Tensor]) -> torch.Tensor:
         """The frozen Linear, group i reading xs[i]; a 4-bit base keeps only its 4-bit weight for backward."""
