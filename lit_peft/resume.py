@@ -17,6 +17,7 @@ import hashlib
 import os
 import signal
 import subprocess
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,24 @@ class FinalCheckpoint(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.save(trainer)
+
+
+class RunRecord(L.Callback):
+    """What a resumed run carries over from its earlier segments: the held-out metrics before the first step (not
+    measured again on resume, so the loss curve has one step 0) and the wall time spent so far."""
+
+    def __init__(self, started: float, saved: dict[str, Any] | None = None) -> None:
+        saved = saved or {}
+        self.started = started
+        self.initial: dict[str, float] = dict(saved.get("initial_held_out") or {})
+        self.earlier_s = float(saved.get("wall_time_s") or 0.0)
+
+    def wall_time_s(self) -> float:
+        return self.earlier_s + time.perf_counter() - self.started
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        checkpoint["initial_held_out"] = self.initial
+        checkpoint["wall_time_s"] = self.wall_time_s()
 
 
 class Preemption(L.Callback):

@@ -30,6 +30,7 @@ from lit_peft.resume import (
     FinalCheckpoint,
     Preemption,
     RunIdentity,
+    RunRecord,
     check_identity,
     finished,
     load_checkpoint,
@@ -167,9 +168,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     resume_from = resume_checkpoint(cfg.get("resume"), ckpt_dir)
     identity = run_identity(OmegaConf.to_container(cfg, resolve=True), checkpoint_dir)
     resumed_step = None
+    record = RunRecord(started)
     if resume_from is not None:
         saved = load_checkpoint(resume_from)
         resumed_step = int(saved.get("global_step", 0))
+        record = RunRecord(started, saved)
         check_identity(saved.get("lit_peft_run"), identity, resume_from)
         if finished(saved, t.max_steps, t.max_epochs):
             print(
@@ -258,7 +261,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         limit_val_batches=t.limit_val_batches,
         num_sanity_val_steps=0,
         logger=logger,
-        callbacks=[checkpointing, RunIdentity(identity), final_checkpoint, preemption, export],
+        callbacks=[checkpointing, RunIdentity(identity), record, final_checkpoint, preemption, export],
         plugins=[AtomicCheckpointIO(), *([precision] if precision else [])],
         default_root_dir=out_dir,
         enable_progress_bar=t.progress_bar,
@@ -267,8 +270,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     if logger:  # before anything saves the logger (hparams.yaml is written once), for the HParams tab
         logger.log_hyperparams(hyperparameters(cfg))
-    trainer.validate(module, datamodule=data, verbose=False) if t.validate_first else None
-    initial = held_out(trainer)
+    if t.validate_first and resume_from is None:  # a resumed run keeps the first segment's (none: empty)
+        trainer.validate(module, datamodule=data, verbose=False)
+        record.initial = held_out(trainer)
+    initial = record.initial
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
     except NonFiniteError as e:
@@ -301,7 +306,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "held_out_examples": len(data.val) if data.val is not None else 0,
         "steps": trainer.global_step,
         "tokens": module.tokens_seen,
-        "wall_time_s": round(time.perf_counter() - started, 3),
+        "wall_time_s": round(record.wall_time_s(), 3),  # all segments of a resumed run
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),

@@ -107,6 +107,7 @@ def test_resume_continues_from_the_last_checkpoint(tiny_checkpoint, tmp_path):
     out = tmp_path / "resume"
     assert finetune(tiny_checkpoint, out).returncode == 0
     first = load_file(str(out / "adapter" / "adapter.safetensors"))
+    first_wall = json.loads((out / "metrics.json").read_text())["wall_time_s"]
     res = finetune(tiny_checkpoint, out, "trainer.max_steps=6", "resume=true")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Restored all states" in res.stdout + res.stderr
@@ -115,6 +116,15 @@ def test_resume_continues_from_the_last_checkpoint(tiny_checkpoint, tmp_path):
     assert meta["step"] == 6
     second = load_file(str(out / "adapter" / "adapter.safetensors"))
     assert any(not torch.equal(first[k], second[k]) for k in first)
+    # The held-out loss before training is the first segment's, not measured again at the resumed weights: one
+    # step-0 point in the events, the same value in metrics.json; the wall time covers both segments.
+    val = scalars(out)["val/loss"]
+    assert [s for s, _ in val].count(0) == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["initial"]["val/loss"] == pytest.approx(val[0][1], rel=1e-6)
+    saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["initial_held_out"] == metrics["initial"]
+    assert metrics["wall_time_s"] >= saved["wall_time_s"] > first_wall > 0
 
 
 def test_two_point_sweep_runs_each_job(tiny_checkpoint, tmp_path):
