@@ -81,6 +81,10 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
 
     if backend not in COMPILE_BACKENDS:
         raise ValueError(f"unknown compile backend {backend!r}; valid: {', '.join(COMPILE_BACKENDS)}")
+    # Every block and variant shares run_block's code object, whose compiled entries dynamo caps (8 by default, then
+    # eager with a warning): training with and without an input gradient, validation, the last short batch, a
+    # reference or teacher with adapters off, and CQIL's group leaders can come near that.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     compiled = torch.compile(run_block, backend=backend)
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     for block in blocks:
