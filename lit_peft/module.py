@@ -75,7 +75,8 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
     gradient checkpointing) is compiled, while embeddings, the head and the loss stay eager. Identical blocks share
     one compiled graph (dynamo lifts their parameters to inputs); the variants (training, validation, adapters off for
     a DPO reference or a distillation teacher) compile once each. The module tree is unchanged, so parameter names,
-    state dicts, checkpoints and exports keep their keys (no `_orig_mod.`), and a deep copy calls its own blocks.
+    state dicts, checkpoints and exports keep their keys (no `_orig_mod.`); a deep copy is eager (torch drops the
+    compiled call when a module is copied or pickled).
     """
     from litgpt.model import Block
 
@@ -241,7 +242,7 @@ class FineTuneModule(L.LightningModule):
         # Before Lightning restores a checkpoint and before the strategy wraps the model: what the task takes from the
         # untrained weights (e.g. DPO's frozen reference copy) is taken from them, also when a run resumes.
         self.task.attach(self)
-        if self.compile_backend:  # after attach: a deep copy of a compiled block would call the original's forward
+        if self.compile_backend:  # the model's blocks; what attach copied (DPO's frozen reference) runs eager
             compile_blocks(self.model, self.compile_backend)
 
     def on_fit_start(self) -> None:
