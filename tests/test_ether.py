@@ -345,23 +345,28 @@ def test_gradients_equal_the_dense_definition_on_a_plain_linear(method, flip_sid
 
 
 def test_the_functions_pass_gradcheck():
-    from lit_peft.methods.ether import Reflect
-    from lit_peft.methods.oft import Rotate
-    from lit_peft.methods.transform import GroupedLinear
+    from lit_peft.methods.ether import Householder, HouseholderPlus
+    from lit_peft.methods.oft import Cayley
+    from lit_peft.methods.transform import BlockFunction, Group, TransformLinearFunction
 
     def leaf(*shape):
         return torch.randn(*shape, dtype=torch.double, requires_grad=True)
 
     x = leaf(5, 3, 4)  # (tokens, nb, b)
-    assert torch.autograd.gradcheck(Reflect.apply, (x, leaf(1, 3, 4), (-2.0,)))
-    assert torch.autograd.gradcheck(Reflect.apply, (x, leaf(2, 3, 4), (-1.0, 1.0)))
-    assert torch.autograd.gradcheck(Rotate.apply, (x, leaf(3, 4, 4)))
+    for kind, f in ((Householder, leaf(1, 3, 4)), (HouseholderPlus, leaf(2, 3, 4)), (Cayley, leaf(3, 4, 4))):
+        assert torch.autograd.gradcheck(lambda x, f, kind=kind: BlockFunction.apply(x, f, kind), (x, f))
+    # A whole Linear (8 x 6): rows 0-1 and 5 (one group in two runs) and rows 2-4 transformed on both sides, by
+    # different kinds; rows 6-7 plain.
     w, b = torch.randn(8, 6, dtype=torch.double), torch.randn(8, dtype=torch.double)
-    runs = (((0, 2), (5, 6)), ((2, 5),), ((6, 8),))  # three row groups, the first in two runs
-    xs = (leaf(2, 3, 6), leaf(2, 3, 6), leaf(2, 3, 6))
-    assert torch.autograd.gradcheck(lambda *xs: GroupedLinear.apply(w, b, None, runs, *xs), xs)
-    expected = torch.cat([xs[0] @ w[:2].T, xs[1] @ w[2:5].T, xs[0] @ w[5:6].T, xs[2] @ w[6:].T], -1) + b
-    torch.testing.assert_close(GroupedLinear.apply(w, b, None, runs, *xs), expected)
+    plan = (
+        Group(((0, 2), (5, 6)), (Householder, 0), (HouseholderPlus, 2)),
+        Group(((2, 5),), (Cayley, 1), (Cayley, 3)),
+        Group(((6, 8),), None, None),
+    )
+    factors = (leaf(1, 2, 3), leaf(3, 2, 2), leaf(2, 1, 3), leaf(1, 3, 3))
+    assert torch.autograd.gradcheck(
+        lambda x, *f: TransformLinearFunction.apply(x, w, b, None, plan, *f), (leaf(2, 3, 6), *factors)
+    )
 
 
 @pytest.mark.parametrize("flip_side", [False, True], ids=["input", "flip"])

@@ -7,13 +7,14 @@ One side is the input side (W' = W H) unless `flip_side` puts it on the output s
 paper's block-diagonal definition: block b covers features [b*d/nb, (b+1)*d/nb) of the transformed side.
 
 All three are one form, H_b = I + sum_k s_k d_kb d_kb^T with unit directions d_k = u_k/||u_k|| and signs s
-(ETHER: s = (-2,); ETHER+: s = (-1, +1) for d = (u, v)), applied to activations by `Reflect`: a rank-1 or rank-2
-update per block, O(width) per token, with a hand-written backward that keeps only the input and K*nb coefficients.
+(ETHER: s = (-2,); ETHER+: s = (-1, +1) for d = (u, v)), applied to activations as a rank-1 or rank-2 update per
+block, O(width) per token, with a hand-written backward that keeps only the input and K*nb coefficients per token.
 """
 
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -29,60 +30,57 @@ def _init_directions(nb: int, block: int) -> torch.Tensor:
 
 def _coefficients(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """c[n, k, t] = d_kn . x_tn for x (tokens, nb, b) and d (K, nb, b): (nb, K, tokens), one batched matmul over the
-    blocks for all K directions at once, reading x in place."""
+    blocks for all K directions at once (ETHER+'s u and v together), reading x in place."""
     return torch.bmm(d.transpose(0, 1), x.permute(1, 2, 0))
 
 
-def _update(x: torch.Tensor, c: torch.Tensor, d: torch.Tensor, signs: tuple[float, ...]) -> torch.Tensor:
-    """x_tn + sum_k s_k c[n, k, t] d_kn for every token t and block n: a new tensor (tokens, nb, b)."""
-    y = torch.addcmul(x, c[:, 0].t()[..., None], d[0], value=signs[0])
-    for k in range(1, len(d)):
-        y.addcmul_(c[:, k].t()[..., None], d[k], value=signs[k])
-    return y
-
-
-class Reflect(torch.autograd.Function):
-    """y_n = H_n x_n with H_n = I + sum_k s_k d_kn d_kn^T, for x (tokens, nb, b), unit directions d (K, nb, b).
-
-    Forward: c = d . x (K*nb numbers per token), y = x + sum_k s_k c_k d_k. H is symmetric, so backward is
-        grad_x   = H grad_y = grad_y + sum_k s_k e_k d_k,                 e = d . grad_y
-        grad_d_k = s_k sum_tokens (c_k grad_y + e_k x)                    (per block: two batched matmuls)
-    Saved for backward: x (the input, usually alive anyway), c and d; never y. Each pass allocates one
-    activation-sized tensor, its output.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, d: torch.Tensor, signs: tuple[float, ...]) -> torch.Tensor:
-        c = _coefficients(x, d)  # (nb, K, tokens)
-        ctx.save_for_backward(x, d, c)
-        ctx.signs = signs
-        return _update(x, c, d, signs)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        x, d, c = ctx.saved_tensors
-        e = _coefficients(grad, d)  # (nb, K, tokens)
-        grad_d = None
-        if ctx.needs_input_grad[1]:
-            grad_d = torch.baddbmm(torch.bmm(c, grad.transpose(0, 1)), e, x.transpose(0, 1))  # (nb, K, b)
-            grad_d = grad_d.transpose(0, 1) * grad_d.new_tensor(ctx.signs)[:, None, None]  # (K, nb, b)
-        grad_x = _update(grad, e, d, ctx.signs) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_d, None
+def _update(
+    x: torch.Tensor, c: torch.Tensor, d: torch.Tensor, signs: tuple[float, ...], out: torch.Tensor | None
+) -> torch.Tensor:
+    """x_tn + sum_k s_k c[n, k, t] d_kn for every token t and block n, (tokens, nb, b): a new tensor, or written into
+    `out` (which may be x itself)."""
+    k0 = 0
+    if out is None:
+        out, k0 = torch.addcmul(x, c[:, 0].t()[..., None], d[0], value=signs[0]), 1
+    else:
+        out.copy_(x)  # nothing to do when out is x (copy_ returns at once)
+    for k in range(k0, len(d)):
+        out.addcmul_(c[:, k].t()[..., None], d[k], value=signs[k])
+    return out
 
 
 class HouseholderType(BlockTransform):
-    """H_b = I + sum_k s_k d_kb d_kb^T, d_k = (unit) directions; subclasses say which directions and signs."""
+    """H_b = I + sum_k s_k d_kb d_kb^T for unit directions d (K, nb, b) and signs s; subclasses give both.
 
-    signs: tuple[float, ...]
+    Kernels: forward c = d . x (K*nb numbers per token, kept for backward), y = x + sum_k s_k c_k d_k. H is symmetric:
+        grad_x   = H grad_y = grad_y + sum_k s_k e_k d_k,                 e = d . grad_y
+        grad_d_k = s_k sum_tokens (c_k grad_y + e_k x)                    (per block: two batched matmuls)
+    """
+
+    signs: ClassVar[tuple[float, ...]]
 
     def directions(self) -> torch.Tensor:
         """The unit directions (K, nb, b), differentiable in the parameters."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        d = self.directions().to(x.dtype)
-        y = Reflect.apply(x.reshape(-1, self.nb, self.block), d, self.signs)  # (tokens, nb, b)
-        return y.view(x.shape)
+    def factor(self) -> torch.Tensor:
+        return self.directions()
+
+    @classmethod
+    def apply_blocks(
+        cls, x: torch.Tensor, d: torch.Tensor, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        c = _coefficients(x, d)  # (nb, K, tokens)
+        return _update(x, c, d, cls.signs, out), c
+
+    @classmethod
+    def grad_blocks(
+        cls, grad: torch.Tensor, x: torch.Tensor, d: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        e = _coefficients(grad, d)  # (nb, K, tokens)
+        grad_d = torch.baddbmm(torch.bmm(c, grad.transpose(0, 1)), e, x.transpose(0, 1))  # (nb, K, b)
+        grad_d = grad_d.transpose(0, 1) * grad_d.new_tensor(cls.signs)[:, None, None]  # (K, nb, b)
+        return _update(grad, e, d, cls.signs, out), grad_d  # read grad before `out` (possibly grad) is written
 
     def blocks(self) -> torch.Tensor:
         d = self.directions()  # (K, nb, b)

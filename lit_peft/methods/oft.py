@@ -2,7 +2,7 @@
 
 S starts at zero, so R = I at init. Only the strictly upper triangle of each S_b is a parameter:
 nb * b(b-1)/2 per transformed side, b = width / nb. Applied to the input blocks (W' = W R), or to the output blocks
-with `flip_side` (W' = R W): a (b x b) matmul per block per token (`Rotate`); R is formed once per forward, never W R.
+with `flip_side` (W' = R W): a (b x b) matmul per block per token; R is formed once per forward, never W R.
 """
 
 from __future__ import annotations
@@ -14,26 +14,6 @@ import torch
 from torch import nn
 
 from lit_peft.methods.transform import BlockSettings, BlockTransform, BlockTransformMethod
-
-
-class Rotate(torch.autograd.Function):
-    """y_n = R_n x_n for x (..., nb, b), r (nb, b, b).
-
-    Backward: grad_x_n = R_n^T grad_y_n (R is orthogonal), grad_R_n = sum_tokens grad_y_n x_n^T.
-    Saved for backward: x (the input) and R; never y.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, r)
-        return torch.einsum("...nj,nij->...ni", x, r)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        x, r = ctx.saved_tensors
-        grad_x = torch.einsum("...ni,nij->...nj", grad, r) if ctx.needs_input_grad[0] else None
-        grad_r = torch.einsum("...ni,...nj->nij", grad, x) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_r
 
 
 class Cayley(BlockTransform):
@@ -62,9 +42,25 @@ class Cayley(BlockTransform):
         # (I + S) and (I - S) commute, so (I + S)(I - S)^-1 = (I - S)^-1 (I + S): one batched solve.
         return torch.linalg.solve(eye - s, eye + s)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r = self.blocks().to(x.dtype)  # (nb, b, b)
-        return Rotate.apply(x.unflatten(-1, (self.nb, self.block)), r).flatten(-2)
+    def factor(self) -> torch.Tensor:
+        return self.blocks()  # R (nb, b, b)
+
+    @classmethod
+    def apply_blocks(
+        cls, x: torch.Tensor, r: torch.Tensor, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, None]:
+        """y_n = R_n x_n for x (tokens, nb, b): one batched matmul over the blocks."""
+        y = torch.bmm(x.transpose(0, 1), r.transpose(1, 2)).transpose(0, 1)  # (tokens, nb, b), block-major
+        return (y.contiguous() if out is None else out.copy_(y)), None
+
+    @classmethod
+    def grad_blocks(
+        cls, grad: torch.Tensor, x: torch.Tensor, r: torch.Tensor, saved: None, out: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """grad_x_n = R_n^T grad_n, grad_R_n = sum_tokens grad_n x_n^T (before `out`, possibly grad, is written)."""
+        grad_r = torch.bmm(grad.permute(1, 2, 0), x.transpose(0, 1))  # (nb, b, b)
+        grad_x = torch.bmm(grad.transpose(0, 1), r).transpose(0, 1)  # (tokens, nb, b)
+        return (grad_x.contiguous() if out is None else out.copy_(grad_x)), grad_r
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,15 +5,17 @@ of activations block by block. `TransformLinear` puts one on the input side and/
 Linear, separately for every part (q, k and v of a fused qkv each get their own, as three Linears would):
 
     input side:  y_p = W_p (T_in_p x) + b_p           (reflect/rotate the input blocks, then the base matmul)
-    output side: y_p = T_out_p (W_p x + b_p)           (the base matmul, then transform the output blocks)
+    output side: z_p = T_out_p (W_p x + b_p)           (the base matmul, then transform the output blocks)
 
 so a step costs the base matmul plus O(width) (reflections) or O(width * block) (rotations) per token. The dense
 T_out W T_in is formed only by `merged_parameters()`, once, for merge.
 
-Each transform is an autograd.Function with a hand-written backward (`ether.Reflect`, `oft.Rotate`) that keeps only
-its input and a few numbers per token, never the transformed activation. On the input side of a fused qkv, the parts'
-matmuls write into one output (`GroupedLinear`: no concatenation, no reordering, for either qkv layout); over a 4-bit
-base, the frozen weight is dequantized again in backward instead of kept dense until then.
+Speed on a CPU is passes over activations and fresh activation-sized buffers (page faults), so one autograd.Function
+(`TransformLinearFunction`) runs a whole adapted Linear: the parts' transformed inputs share one buffer, their
+matmuls write straight into the output's rows (either qkv layout, no concatenation or reordering), and backward
+transforms the gradient in place. It keeps for backward only the input x, the base output W x + b when there is an
+output side, a few coefficients per token and the small transform factors; never a transformed activation. The
+frozen weight is the parameter itself, or, over a 4-bit base, dequantized again in backward instead of kept dense.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from functools import partial
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -34,6 +36,10 @@ class BlockTransform(nn.Module):
     """A block-diagonal matrix acting on the last dimension of activations: x_b <- T_b x_b for each block b.
 
     `nb` blocks, or blocks of `block_size` features (then nb = width / block_size); either must divide `width`.
+    A subclass gives `factor()`, the small differentiable tensor that defines T (unit directions, a rotation), and
+    the two kernels on activations viewed as (tokens, nb, block), without autograd:
+        apply_blocks(x, f, out)            -> (T x, what backward needs besides x)   [into `out` when given]
+        grad_blocks(grad, x, f, saved, out) -> (T^T grad, grad of f)                 [into `out`; it may be `grad`]
     """
 
     def __init__(self, width: int, where: str, nb: int | None = 1, block_size: int | None = None) -> None:
@@ -48,8 +54,24 @@ class BlockTransform(nn.Module):
         self.width, self.nb = width, value if block_size is None else width // value
         self.block = width // self.nb
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def factor(self) -> torch.Tensor:
         raise NotImplementedError
+
+    @classmethod
+    def apply_blocks(
+        cls, x: torch.Tensor, f: torch.Tensor, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    @classmethod
+    def grad_blocks(
+        cls, grad: torch.Tensor, x: torch.Tensor, f: torch.Tensor, saved: torch.Tensor | None, out: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.factor().to(x.dtype)
+        return BlockFunction.apply(x.reshape(-1, self.nb, self.block), f, type(self)).view(x.shape)
 
     def blocks(self) -> torch.Tensor:
         """The dense blocks, (nb, block, block)."""
@@ -60,6 +82,23 @@ class BlockTransform(nn.Module):
         return torch.block_diag(*self.blocks().unbind(0))
 
 
+class BlockFunction(torch.autograd.Function):
+    """y = T x for x (tokens, nb, block) with a `BlockTransform` subclass's kernels (a transform on its own)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, f: torch.Tensor, kind: type[BlockTransform]) -> torch.Tensor:
+        y, saved = kind.apply_blocks(x, f)
+        ctx.save_for_backward(x, f, saved)
+        ctx.kind = kind
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        x, f, saved = ctx.saved_tensors
+        grad_x, grad_f = ctx.kind.grad_blocks(grad, x, f, saved, None)
+        return grad_x, grad_f, None
+
+
 def _runs(rows: torch.Tensor) -> tuple[tuple[int, int], ...]:
     """`rows` (ascending) as maximal runs of consecutive indices: ((start, stop), ...)."""
     breaks = (rows.diff() != 1).nonzero().flatten().add(1).tolist()
@@ -67,45 +106,145 @@ def _runs(rows: torch.Tensor) -> tuple[tuple[int, int], ...]:
     return tuple((int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(bounds[:-1], bounds[1:], strict=True))
 
 
-class GroupedLinear(torch.autograd.Function):
-    """y (..., out) of a frozen Linear whose row groups read different inputs: y[..., rows_g] = x_g W[rows_g]^T + b.
+class Group(NamedTuple):
+    """A row group of the adapted Linear: its rows as runs, and its input and output transforms (kind and the index
+    of its factor among the Function's factors), None for the rows no part owns."""
 
-    `runs[g]` lists group g's rows as (start, stop) runs; each run is one matmul written straight into y, so there is
-    no concatenation or reordering pass. The weight is frozen, so backward needs only W (grad_x_g = sum over runs of
-    grad_y[..., run] W[run]); it is the parameter itself, or, for a 4-bit base (`quantized`, with `weight` None),
-    dequantized again in backward: autograd keeps no dense copy of a 4-bit weight.
+    runs: tuple[tuple[int, int], ...]
+    t_in: tuple[type[BlockTransform], int] | None
+    t_out: tuple[type[BlockTransform], int] | None
+
+
+def _cols(t: torch.Tensor, runs: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """The columns `runs` of t (tokens, out): a view for one run, else a copy."""
+    if len(runs) == 1:
+        return t[:, runs[0][0] : runs[0][1]]
+    return torch.cat([t[:, a:b] for a, b in runs], dim=1)
+
+
+def _put_cols(t: torch.Tensor, runs: tuple[tuple[int, int], ...], value: torch.Tensor) -> None:
+    """t[:, runs] = value, value (tokens, sum of the run lengths)."""
+    offset = 0
+    for a, b in runs:
+        t[:, a:b].copy_(value[:, offset : offset + b - a])
+        offset += b - a
+
+
+def _blocks(t: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """t (tokens, width) as (tokens, nb, block), the block count read off the factor (nb is f's second-to-last but
+    one dimension for directions (K, nb, b) and its first for rotations (nb, b, b); both have b last)."""
+    return t.view(t.shape[0], -1, f.shape[-1])
+
+
+def _rows_matmul(
+    g: torch.Tensor, w: torch.Tensor, runs: tuple[tuple[int, int], ...], out: torch.Tensor | None
+) -> torch.Tensor:
+    """sum over the runs of g[:, run] w[run]: (tokens, in), written into `out` when given."""
+    for j, (a, b) in enumerate(runs):
+        if out is None:
+            out = g[:, a:b] @ w[a:b]
+        else:
+            out.addmm_(g[:, a:b], w[a:b], beta=0 if j == 0 else 1)
+    return out
+
+
+class TransformLinearFunction(torch.autograd.Function):
+    """z = T_out (W T_in x + b), per row group, for x (tokens, in): the whole adapted Linear in one Function.
+
+    Forward: for each group, T_in x into one reused buffer, then its rows of y = W x' + b by matmuls written in place;
+    then z = T_out y per group. Backward: grad_y = T_out^T grad_z; for each group grad_x' = grad_y[rows] W[rows], whose
+    T_in^T is taken in place and summed into grad_x. Saved: x, y (only with an output side), the kernels' per-token
+    coefficients and the factors; the weight is the frozen parameter, or read again from a 4-bit `quantized` base.
     """
 
     @staticmethod
-    def forward(ctx, weight, bias, quantized, runs, *xs):  # noqa: ANN001, ANN205 (autograd.Function signature)
+    def forward(ctx, x, weight, bias, quantized, plan, *factors):  # plan: tuple[Group, ...]
         w = weight if quantized is None else dense_weight(quantized)  # (out, in)
-        y = xs[0].new_empty(*xs[0].shape[:-1], w.shape[0])
-        y2 = y.view(-1, w.shape[0])  # (tokens, out)
-        for x, group in zip(xs, runs, strict=True):
-            x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
-            for start, stop in group:  # in place into y's columns (beta=0: their old contents are not read)
-                y2[:, start:stop].addmm_(x2, w[start:stop].t(), beta=0)
+        x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
+        y = x2.new_empty(x2.shape[0], w.shape[0])  # (tokens, out)
+        buffer, saved_in = None, []  # one buffer for every group's transformed input
+        if plan[0].t_in is None:  # no input side: one matmul for all rows
+            torch.mm(x2, w.t(), out=y)
+            saved_in = [None] * len(plan)
+        for group in plan if plan[0].t_in is not None else ():
+            source, kept = x2, None
+            if group.t_in is not None:
+                kind, i = group.t_in
+                f = factors[i]
+                buffer, kept = kind.apply_blocks(_blocks(x2, f), f, None if buffer is None else _blocks(buffer, f))
+                buffer = source = buffer.view(x2.shape)
+            saved_in.append(kept)
+            for a, b in group.runs:  # beta=0: y's uninitialised rows are not read
+                y[:, a:b].addmm_(source, w[a:b].t(), beta=0)
         if bias is not None:
-            y2.add_(bias)
-        ctx.save_for_backward(weight)
-        ctx.quantized, ctx.runs = quantized, runs
-        return y
+            y.add_(bias)
+        z, saved_out = y, []
+        if any(group.t_out is not None for group in plan):
+            z = torch.empty_like(y)
+            for group in plan:
+                y_g, kept = _cols(y, group.runs), None
+                if group.t_out is None:
+                    _put_cols(z, group.runs, y_g)
+                else:
+                    kind, i = group.t_out
+                    f = factors[i]
+                    one_run = len(group.runs) == 1
+                    target = _blocks(_cols(z, group.runs), f) if one_run else None
+                    z_g, kept = kind.apply_blocks(_blocks(y_g, f), f, target)
+                    if not one_run:
+                        _put_cols(z, group.runs, z_g.view(y_g.shape))
+                saved_out.append(kept)
+        ctx.plan, ctx.quantized, ctx.shape = plan, quantized, x.shape
+        ctx.has_output = z is not y
+        kept_x = x2 if plan[0].t_in is not None else None  # the output side alone needs y, not x
+        ctx.save_for_backward(kept_x, weight, y if ctx.has_output else None, *factors, *saved_in, *saved_out)
+        return z.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
-        (weight,) = ctx.saved_tensors
+    def backward(ctx, grad):
+        plan, n_groups = ctx.plan, len(ctx.plan)
+        x2, weight, y, *rest = ctx.saved_tensors
+        n_factors = len(rest) - n_groups * (2 if ctx.has_output else 1)
+        factors, saved_in, saved_out = rest[:n_factors], rest[n_factors:][:n_groups], rest[n_factors + n_groups :]
         w = weight if ctx.quantized is None else dense_weight(ctx.quantized)
-        g2 = grad.reshape(-1, grad.shape[-1])  # (tokens, out)
-        grads = []
-        for i, group in enumerate(ctx.runs):
-            gx = None
-            if ctx.needs_input_grad[4 + i]:
-                for start, stop in group:
-                    part = g2[:, start:stop] @ w[start:stop]  # (tokens, in)
-                    gx = part if gx is None else gx.add_(part)
-                gx = gx.view(*grad.shape[:-1], -1)
-            grads.append(gx)
-        return None, None, None, None, *grads
+        g = grad.reshape(-1, grad.shape[-1])  # (tokens, out)
+        grad_f: list[torch.Tensor | None] = [None] * n_factors
+        if ctx.has_output:  # grad_y = T_out^T grad_z, per group
+            grad_y = torch.empty_like(g)
+            for group, kept in zip(plan, saved_out, strict=True):
+                g_g = _cols(g, group.runs)
+                if group.t_out is None:
+                    _put_cols(grad_y, group.runs, g_g)
+                    continue
+                kind, i = group.t_out
+                one_run = len(group.runs) == 1
+                target = _blocks(_cols(grad_y, group.runs), factors[i]) if one_run else None
+                blocks = _blocks(_cols(y, group.runs), factors[i])
+                out_g, grad_f[i] = kind.grad_blocks(_blocks(g_g, factors[i]), blocks, factors[i], kept, target)
+                if not one_run:
+                    _put_cols(grad_y, group.runs, out_g.view(g_g.shape))
+            g = grad_y
+        if plan[0].t_in is None:  # no input side
+            grad_x = g @ w  # (tokens, in): one matmul over all rows
+        else:
+            grad_x = scratch = None
+            for group, kept in zip(plan, saved_in, strict=True):
+                if group.t_in is None:  # the rows no part owns (last): their matmul input is x itself
+                    for a, b in group.runs:
+                        grad_x.addmm_(g[:, a:b], w[a:b])
+                    continue
+                part = _rows_matmul(g, w, group.runs, None if grad_x is None else scratch)  # grad of T_in x
+                kind, i = group.t_in
+                f = factors[i]
+                blocks = _blocks(part, f)
+                _, grad_f[i] = kind.grad_blocks(blocks, _blocks(x2, f), f, kept, blocks)  # T_in^T in place
+                if grad_x is None:
+                    grad_x = part
+                else:
+                    grad_x.add_(part)
+                    scratch = part
+        grad_x = grad_x.view(ctx.shape) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None, None, *grad_f
 
 
 class TransformLinear(AdapterLinear):
@@ -136,37 +275,30 @@ class TransformLinear(AdapterLinear):
         order = torch.cat(self.groups)
         self.in_order = bool((order == torch.arange(len(order))).all())
         self.register_buffer("inverse", torch.argsort(order), persistent=False)
-        self.runs = tuple(_runs(g) for g in self.groups)
+        self.transforms = [*(self.t_in or []), *(self.t_out or [])]  # the Function's factors, in this order
+        n_in, n_parts = len(self.t_in or []), len(parts)
+        self.plan = tuple(
+            Group(
+                _runs(rows),
+                (type(self.t_in[i]), i) if self.t_in is not None and i < n_parts else None,
+                (type(self.t_out[i]), n_in + i) if self.t_out is not None and i < n_parts else None,
+            )
+            for i, rows in enumerate(self.groups)
+        )
 
     def _take(self, t: torch.Tensor, i: int, dim: int = -1) -> torch.Tensor:
         """Group i's rows of t along `dim`: a view when they are one run."""
-        if len(self.runs[i]) == 1:
-            start, stop = self.runs[i][0]
-            return t.narrow(dim, start, stop - start)
+        runs = self.plan[i].runs
+        if len(runs) == 1:
+            return t.narrow(dim, runs[0][0], runs[0][1] - runs[0][0])
         return t.index_select(dim, self.groups[i].to(t.device))
-
-    def _linear(self, xs: list[torch.Tensor]) -> torch.Tensor:
-        """The frozen Linear, group i reading xs[i]; a 4-bit base keeps only its 4-bit weight for backward."""
-        if len(xs) == 1:
-            return self.base(xs[0])  # one group: all rows, in order
-        if is_quantized(self.base):
-            return GroupedLinear.apply(None, self.base.bias, self.base, self.runs, *xs)
-        return GroupedLinear.apply(self.base.weight, self.base.bias, None, self.runs, *xs)
 
     def adapted(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x)
-        n_parts = len(self.part_names)
-        if self.t_in is None:
-            y = self.base(x)  # (..., out): one fused matmul
-        else:
-            y = self._linear([self.t_in[i](x) if i < n_parts else x for i in range(len(self.groups))])
-        if self.t_out is None:
-            return y
-        if len(self.groups) == 1:
-            return self.t_out[0](y)
-        outs = [self.t_out[i](self._take(y, i)) if i < n_parts else self._take(y, i) for i in range(len(self.groups))]
-        y = torch.cat(outs, dim=-1)
-        return y if self.in_order else y.index_select(-1, self.inverse)
+        factors = [t.factor().to(x.dtype) for t in self.transforms]
+        quantized = self.base if is_quantized(self.base) else None
+        weight = None if quantized is not None else self.base.weight
+        return TransformLinearFunction.apply(x, weight, self.base.bias, quantized, self.plan, *factors)
 
     def merged_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = self.base_weight().double().clone()
