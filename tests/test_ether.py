@@ -554,3 +554,19 @@ def test_compiled_adapter_equals_eager_without_graph_breaks(method):
     torch.testing.assert_close(c_gx, gx, rtol=1e-6, atol=1e-6)
     for name in grads:
         torch.testing.assert_close(c_grads[name], grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method", FAMILY)
+def test_under_autocast_the_adapter_computes_in_the_autocast_dtype_as_the_base_linear(method):
+    """bf16-mixed: the adapted Linear returns what autocast makes of a Linear (bfloat16), close to float32."""
+    config, layer = make_qkv(method, ("query", "value"), "concatenated", nb=2, flip_side=method == "oft")
+    perturb(layer)
+    x = torch.randn(2, 5, config.n_embd)
+    expected = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        assert y.dtype == layer.base(x).dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected, rtol=5e-2, atol=5e-2)
+    y.float().pow(2).sum().backward()
+    grads = [p.grad for p in layer.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.float32 and g.isfinite().all() for g in grads)

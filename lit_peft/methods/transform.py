@@ -131,8 +131,8 @@ def _put_cols(t: torch.Tensor, runs: tuple[tuple[int, int], ...], value: torch.T
 
 
 def _blocks(t: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """t (tokens, width) as (tokens, nb, block), the block count read off the factor (nb is f's second-to-last but
-    one dimension for directions (K, nb, b) and its first for rotations (nb, b, b); both have b last)."""
+    """t (tokens, width) viewed as (tokens, nb, b); b is the factor's last dimension (directions (K, nb, b),
+    rotations (nb, b, b))."""
     return t.view(t.shape[0], -1, f.shape[-1])
 
 
@@ -158,58 +158,68 @@ class TransformLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, quantized, plan, *factors):  # plan: tuple[Group, ...]
-        w = weight if quantized is None else dense_weight(quantized)  # (out, in)
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        quantized: nn.Module | None,
+        plan: tuple[Group, ...],
+        *factors: torch.Tensor,
+    ) -> torch.Tensor:
+        w = weight if quantized is None else dense_weight(quantized).to(x.dtype)  # (out, in)
         x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
         y = x2.new_empty(x2.shape[0], w.shape[0])  # (tokens, out)
-        buffer, saved_in = None, []  # one buffer for every group's transformed input
-        if plan[0].t_in is None:  # no input side: one matmul for all rows
-            torch.mm(x2, w.t(), out=y)
-            saved_in = [None] * len(plan)
-        for group in plan if plan[0].t_in is not None else ():
-            source, kept = x2, None
-            if group.t_in is not None:
-                kind, i = group.t_in
-                f = factors[i]
-                buffer, kept = kind.apply_blocks(_blocks(x2, f), f, None if buffer is None else _blocks(buffer, f))
-                buffer = source = buffer.view(x2.shape)
-            saved_in.append(kept)
-            for a, b in group.runs:  # beta=0: y's uninitialised rows are not read
-                y[:, a:b].addmm_(source, w[a:b].t(), beta=0)
+        has_input, has_output = plan[0].t_in is not None, plan[0].t_out is not None
+        saved_in, saved_out = [None] * len(plan), [None] * len(plan)
+        if not has_input:
+            torch.mm(x2, w.t(), out=y)  # one matmul for all rows
+        else:
+            buffer = None  # one buffer for every group's transformed input
+            for g, group in enumerate(plan):
+                source = x2
+                if group.t_in is not None:
+                    kind, i = group.t_in
+                    f = factors[i]
+                    target = None if buffer is None else _blocks(buffer, f)
+                    buffer, saved_in[g] = kind.apply_blocks(_blocks(x2, f), f, target)
+                    buffer = source = buffer.view(x2.shape)
+                for a, b in group.runs:  # beta=0: y's uninitialised rows are not read
+                    y[:, a:b].addmm_(source, w[a:b].t(), beta=0)
         if bias is not None:
             y.add_(bias)
-        z, saved_out = y, []
-        if any(group.t_out is not None for group in plan):
+        z = y
+        if has_output:
             z = torch.empty_like(y)
-            for group in plan:
-                y_g, kept = _cols(y, group.runs), None
+            for g, group in enumerate(plan):
+                y_g = _cols(y, group.runs)
                 if group.t_out is None:
                     _put_cols(z, group.runs, y_g)
-                else:
-                    kind, i = group.t_out
-                    f = factors[i]
-                    one_run = len(group.runs) == 1
-                    target = _blocks(_cols(z, group.runs), f) if one_run else None
-                    z_g, kept = kind.apply_blocks(_blocks(y_g, f), f, target)
-                    if not one_run:
-                        _put_cols(z, group.runs, z_g.view(y_g.shape))
-                saved_out.append(kept)
+                    continue
+                kind, i = group.t_out
+                f = factors[i]
+                one_run = len(group.runs) == 1  # then z's columns are a view to write into
+                target = _blocks(_cols(z, group.runs), f) if one_run else None
+                z_g, saved_out[g] = kind.apply_blocks(_blocks(y_g, f), f, target)
+                if not one_run:
+                    _put_cols(z, group.runs, z_g.view(y_g.shape))
         ctx.plan, ctx.quantized, ctx.shape = plan, quantized, x.shape
-        ctx.has_output = z is not y
-        kept_x = x2 if plan[0].t_in is not None else None  # the output side alone needs y, not x
-        ctx.save_for_backward(kept_x, weight, y if ctx.has_output else None, *factors, *saved_in, *saved_out)
+        # x only for the input side, y = W x' + b only for the output side
+        # with the per-token coefficients of each group's transforms (None for rotations), in and out
+        ctx.save_for_backward(
+            x2 if has_input else None, weight, y if has_output else None, *factors, *saved_in, *saved_out
+        )
         return z.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
-    def backward(ctx, grad):
-        plan, n_groups = ctx.plan, len(ctx.plan)
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        plan, n = ctx.plan, len(ctx.plan)
         x2, weight, y, *rest = ctx.saved_tensors
-        n_factors = len(rest) - n_groups * (2 if ctx.has_output else 1)
-        factors, saved_in, saved_out = rest[:n_factors], rest[n_factors:][:n_groups], rest[n_factors + n_groups :]
-        w = weight if ctx.quantized is None else dense_weight(ctx.quantized)
+        factors, saved_in, saved_out = rest[: -2 * n], rest[-2 * n : -n], rest[-n:]
+        w = weight if ctx.quantized is None else dense_weight(ctx.quantized).to(grad.dtype)
         g = grad.reshape(-1, grad.shape[-1])  # (tokens, out)
-        grad_f: list[torch.Tensor | None] = [None] * n_factors
-        if ctx.has_output:  # grad_y = T_out^T grad_z, per group
+        grad_f: list[torch.Tensor | None] = [None] * len(factors)
+        if y is not None:  # grad_y = T_out^T grad_z, per group
             grad_y = torch.empty_like(g)
             for group, kept in zip(plan, saved_out, strict=True):
                 g_g = _cols(g, group.runs)
@@ -295,10 +305,18 @@ class TransformLinear(AdapterLinear):
 
     def adapted(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x)
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # compute in the autocast dtype, as the base Linear would
+            with torch.autocast(device, enabled=False):
+                return self._function(x.to(torch.get_autocast_dtype(device)))
+        return self._function(x)
+
+    def _function(self, x: torch.Tensor) -> torch.Tensor:
         factors = [t.factor().to(x.dtype) for t in self.transforms]
         quantized = self.base if is_quantized(self.base) else None
-        weight = None if quantized is not None else self.base.weight
-        return TransformLinearFunction.apply(x, weight, self.base.bias, quantized, self.plan, *factors)
+        weight = None if quantized is not None else self.base.weight.to(x.dtype)
+        bias = None if self.base.bias is None else self.base.bias.to(x.dtype)
+        return TransformLinearFunction.apply(x, weight, bias, quantized, self.plan, *factors)
 
     def merged_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = self.base_weight().double().clone()
