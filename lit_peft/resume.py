@@ -44,6 +44,7 @@ RESUMABLE_CHANGES = (
     "trainer.num_nodes",
     "trainer.micro_batch_size",
     "trainer.deterministic",
+    "trainer.compile",  # compiled blocks compute the same function; keys are the eager ones
     "trainer.requeue",
     "strategy",
     "data.num_workers",
