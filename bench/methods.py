@@ -373,11 +373,21 @@ def worker(model_key: str, rows: list[str], args: argparse.Namespace) -> list[di
             subject.use_compiled(False)
             remove()
             print(f"  {model_key} round {n + 1}/{args.rounds} {row}", file=sys.stderr, flush=True)
-    for res in results.values():
-        times = res.pop("times")
-        if times:
-            res["sec"] = statistics.median(times)
-    return list(results.values())
+        if n + 1 < args.rounds:  # a run stopped early still leaves its figures so far
+            lines = table(with_medians(results.values()), cpu=device == "cpu")
+            print(f"  {model_key} after round {n + 1}/{args.rounds}:", *lines, sep="\n  ", file=sys.stderr, flush=True)
+    return with_medians(results.values())
+
+
+def with_medians(results) -> list[dict]:
+    """Each row with `sec`, the median of its step times so far, in place of the times."""
+    return [
+        {
+            **{k: v for k, v in r.items() if k != "times"},
+            **({"sec": statistics.median(r["times"])} if r["times"] else {}),
+        }
+        for r in results
+    ]
 
 
 def saved_activation_bytes(model, logits: Callable, idx) -> int:
