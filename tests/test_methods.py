@@ -226,3 +226,26 @@ def test_sharded_clip_without_fsdp_units_is_plain_global_norm_clipping():
     assert got == pytest.approx(float(expected), rel=1e-6) and float(expected) > 0.5  # it did clip
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pb.grad, pa.grad)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method=oft", "method.block_size=32"], None),
+        (["method=etherplusHH", "method.block_size=8", "method.flip_side=true"], None),
+        (["method=ether", "method.block_size=0"], "method.block_size=0 is not valid; expected an integer >= 1 or null"),
+        (["method=oft", "method.nb=4", "method.block_size=32"], "nb=4 and block_size=32 both given; give one"),
+    ],
+)
+def test_block_size_is_checked_with_the_run_config_before_the_run(overrides, message):
+    """conf/method/*.yaml have nb: null and block_size: null; a run sets one of them (validated before Hydra writes)."""
+    from test_cli import composed
+
+    from lit_peft.validate import validate_config
+
+    if message is None:
+        validate_config(composed(*overrides))
+        return
+    with pytest.raises(ValueError) as err:
+        validate_config(composed(*overrides))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
