@@ -94,7 +94,7 @@ class Householder(HouseholderType):
 
     signs = (-2.0,)
 
-    def __init__(self, width: int, where: str, nb: int | None = None, block_size: int | None = None) -> None:
+    def __init__(self, width: int, where: str, nb: int | None = 1, block_size: int | None = None) -> None:
         super().__init__(width, where, nb, block_size)
         self.u = nn.Parameter(_init_directions(self.nb, self.block))
 
@@ -107,7 +107,7 @@ class HouseholderPlus(HouseholderType):
 
     signs = (-1.0, 1.0)
 
-    def __init__(self, width: int, where: str, nb: int | None = None, block_size: int | None = None) -> None:
+    def __init__(self, width: int, where: str, nb: int | None = 1, block_size: int | None = None) -> None:
         super().__init__(width, where, nb, block_size)
         u = _init_directions(self.nb, self.block)
         self.u = nn.Parameter(u)

@@ -17,7 +17,7 @@ from lit_peft.methods.transform import BlockSettings, BlockTransform, BlockTrans
 
 
 class Cayley(BlockTransform):
-    def __init__(self, width: int, where: str, nb: int | None = None, block_size: int | None = None) -> None:
+    def __init__(self, width: int, where: str, nb: int | None = 1, block_size: int | None = None) -> None:
         super().__init__(width, where, nb, block_size)
         if self.block < 2:
             given = f"block_size={block_size}" if block_size is not None else f"nb={self.nb}"

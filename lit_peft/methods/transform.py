@@ -282,6 +282,7 @@ class TransformLinear(AdapterLinear):
         rest = (~covered).nonzero().flatten()
         if len(rest):
             self.groups.append(rest)
+        # Groups concatenated in this order, and back (for code that works on whole groups, e.g. a rebuilt W H).
         order = torch.cat(self.groups)
         self.in_order = bool((order == torch.arange(len(order))).all())
         self.register_buffer("inverse", torch.argsort(order), persistent=False)
