@@ -135,9 +135,10 @@ def clone_settings(cfg: DictConfig) -> LRCSettings | None:
         )
     if (cfg.get("cqil") or {}).get("groups"):
         raise ConfigError("task=lrc clones the teacher as it is; cqil.groups must be null")
-    if cfg.trainer.get("compile"):
+    compile_mode = (cfg.get("trainer") or {}).get("compile")
+    if compile_mode:
         raise ConfigError(
-            f"trainer.compile={cfg.trainer.compile} does not apply to task=lrc: its activation captures and projected "
+            f"trainer.compile={compile_mode} does not apply to task=lrc: its activation captures and projected "
             "Linears make torch.compile recompile every step (then run eager); use trainer.compile=false"
         )
     target = str(cfg.strategy.get("_target_", cfg.strategy.get("name", "")))
