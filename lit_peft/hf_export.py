@@ -27,10 +27,11 @@ TOKENIZER_FILES = (
 )
 
 
-def llama_hf_config(config: Config, torch_dtype: str = "float32") -> dict:
+def llama_hf_config(config: Config, torch_dtype: str = "float32", tie_word_embeddings: bool = False) -> dict:
     """transformers' LlamaConfig for a LLaMA-style LitGPT config; a clear error for anything else.
 
-    `torch_dtype` is the dtype the weights are stored in (transformers' "auto" loads them in it).
+    `torch_dtype` is the dtype the weights are stored in (transformers' "auto" loads them in it);
+    `tie_word_embeddings`: the output head is the embedding matrix (SmolLM2), stored once.
     """
     supported = (
         config.mlp_class_name == "LLaMAMLP"
@@ -60,17 +61,32 @@ def llama_hf_config(config: Config, torch_dtype: str = "float32") -> dict:
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": tie_word_embeddings,
         "torch_dtype": torch_dtype,
     }
+
+
+def tied_embeddings(lit_weights: dict[str, torch.Tensor]) -> bool:
+    """Whether the LitGPT weights' output head equals the token embedding (a tied model such as SmolLM2: LitGPT keeps
+    two copies, which litgpt's HF converter writes from the one shared matrix). A head that fine-tuning changed is
+    not tied, whatever the source model's config said."""
+    head, embedding = lit_weights.get("lm_head.weight"), lit_weights.get("transformer.wte.weight")
+    return (
+        head is not None
+        and embedding is not None
+        and head.shape == embedding.shape
+        and head.dtype == embedding.dtype
+        and torch.equal(head, embedding)
+    )
 
 
 def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, replace: bool = False) -> Path:
     """Write a folder that `transformers.AutoModelForCausalLM.from_pretrained` loads with the same logits.
 
     lit_model.pth is read tensors-only (`torch.load(weights_only=True)`; litgpt's own converter would unpickle it
-    with its lazy loader) and renamed by litgpt's `copy_weights_llama`. The folder appears whole, in one rename;
-    an existing `out_dir` is kept unless `replace`.
+    with its lazy loader) and renamed by litgpt's `copy_weights_llama`. A head equal to the embedding is exported
+    tied (`tie_word_embeddings: true`, no separate lm_head.weight), so the export has the original's parameter
+    count. The folder appears whole, in one rename; an existing `out_dir` is kept unless `replace`.
     """
     from litgpt.scripts.convert_lit_checkpoint import check_conversion_supported, copy_weights_llama
 
@@ -83,11 +99,13 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, replace: bool = F
             "Face equivalent; use lit-peft's chat and eval on it, or export the original (un-rewired) checkpoint"
         )
     config = load_config(checkpoint_dir)
-    hf_config = llama_hf_config(config, dtype_name(stored_dtype(checkpoint_dir)))  # the weights keep their dtype
     lit_weights = checkpoint_weights(checkpoint_dir)
+    tied = tied_embeddings(lit_weights)
+    # the weights keep their dtype
+    hf_config = llama_hf_config(config, dtype_name(stored_dtype(checkpoint_dir)), tie_word_embeddings=tied)
     check_conversion_supported(lit_weights)
     state: dict[str, torch.Tensor] = {}
-    copy_weights_llama(config, state, lit_weights)
+    copy_weights_llama(config, state, lit_weights, untie_weights=tied)  # litgpt's flag: leave lm_head.weight out
     with atomic_path(out_dir, replace=replace) as stage:
         stage.mkdir()
         save_file(unshared(state), str(stage / "model.safetensors"), metadata={"format": "pt"})

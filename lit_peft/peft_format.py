@@ -1,0 +1,604 @@
+"""LoRA adapters in Hugging Face PEFT's format, both ways (for transformers + peft, and vLLM's LoRA serving).
+
+Export: a lit-peft LoRA adapter folder -> `adapter_model.safetensors` + `adapter_config.json` naming the modules of
+the Hugging Face Llama model that `lit_peft.hf_export.export_hf` writes for the same base (q_proj, k_proj, v_proj,
+o_proj, gate_proj, up_proj, down_proj, lm_head). Import: a PEFT LoRA adapter on such a model -> a lit-peft adapter
+folder that merge, chat and eval load.
+
+Nothing about names or layouts is written out by hand here:
+- which rows of a LitGPT Linear become which Hugging Face module comes from litgpt's own converter
+  (`copy_weights_llama`, the function the HF export uses), applied to a column of row indices;
+- the PEFT side is PEFT itself: a `LlamaForCausalLM` built on the meta device (no weights), wrapped by
+  `peft.get_peft_model` with the `LoraConfig`, filled with `set_peft_model_state_dict` and written with
+  `save_pretrained` (export), or read back module by module (import), so PEFT's own key names, target-module
+  matching, `rank_pattern`, `layers_to_transform` and shape checks apply.
+
+LitGPT's fused qkv LoRA keeps one B per part (query/key/value) and their A matrices stacked; in the concatenated
+layout each part is exactly one of q_proj/k_proj/v_proj. In the interleaved layout (`lit_peft.qkv.qkv_rows`) a
+part's rows are spread over several of them: a Hugging Face module then gets the LoRAs of every part that owns some
+of its rows, stacked (rank k*r, B zero on the rows a part does not own), written with PEFT's `rank_pattern` and
+`alpha_pattern` so that alpha/rank stays the adapter's scaling. The mathematics is unchanged: W + s * B A per row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from litgpt import GPT, Config
+from torch import nn
+
+from lit_peft.io import (
+    ADAPTER_META,
+    ADAPTER_WEIGHTS,
+    atomic_path,
+    check_new_output,
+    load_adapter,
+    load_safetensors,
+    load_weights,
+    read_json,
+    recover,
+    save_adapter,
+)
+
+log = logging.getLogger(__name__)
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_PICKLE_WEIGHTS = "adapter_model.bin"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the transformers model's own module names
+TASK_TYPES = (None, "CAUSAL_LM")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# LoraConfig settings whose non-default value changes what the adapter computes in a way lit-peft's LoRA
+# (W + alpha/r * B A on Linears, nothing else) cannot hold. Value: the default, and what the setting means.
+UNSUPPORTED_SETTINGS: dict[str, tuple[Any, str]] = {
+    "use_dora": (False, "DoRA (weight-decomposed LoRA)"),
+    "bias": ("none", "trained biases"),
+    "lora_bias": (False, "a bias on lora_B"),
+    "modules_to_save": (None, "fully trained modules beside the LoRA"),
+    "fan_in_fan_out": (False, "transposed (Conv1D) weights"),
+    "layer_replication": (None, "replicated layers"),
+    "trainable_token_indices": (None, "trained embedding rows"),
+    "target_parameters": (None, "LoRA on bare parameters"),
+    "use_qalora": (False, "QA-LoRA"),
+    "alora_invocation_tokens": (None, "activated LoRA (aLoRA)"),
+    "arrow_config": (None, "Arrow routing"),
+}
+# init_lora_weights values under which PEFT changes the base model's weights too (the adapter then belongs to that
+# changed base, unless PEFT converted it on saving, which records init_lora_weights=True).
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+# ------------------------------------------------------------------------------------------ LitGPT <-> HF names
+
+
+def hf_module_rows(config: Config, lit_name: str, out_features: int) -> dict[str, torch.Tensor]:
+    """{Hugging Face Llama module name: the output rows of LitGPT Linear `lit_name` it holds, in its own order}.
+
+    Asks litgpt's converter (`copy_weights_llama`, what the HF export uses): a weight whose row i holds i comes back
+    renamed, and split where the converter splits (qkv -> q_proj, k_proj, v_proj).
+    """
+    from litgpt.scripts.convert_lit_checkpoint import copy_weights_llama
+
+    out: dict[str, torch.Tensor] = {}
+    copy_weights_llama(config, out, {f"{lit_name}.weight": torch.arange(out_features)[:, None]})
+    return {name.removesuffix(".weight"): rows[:, 0] for name, rows in out.items()}
+
+
+def meta_gpt(config: Config) -> GPT:
+    """The LitGPT model's structure without weights (names, shapes, adapter parts)."""
+    with torch.device("meta"):
+        return GPT(config)
+
+
+def hf_modules(config: Config) -> dict[str, tuple[str, torch.Tensor]]:
+    """{Hugging Face module name: (LitGPT Linear name, its rows)} for every Linear of the model."""
+    found = {}
+    for name, module in meta_gpt(config).named_modules():
+        if isinstance(module, nn.Linear):
+            for hf_name, rows in hf_module_rows(config, name, module.out_features).items():
+                found[hf_name] = (name, rows)
+    return found
+
+
+def peft_model_on_meta(config: Config, lora_config) -> nn.Module:
+    """A `PeftModel` over transformers' `LlamaForCausalLM` for `config`: the base on the meta device (no memory), the
+    LoRA weights allocated on the CPU (uninitialised) for `load_peft_state` to fill."""
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lit_peft.hf_export import llama_hf_config
+
+    hf_config = LlamaConfig(**llama_hf_config(config))
+    with torch.device("meta"):
+        model = LlamaForCausalLM(hf_config)
+    with quiet():
+        try:
+            peft_model = get_peft_model(model, lora_config, low_cpu_mem_usage=True)
+        except ValueError as e:  # e.g. target modules that the model does not have
+            raise ValueError(f"PEFT cannot apply this LoRA to a Llama model of this shape: {one_line(e)}") from None
+    for _, layer in lora_layers(peft_model):
+        for name in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
+            if hasattr(layer, name):
+                getattr(layer, name).to_empty(device="cpu")
+    return peft_model
+
+
+def load_peft_state(peft_model: nn.Module, state: dict[str, torch.Tensor], where: str) -> list[str]:
+    """PEFT's `set_peft_model_state_dict`; returns the names of the LoRA weights the state did not fill.
+
+    Keys the model has no place for, and shapes that do not fit, are one-line errors naming `where`.
+    """
+    from peft import set_peft_model_state_dict
+
+    with quiet():
+        try:
+            result = set_peft_model_state_dict(peft_model, state)
+        except RuntimeError as e:
+            raise ValueError(f"{where} does not fit this base model ({one_line(e)[:300]})") from None
+    if result.unexpected_keys:
+        raise ValueError(
+            f"{where} has weights for modules a Llama model of this shape lacks or that lit-peft cannot represent: "
+            f"{result.unexpected_keys[0]}"
+        )
+    return [k for k in result.missing_keys if ".lora_" in k]
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def lora_layers(peft_model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(Hugging Face module name, PEFT LoRA layer) for every module PEFT wrapped."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name.removeprefix(PEFT_PREFIX), module
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """PEFT's and transformers' advice printed or warned while the meta models are built: kept in the DEBUG log."""
+    import warnings
+
+    buffer = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(buffer):
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        log.debug("%s", w.message)
+    if buffer.getvalue():
+        log.debug("%s", buffer.getvalue())
+
+
+# --------------------------------------------------------------------------------------------------------- export
+
+
+def read_lora_adapter(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A lit-peft adapter folder that holds LoRA: (weights, metadata); other methods are refused in one line."""
+    adapter_dir = recover(Path(adapter_dir))
+    if (adapter_dir / "lit_model.pth").is_file() and not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        raise ValueError(
+            f"{adapter_dir} is a whole model (method=full), not a LoRA adapter: export it with "
+            f"scripts/convert_lit_checkpoint.py --checkpoint-dir {adapter_dir} --out <folder>"
+        )
+    if (adapter_dir / PEFT_CONFIG).is_file() and not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        raise ValueError(f"{adapter_dir} is already a PEFT adapter ({PEFT_WEIGHTS}); import it with import_peft.py")
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file() or not (adapter_dir / ADAPTER_META).is_file():
+        raise FileNotFoundError(
+            f"no adapter at {adapter_dir} (expected {ADAPTER_WEIGHTS} and {ADAPTER_META}; e.g. outputs/<run>/adapter)"
+        )
+    meta = read_json(adapter_dir / ADAPTER_META)
+    if "lrc" in meta:
+        raise ValueError(f"{adapter_dir} holds a Low-Rank Clone's projections, not a LoRA adapter")
+    method = meta.get("method")
+    if method != "lora":
+        raise ValueError(
+            f"{adapter_dir} is a method={method} adapter; PEFT export supports method=lora only (PEFT's OFT and "
+            f"the ETHER family are parametrised differently): merge it instead, python scripts/merge.py --adapter "
+            f"{adapter_dir} --out <folder>, then scripts/convert_lit_checkpoint.py"
+        )
+    init = (meta.get("settings") or {}).get("init", "default")
+    if init != "default":
+        raise ValueError(
+            f"{adapter_dir} is a LoRA with init={init}, whose base is the residual its initialisation left, not the "
+            f"checkpoint: merge it instead, python scripts/merge.py --adapter {adapter_dir} --out <folder>"
+        )
+    if (meta.get("architecture") or {}).get("cqil"):
+        raise ValueError(f"{adapter_dir} was trained on a CQIL-rewired model, which has no Hugging Face equivalent")
+    weights, meta = load_adapter(adapter_dir)
+    bad = [k for k, v in weights.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{adapter_dir / ADAPTER_WEIGHTS} holds non-finite values ({bad[0]}); nothing exported")
+    return weights, meta
+
+
+def default_base_model_name(base_dir: Path) -> str:
+    """What `base_model_name_or_path` names by default: the hub repository of the conf/model/ entry whose checkpoint
+    this is (e.g. HuggingFaceTB/SmolLM2-135M-Instruct), else the base checkpoint's path."""
+    from lit_peft.model import model_config_for
+
+    conf = model_config_for(base_dir)
+    if conf is not None and conf[1].get("repo_id"):
+        return str(conf[1]["repo_id"])
+    return str(base_dir.resolve())
+
+
+def lit_to_peft_state(
+    model: GPT, weights: dict[str, torch.Tensor], r: int
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Our LoRA weights on `model` (LoRA installed, meta) -> ({PEFT key: tensor}, {HF module suffix: parts stacked}).
+
+    Each Hugging Face module gets, for every adapter part owning some of its rows, that part's A (r rows) and the
+    part's B rows placed at the module rows they belong to (zero elsewhere); stacked along the rank.
+    """
+    from lit_peft.methods import adapters
+
+    state: dict[str, torch.Tensor] = {}
+    stacked: dict[str, int] = {}
+    for name, adapter in adapters(model):
+        lora_a = weights[f"{name}.lora_A"]
+        lora_b = [weights[f"{name}.lora_B.{i}"] for i in range(len(adapter.part_sizes))]
+        part_rows = adapter.rows.split(adapter.part_sizes)
+        for hf_name, rows in hf_module_rows(model.config, name, adapter.out_features).items():
+            a_blocks, b_blocks = [], []
+            for i, own in enumerate(part_rows):
+                position = torch.full((adapter.out_features,), -1, dtype=torch.long)
+                position[own] = torch.arange(len(own))  # fused row -> row of this part's B
+                where = position[rows]  # (module rows,): the part's B row, or -1
+                if not (where >= 0).any():
+                    continue
+                block = lora_b[i].new_zeros(len(rows), r)
+                block[where >= 0] = lora_b[i][where[where >= 0]]
+                a_blocks.append(lora_a[i * r : (i + 1) * r])
+                b_blocks.append(block)
+            if not a_blocks:
+                continue
+            suffix = hf_name.rpartition(".")[2]
+            if stacked.setdefault(suffix, len(a_blocks)) != len(a_blocks):
+                raise ValueError(f"the adapter's parts cover {suffix} differently from layer to layer")
+            state[f"{PEFT_PREFIX}{hf_name}.lora_A.weight"] = torch.cat(a_blocks).contiguous()
+            state[f"{PEFT_PREFIX}{hf_name}.lora_B.weight"] = torch.cat(b_blocks, dim=1).contiguous()
+    return state, stacked
+
+
+def export_peft(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    base_dir: str | Path | None = None,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """A lit-peft LoRA adapter -> a new PEFT LoRA folder for the Hugging Face export of its base. Returns `out_dir`.
+
+    `base_dir`: the LitGPT base checkpoint (default: the one the adapter was trained on); its config gives the
+    shapes. `base_model_name_or_path` is recorded for PEFT (default: see `default_base_model_name`).
+    """
+    from peft import LoraConfig
+
+    from lit_peft.methods import build_settings
+    from lit_peft.model import check_checkpoint_dir, load_config, trainable_state_dict
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    weights, meta = read_lora_adapter(adapter_dir)
+    if not (base_dir or meta.get("base_checkpoint")):
+        raise ValueError(f"{adapter_dir / ADAPTER_META} names no base_checkpoint; pass --base <checkpoint>")
+    base_dir = Path(base_dir or meta["base_checkpoint"])
+    check_new_output(out_dir, {"base checkpoint": base_dir, "adapter": adapter_dir}, False, "exporting")
+    base_dir = check_checkpoint_dir(base_dir)
+    config = load_config(base_dir)
+    method, settings = build_settings("lora", meta["settings"])
+
+    model = meta_gpt(config)
+    method.apply(model, settings)
+    expected = {n: p.shape for n, p in trainable_state_dict(model).items()}
+    missing, unexpected = set(expected) - set(weights), set(weights) - set(expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter {adapter_dir} does not fit the base {base_dir}: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}"
+        )
+    for name, shape in expected.items():
+        if weights[name].shape != shape:
+            raise ValueError(
+                f"adapter {adapter_dir} does not fit the base {base_dir}: {name} is {tuple(weights[name].shape)}, "
+                f"the model needs {tuple(shape)}"
+            )
+
+    state, stacked = lit_to_peft_state(model, weights, settings.r)
+    lora_config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=sorted(stacked),
+        rank_pattern={m: k * settings.r for m, k in stacked.items() if k != 1},
+        alpha_pattern={m: k * settings.alpha for m, k in stacked.items() if k != 1},
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_name_or_path or default_base_model_name(base_dir),
+    )
+    peft_model = peft_model_on_meta(config, lora_config)
+    empty = load_peft_state(peft_model, state, f"adapter {adapter_dir}")
+    if empty:  # every LoRA PEFT made must have got our weights (a mismatch is a bug, not bad input)
+        raise RuntimeError(f"PEFT module {empty[0]} received no weights from the adapter")
+    with atomic_path(out_dir, replace=False) as stage, quiet():
+        # LoRA weights only (PEFT's default adds a copy of lm_head's base weight when lm_head is a target)
+        peft_model.save_pretrained(str(stage), safe_serialization=True, save_embedding_layers=False)
+        for f in stage.iterdir():  # safetensors writes 0600; adapters are meant to be shared
+            f.chmod(0o644)
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------------------- import
+
+
+def read_peft_config(peft_dir: Path):
+    """The folder's `LoraConfig` (read by PEFT); what lit-peft's LoRA cannot hold is refused in one line."""
+    from peft import LoraConfig, PeftConfig
+
+    config_path = peft_dir / PEFT_CONFIG
+    if not config_path.is_file():
+        if (peft_dir / ADAPTER_WEIGHTS).is_file():
+            raise ValueError(f"{peft_dir} is a lit-peft adapter, not a PEFT one; export it with export_peft.py")
+        raise FileNotFoundError(f"no PEFT adapter at {peft_dir} (expected {PEFT_CONFIG} and {PEFT_WEIGHTS})")
+    raw = read_json(config_path)
+    peft_type = raw.get("peft_type") if isinstance(raw, dict) else None
+    if peft_type != "LORA":
+        raise ValueError(f"{config_path}: peft_type {peft_type!r} is not supported; valid: LORA")
+    with quiet():
+        try:
+            config = PeftConfig.from_pretrained(str(peft_dir))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{config_path} is not a LoRA config PEFT can read ({one_line(e)})") from None
+    if not isinstance(config, LoraConfig):
+        raise ValueError(f"{config_path}: peft_type {config.peft_type} is not supported; valid: LORA")
+    task_type = getattr(config.task_type, "value", config.task_type)
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"{config_path}: task_type {task_type!r} is not supported; valid: CAUSAL_LM (or none)")
+    for key, (default, meaning) in UNSUPPORTED_SETTINGS.items():
+        value = getattr(config, key, default)
+        if value not in (default, None, False, [], {}, "none"):
+            raise ValueError(
+                f"{config_path}: {key}={value!r} ({meaning}) cannot be represented by lit-peft's LoRA; "
+                f"valid: {key}={default!r}"
+            )
+    init = getattr(config, "init_lora_weights", True)
+    if isinstance(init, str) and init.startswith(BASE_CHANGING_INITS):
+        raise ValueError(
+            f"{config_path}: init_lora_weights={init!r} belongs to a base model PEFT changed at initialisation; save "
+            "it with PEFT's path_initial_model_for_weight_conversion (a plain LoRA), then import that"
+        )
+    return config
+
+
+def resolve_base(model: str | Path | None, base_model_name_or_path: str | None) -> Path:
+    """The LitGPT checkpoint an imported adapter belongs to: `model` (a checkpoint folder or a conf/model/ name),
+    else the PEFT config's `base_model_name_or_path` when that is a LitGPT checkpoint or a conf/model/ repo_id."""
+    from omegaconf import OmegaConf
+
+    from lit_peft.hub import prepare_checkpoint
+    from lit_peft.model import check_checkpoint_dir
+
+    confs = {p.stem: p for p in sorted((REPO_ROOT / "conf" / "model").glob("*.yaml"))}
+
+    def from_conf(name: str) -> Path:
+        cfg = OmegaConf.to_container(OmegaConf.load(confs[name]))
+        folder = Path(cfg["checkpoint_dir"]).expanduser()
+        cfg["checkpoint_dir"] = str(folder if folder.is_absolute() else REPO_ROOT / folder)
+        return prepare_checkpoint(cfg)
+
+    if model is not None:
+        if str(model) in confs and not Path(model).exists():
+            return from_conf(str(model))
+        if not Path(model).is_dir():
+            raise ValueError(
+                f"--model {model}: no such checkpoint folder; valid: a LitGPT checkpoint folder or one of "
+                f"{', '.join(confs)}"
+            )
+        return check_checkpoint_dir(model)
+    name = base_model_name_or_path or ""
+    if name and (Path(name) / "model_config.yaml").is_file():
+        return check_checkpoint_dir(name)
+    for key, path in confs.items():
+        if name and OmegaConf.load(path).get("repo_id") == name:
+            return from_conf(key)
+    raise ValueError(
+        f"the PEFT adapter's base_model_name_or_path {name!r} is not a LitGPT checkpoint lit-peft knows; pass "
+        f"--model <LitGPT checkpoint folder> or one of {', '.join(confs)} (convert a Hugging Face folder with "
+        "scripts/convert_hf_checkpoint.py)"
+    )
+
+
+def read_peft_weights(peft_dir: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """adapter_model.safetensors, or adapter_model.bin (tensors only) with `allow_pickle`."""
+    if (peft_dir / PEFT_WEIGHTS).is_file():
+        return load_safetensors(peft_dir / PEFT_WEIGHTS)
+    if (peft_dir / PEFT_PICKLE_WEIGHTS).is_file():
+        if not allow_pickle:
+            raise ValueError(
+                f"{peft_dir} has only pickle weights ({PEFT_PICKLE_WEIGHTS}); pass --allow-pickle to read them as "
+                "tensors only (torch.load weights_only)"
+            )
+        state = load_weights(peft_dir / PEFT_PICKLE_WEIGHTS)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{peft_dir / PEFT_PICKLE_WEIGHTS} is not a state dict of tensors")
+        return state
+    raise FileNotFoundError(f"no PEFT adapter weights in {peft_dir} (expected {PEFT_WEIGHTS})")
+
+
+def without_base_copies(
+    state: dict[str, torch.Tensor], peft_dir: Path, base_dir: Path, config: Config
+) -> dict[str, torch.Tensor]:
+    """The LoRA weights of a PEFT state, after checking that the base weights PEFT saved beside them (it saves
+    lm_head's and embed_tokens' when they are targets) equal the base checkpoint's: different ones (a resized or
+    trained embedding) cannot be held by a LoRA adapter and are refused."""
+    from litgpt.scripts.convert_lit_checkpoint import copy_weights_llama
+
+    from lit_peft.model import checkpoint_weights
+
+    copies = {k: v for k, v in state.items() if ".lora_" not in k}
+    if not copies:
+        return state
+    base: dict[str, torch.Tensor] = {}
+    copy_weights_llama(config, base, checkpoint_weights(base_dir))
+    for key, value in copies.items():
+        name = key.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
+        ours = base.get(name)
+        if ours is None or ours.shape != value.shape or not torch.equal(ours.to(value.dtype), value):
+            raise ValueError(
+                f"PEFT adapter {peft_dir} carries its own {name} ({key}), not the base checkpoint's {base_dir}: a "
+                "resized or trained weight that lit-peft's LoRA cannot hold"
+            )
+    return {k: v for k, v in state.items() if k not in copies}
+
+
+def peft_to_lit(
+    peft_dir: Path, base_dir: Path, config: Config, allow_pickle: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
+    """A PEFT LoRA folder -> (our adapter weights, our LoRA settings dict, LitGPT Linears filled with a zero LoRA).
+
+    A LitGPT Linear of a targeted kind that the PEFT adapter leaves alone (another layer, `layers_to_transform`, one
+    of q/k/v only in some layers) gets B = 0: it computes exactly the base, as in PEFT.
+    """
+    from peft.tuners.lora import Linear as LoraLinearPeft
+
+    from lit_peft.methods import TARGETS, adapters, build_settings
+    from lit_peft.methods.base import target_linears
+    from lit_peft.qkv import QKV_PARTS, qkv_rows
+
+    lora_config = read_peft_config(peft_dir)
+    state = read_peft_weights(peft_dir, allow_pickle)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{peft_dir} holds non-finite values ({bad[0]}); nothing imported")
+    state = without_base_copies(state, peft_dir, base_dir, config)
+    peft_model = peft_model_on_meta(config, lora_config)
+    empty = load_peft_state(peft_model, state, f"PEFT adapter {peft_dir}")
+    if empty:
+        module = empty[0].removeprefix(PEFT_PREFIX).partition(".lora_")[0]
+        raise ValueError(f"PEFT adapter {peft_dir} has no weights for {module}, which its config targets")
+
+    layers = dict(lora_layers(peft_model))
+    if not layers:
+        raise ValueError(f"PEFT adapter {peft_dir} adapts no module of this model")
+    ranks, scalings = {}, {}
+    for hf_name, layer in layers.items():
+        if not isinstance(layer, LoraLinearPeft):
+            raise ValueError(
+                f"PEFT adapter {peft_dir}: LoRA on {hf_name} ({type(layer).__name__}) cannot be represented; "
+                "lit-peft's LoRA adapts Linear layers only"
+            )
+        if layer.lora_variant.get("default") is not None:
+            variant = type(layer.lora_variant["default"]).__name__
+            raise ValueError(f"PEFT adapter {peft_dir}: {hf_name} uses {variant}, which lit-peft cannot represent")
+        ranks[hf_name], scalings[hf_name] = layer.r["default"], float(layer.scaling["default"])
+    if len(set(ranks.values())) > 1:
+        (m1, r1), (m2, r2) = sorted(ranks.items(), key=lambda kv: kv[1])[:: len(ranks) - 1]
+        raise ValueError(
+            f"PEFT adapter {peft_dir} has a different r per module (rank_pattern: {m1} r={r1}, {m2} r={r2}); "
+            "lit-peft's LoRA has one r for all modules"
+        )
+    if max(scalings.values()) - min(scalings.values()) > 1e-6 * max(map(abs, scalings.values())):
+        (m1, s1), (m2, s2) = sorted(scalings.items(), key=lambda kv: kv[1])[:: len(scalings) - 1]
+        raise ValueError(
+            f"PEFT adapter {peft_dir} has a different alpha/r per module (alpha_pattern: {m1} {s1:g}, {m2} {s2:g}); "
+            "lit-peft's LoRA has one scaling for all modules"
+        )
+    r, scaling = next(iter(ranks.values())), next(iter(scalings.values()))
+
+    # Which lit-peft target and part each Hugging Face module is, from the converter's row map.
+    modules = hf_modules(config)
+    probe = meta_gpt(config)
+    kind = {n: t for t in TARGETS for n, _, _ in target_linears(probe, (t,), "concatenated")}
+    concat = qkv_rows(config, "concatenated")
+    source: dict[tuple[str, str], str] = {}  # (LitGPT Linear, part) -> HF module
+    targets = set()
+    for hf_name in layers:
+        if hf_name not in modules:
+            raise ValueError(f"PEFT adapter {peft_dir}: {hf_name} has no LitGPT counterpart")
+        lit_name, rows = modules[hf_name]
+        part = next((p for p in QKV_PARTS if lit_name.endswith(".qkv") and torch.equal(concat[p], rows)), None)
+        target = part or kind.get(lit_name)
+        if target is None:
+            raise ValueError(f"PEFT adapter {peft_dir}: {hf_name} is no Linear lit-peft's LoRA can target")
+        targets.add(target)
+        source[(lit_name, part or "all")] = hf_name
+
+    values = {
+        "r": r,
+        "alpha": scaling * r,
+        "dropout": float(lora_config.lora_dropout),
+        "targets": [t for t in TARGETS if t in targets],
+        "qkv_layout": "concatenated",
+    }
+    method, settings = build_settings("lora", values)
+    model = meta_gpt(config)
+    method.apply(model, settings)
+    dtype = next(iter(layers.values())).lora_A["default"].weight.dtype
+    weights: dict[str, torch.Tensor] = {}
+    zero_filled = []
+    for name, adapter in adapters(model):
+        lora_a = torch.zeros(len(adapter.part_names) * r, adapter.in_features, dtype=dtype)
+        for i, (part, size) in enumerate(zip(adapter.part_names, adapter.part_sizes, strict=True)):
+            hf_name = source.get((name, part))
+            lora_b = torch.zeros(size, r, dtype=dtype)
+            if hf_name is None:
+                zero_filled.append(f"{name}:{part}" if part != "all" else name)
+            else:
+                layer = layers[hf_name]
+                lora_a[i * r : (i + 1) * r] = layer.lora_A["default"].weight.detach()
+                lora_b.copy_(layer.lora_B["default"].weight.detach())
+            weights[f"{name}.lora_B.{i}"] = lora_b
+        weights[f"{name}.lora_A"] = lora_a
+    return weights, settings.to_dict(), zero_filled
+
+
+def import_peft(
+    peft_dir: str | Path, out_dir: str | Path, model: str | Path | None = None, allow_pickle: bool = False
+) -> Path:
+    """A PEFT LoRA adapter folder -> a new lit-peft adapter folder over the LitGPT checkpoint `model` (default:
+    from the adapter's base_model_name_or_path, see `resolve_base`). Returns `out_dir`."""
+    from lit_peft import __version__
+    from lit_peft.model import load_config
+
+    peft_dir, out_dir = recover(Path(peft_dir)), Path(out_dir)
+    if not peft_dir.is_dir():
+        raise FileNotFoundError(f"no PEFT adapter at {peft_dir} (expected a folder with {PEFT_CONFIG})")
+    lora_config = read_peft_config(peft_dir)
+    base_dir = resolve_base(model, lora_config.base_model_name_or_path)
+    check_new_output(out_dir, {"PEFT adapter": peft_dir, "base checkpoint": base_dir}, False, "importing")
+    config = load_config(base_dir)
+    weights, settings, zero_filled = peft_to_lit(peft_dir, base_dir, config, allow_pickle)
+    meta = {
+        "method": "lora",
+        "settings": settings,
+        "quantize": None,
+        "base_checkpoint": str(base_dir.resolve()),
+        "lit_peft_version": __version__,
+        "imported_from": {
+            "format": "peft",
+            "path": str(peft_dir.resolve()),
+            "base_model_name_or_path": lora_config.base_model_name_or_path,
+            "zero_lora": zero_filled,
+        },
+    }
+    with atomic_path(out_dir, replace=False) as stage:
+        save_adapter(stage, weights, meta)
+    return out_dir
+
+
+__all__ = [
+    "PEFT_CONFIG",
+    "PEFT_WEIGHTS",
+    "export_peft",
+    "hf_module_rows",
+    "import_peft",
+    "lit_to_peft_state",
+    "peft_to_lit",
+]
