@@ -118,6 +118,7 @@ def peft_model_on_meta(config: Config, lora_config) -> nn.Module:
     hf_config = LlamaConfig(**llama_hf_config(config))
     with torch.device("meta"):
         model = LlamaForCausalLM(hf_config)
+    model.name_or_path = lora_config.base_model_name_or_path or ""  # what PEFT records as base_model_name_or_path
     with quiet():
         try:
             peft_model = get_peft_model(model, lora_config, low_cpu_mem_usage=True)
@@ -220,6 +221,17 @@ def read_lora_adapter(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor],
     return weights, meta
 
 
+def check_new_folder(out_dir: Path, inputs: dict[str, Path], action: str) -> None:
+    """--out is a new folder and none of the inputs (nor inside or around one): `lit_peft.io.check_new_output`,
+    without its --overwrite advice (these tools never replace a folder)."""
+    try:
+        check_new_output(out_dir, inputs, False, action)
+    except ValueError as e:
+        if "already exists" in str(e):
+            raise ValueError(f"--out {out_dir} already exists; pick a new folder") from None
+        raise
+
+
 def default_base_model_name(base_dir: Path) -> str:
     """What `base_model_name_or_path` names by default: the hub repository of the conf/model/ entry whose checkpoint
     this is (e.g. HuggingFaceTB/SmolLM2-135M-Instruct), else the base checkpoint's path."""
@@ -290,7 +302,7 @@ def export_peft(
     if not (base_dir or meta.get("base_checkpoint")):
         raise ValueError(f"{adapter_dir / ADAPTER_META} names no base_checkpoint; pass --base <checkpoint>")
     base_dir = Path(base_dir or meta["base_checkpoint"])
-    check_new_output(out_dir, {"base checkpoint": base_dir, "adapter": adapter_dir}, False, "exporting")
+    check_new_folder(out_dir, {"base checkpoint": base_dir, "adapter": adapter_dir}, "exporting")
     base_dir = check_checkpoint_dir(base_dir)
     config = load_config(base_dir)
     method, settings = build_settings("lora", meta["settings"])
@@ -572,7 +584,7 @@ def import_peft(
         raise FileNotFoundError(f"no PEFT adapter at {peft_dir} (expected a folder with {PEFT_CONFIG})")
     lora_config = read_peft_config(peft_dir)
     base_dir = resolve_base(model, lora_config.base_model_name_or_path)
-    check_new_output(out_dir, {"PEFT adapter": peft_dir, "base checkpoint": base_dir}, False, "importing")
+    check_new_folder(out_dir, {"PEFT adapter": peft_dir, "base checkpoint": base_dir}, "importing")
     config = load_config(base_dir)
     weights, settings, zero_filled = peft_to_lit(peft_dir, base_dir, config, allow_pickle)
     meta = {

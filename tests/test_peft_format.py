@@ -82,12 +82,15 @@ def test_our_lora_exports_to_peft_with_the_same_logits(tiny_checkpoint, hf_expor
     from safetensors.torch import load_file
 
     adapter, model = lora_adapter(tiny_checkpoint, tmp_path / "adapter", layout)
-    res = cli("scripts/export_peft.py", "--adapter", adapter, "--out", tmp_path / "peft")
+    name = [] if layout == "concatenated" else ["--base-model-name-or-path", "org/tiny"]
+    res = cli("scripts/export_peft.py", "--adapter", adapter, "--out", tmp_path / "peft", *name)
     assert res.returncode == 0, res.stderr[-2000:]
 
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert (config["peft_type"], config["task_type"], config["bias"]) == ("LORA", "CAUSAL_LM", "none")
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 6.0, 0.0)
+    # the flag's, else the base checkpoint's path (the tiny model has no conf/model/ hub id)
+    assert config["base_model_name_or_path"] == (name[1] if name else str(tiny_checkpoint.resolve()))
     assert sorted(config["target_modules"]) == sorted(HF_TARGETS)
     keys = set(load_file(str(tmp_path / "peft" / "adapter_model.safetensors")))
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
@@ -223,6 +226,14 @@ def test_peft_settings_we_cannot_hold_are_refused(tiny_checkpoint, hf_export, tm
         hf_export, tmp_path / "ranks", r=2, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 4}
     )
     refused(ranks, "different r per module", "r=2", "r=4")
+    # without --model, base_model_name_or_path must name a LitGPT checkpoint (here it is the HF export)
+    res = cli("scripts/import_peft.py", "--adapter", good, "--out", tmp_path / "out")
+    one_line_error(res, f"base_model_name_or_path {str(hf_export)!r} is not a LitGPT checkpoint", "--model")
+    named = edited("named", base_model_name_or_path=str(tiny_checkpoint))
+    res = cli("scripts/import_peft.py", "--adapter", named, "--out", tmp_path / "named-ours")
+    assert res.returncode == 0, res.stderr[-2000:]
+    meta = json.loads((tmp_path / "named-ours" / "adapter_config.json").read_text())
+    assert meta["base_checkpoint"] == str(tiny_checkpoint.resolve())
     refused(tmp_path / "missing", "no PEFT adapter at")
     refused(good, "--model", "no such checkpoint folder", model=tmp_path / "nowhere")
     (good / "adapter_model.safetensors").unlink()
