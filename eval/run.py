@@ -177,8 +177,6 @@ def main(argv: list[str] | None = None) -> dict:
             )
         if args.template == NO_TEMPLATE and args.apply_chat_template:
             raise ValueError(f"--apply-chat-template needs a template, but --template is {NO_TEMPLATE}")
-        manager = task_manager(args.data_dir)
-        check_tasks(tasks, manager)
         if args.device == "auto":
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
@@ -203,6 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
             checkpoint_dir, meta, args.adapter, None if args.template == NO_TEMPLATE else args.template, args.system
         )
         apply_chat, why = chat_template_choice(fmt, args.apply_chat_template, args.template == NO_TEMPLATE)
+        # lm-eval's task index (thousands of YAMLs, seconds to build) only after every cheap check above
+        manager = task_manager(args.data_dir)
+        check_tasks(tasks, manager)
         print(f"dtype: {dtype_name(dtype)} ({dtype_from})")
         if apply_chat:
             print(f"prompts: chat template applied ({why}): {fmt.describe()}")

@@ -73,10 +73,26 @@ def shared_data(relative: str) -> Path:
     return path
 
 
+# Entry points that run in the test process: argparse scripts whose work is a `main()` call (their imports, seconds
+# each in a fresh process, are paid once). finetune/run.py (Hydra, launchers, signals) and scripts/download.py (the
+# hub reads its endpoint from the environment at import) always get a fresh process, as does any call with `env`.
+IN_PROCESS = {
+    "chat/base.py",
+    "eval/run.py",
+    "scripts/convert_hf_checkpoint.py",
+    "scripts/convert_lit_checkpoint.py",
+    "scripts/convert_lrc.py",
+    "scripts/merge.py",
+    "scripts/report.py",
+}
+
+
 def run_cli(
     script: str, *args: str, env: dict | None = None, timeout: int = 600, stdin: str | None = None
 ) -> subprocess.CompletedProcess:
-    """Run one of the project's entry points as a user would, in a fresh process."""
+    """Run one of the project's entry points as a user would: its argv, stdin, stdout, stderr and exit status."""
+    if script in IN_PROCESS and not env:
+        return _run_in_process(script, list(args), stdin)
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         cwd=ROOT,
@@ -86,6 +102,49 @@ def run_cli(
         env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
         input=stdin,
     )
+
+
+def _run_in_process(script: str, args: list[str], stdin: str | None) -> subprocess.CompletedProcess:
+    """`python <script> <args>` in this process: `__main__` run, SystemExit turned into the status, an uncaught
+    exception into status 1 with its traceback on stderr (what the interpreter does)."""
+    import contextlib
+    import io
+    import logging
+    import runpy
+    import traceback
+    import warnings
+
+    path = str(ROOT / script)
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.argv, sys.stdin, os.getcwd(), list(logging.getLogger().handlers)
+    sys.argv = [path, *args]
+    sys.stdin = io.StringIO(stdin or "")
+    os.chdir(ROOT)
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                runpy.run_path(path, run_name="__main__")
+            except SystemExit as e:
+                if e.code is None or isinstance(e.code, int):
+                    code = e.code or 0
+                else:
+                    print(e.code, file=sys.stderr)
+                    code = 1
+            except BaseException:  # noqa: BLE001 - the interpreter's behaviour: traceback, status 1
+                traceback.print_exc()
+                code = 1
+            finally:
+                sys.stdout.flush()
+    finally:
+        sys.argv, sys.stdin = saved[0], saved[1]
+        os.chdir(saved[2])
+        root = logging.getLogger()
+        for handler in root.handlers[:]:
+            if handler not in saved[3]:
+                root.removeHandler(handler)
+    return subprocess.CompletedProcess([sys.executable, path, *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(autouse=True)
