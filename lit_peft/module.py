@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lit_peft.data.steps import batch_units, unpack_units
+from lit_peft.methods import regularization
 from lit_peft.strategies import plain_name
 from lit_peft.tasks import Task
 
@@ -264,17 +265,20 @@ class FineTuneModule(L.LightningModule):
         packed = batch.get("step_units")
         totals = unpack_units(packed) if packed is not None else None
         loss, metrics = self.task(self.model, batch, totals)
+        reg = regularization(self.model)  # the method's own loss term (HRA's orth_reg), added once per optimizer step
         local = batch_units(batch)
         if self._train_sums is None:
             self._train_sums = WeightedMeans()
         self._train_sums.add("loss", loss, 1.0)  # shares of the step's loss (or, without step units, batch means)
+        if reg is not None:
+            self._train_sums.add("regularizer", reg, 1.0)
         self._step_units = packed
         for name, value in metrics.items():
             self._train_sums.add(name, value, local[self.task.metric_units.get(name, self.task.unit)])
         self._tokens = getattr(self, "_tokens", 0) + int(local["positions"])  # real tokens, not padding
         if totals is None:
-            return loss
-        return loss * self.trainer.accumulate_grad_batches * self.trainer.world_size
+            return loss if reg is None else loss + reg
+        return loss * self.trainer.accumulate_grad_batches * self.trainer.world_size + (0 if reg is None else reg)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the step about to be taken: its loss and metrics over the global batch, and the learning rate it uses."""

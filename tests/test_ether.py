@@ -261,13 +261,17 @@ def test_every_registered_adapter_method_starts_exactly_or_as_documented():
     """The one contract table: for each method, whether it starts at the base model."""
     from lit_peft.methods import METHODS
 
-    starts_at_base = {"lora": True, "etherplus": True, "etherplusHH": True, "oft": True, "ether": False}
+    starts_at_base = {
+        **{"lora": True, "dora": True, "hra": True},  # hra: paired init (init=random does not)
+        **{"etherplus": True, "etherplusHH": True, "oft": True, "ether": False},
+    }
     assert set(METHODS) - {"full"} == set(starts_at_base)
     idx = torch.randint(0, 259, (1, 8))
     for name, expected in starts_at_base.items():
         model = tiny_model()
         base = model(idx)
-        m, settings = build_settings(name, {"targets": ["query", "value"], **({} if name == "lora" else {"nb": 4})})
+        blocks = {} if name in ("lora", "dora", "hra") else {"nb": 4}
+        m, settings = build_settings(name, {"targets": ["query", "value"], **blocks})
         m.apply(model, settings)
         assert torch.allclose(model(idx), base, rtol=0, atol=1e-6) == expected, name
         assert list(adapters(model))

@@ -190,9 +190,10 @@ def test_bad_settings_name_the_value_and_the_choices(values, message):
 
 def test_unknown_method_lists_the_registry():
     with pytest.raises(
-        ValueError, match=r"unknown method 'dora'; valid methods: ether, etherplus, etherplusHH, full, lora, oft"
+        ValueError,
+        match=r"unknown method 'vera'; valid methods: dora, ether, etherplus, etherplusHH, full, hra, lora, oft",
     ):
-        build_settings("dora", {})
+        build_settings("vera", {})
 
 
 def test_registry_and_conf_method_folder_agree():

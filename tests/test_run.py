@@ -150,7 +150,10 @@ def test_two_point_sweep_runs_each_job(tiny_checkpoint, tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("method=dora", "error: unknown method 'dora'; valid choices: ether, etherplus, etherplusHH, full, lora, oft"),
+        (
+            "method=vera",
+            "error: unknown method 'vera'; valid choices: dora, ether, etherplus, etherplusHH, full, hra, lora, oft",
+        ),
         ("model=gpt5", "error: unknown model 'gpt5'; valid choices: llama2-7b, smollm2-135m-instruct, tiny-random"),
         (
             "data=imagenet",

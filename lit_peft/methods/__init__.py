@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from torch import nn
+
 from lit_peft.methods.base import (
     TARGETS,
     AdapterLinear,
@@ -13,12 +16,14 @@ from lit_peft.methods.base import (
     adapters_disabled,
     merge_adapters,
 )
+from lit_peft.methods.dora import DoRA
 from lit_peft.methods.ether import Ether, EtherPlus, EtherPlusHH
 from lit_peft.methods.full import Full
+from lit_peft.methods.hra import HRA
 from lit_peft.methods.lora import LoRA
 from lit_peft.methods.oft import OFT
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Full, LoRA, Ether, EtherPlus, EtherPlusHH, OFT)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Full, LoRA, DoRA, HRA, Ether, EtherPlus, EtherPlusHH, OFT)}
 
 
 def get_method(name: str) -> Method:
@@ -42,6 +47,13 @@ def build_settings(name: str, values: dict[str, Any]) -> tuple[Method, MethodSet
     return method, method.Settings.from_dict({k: v for k, v in values.items() if k not in NOT_SETTINGS})
 
 
+def regularization(model: nn.Module) -> torch.Tensor | None:
+    """The sum of the adapters' own loss terms (`regularizer()`, e.g. HRA's orthogonality penalty), added to the task
+    loss once per optimizer step; None when no adapter has one."""
+    terms = [t for _, m in adapters(model) if (t := getattr(m, "regularizer", lambda: None)()) is not None]
+    return torch.stack(terms).sum() if terms else None
+
+
 __all__ = [
     "METHODS",
     "TARGETS",
@@ -53,4 +65,5 @@ __all__ = [
     "build_settings",
     "get_method",
     "merge_adapters",
+    "regularization",
 ]
