@@ -85,16 +85,21 @@ MODELS = ("smollm2", *RANDOM_MODELS)
 ALL_BLOCK_LINEARS = ["query", "key", "value", "projection", "mlp"]
 
 VARIANTS = (
-    ["frozen base", "lora r=8"]
+    ["frozen base", "lora r=8", "dora r=8", "pissa r=8", "hra r=8"]
     + [f"{m} nb={nb}" for m in ("ether", "etherplus", "etherplusHH") for nb in (1, 4, 32)]
     + ["oft nb=32", "oft b=32"]
     + [f"{m} nb={nb} rebuild" for m in ("ether", "etherplus") for nb in (1, 32)]
 )
-PEER_VARIANTS = ["peft frozen base", "peft lora r=8", "peft oft b=32", "peft oft b=32 exact", "peft hra r=8"]
+PEER_VARIANTS = [
+    *["peft frozen base", "peft lora r=8", "peft dora r=8"],
+    *["peft oft b=32", "peft oft b=32 exact", "peft hra r=8"],
+]
 VARIANT_PATTERN = re.compile(
-    r"frozen base|lora r=\d+|(ether|etherplus|etherplusHH|oft) n?b=\d+|(ether|etherplus) nb=\d+ rebuild"
-    r"|peft (frozen base|lora r=\d+|oft b=\d+( exact)?|hra r=\d+)"
+    r"frozen base|(lora|dora|pissa|hra) r=\d+|(ether|etherplus|etherplusHH|oft) n?b=\d+"
+    r"|(ether|etherplus) nb=\d+ rebuild"
+    r"|peft (frozen base|(lora|dora) r=\d+|oft b=\d+( exact)?|hra r=\d+)"
 )
+ROW_METHODS = {"pissa": ("lora", {"init": "pissa"})}  # a row's first word -> (method, settings) when it is no method
 COMPILED = " +compile"
 # Our target names -> the Linears of a transformers Llama block.
 HF_LINEARS = {
@@ -206,8 +211,10 @@ def peer_variants(targets: list[str]) -> dict[str, Callable]:
     def config(variant: str):
         _, name, *rest = variant.split()
         value = int(rest[0].split("=")[1])
-        if name == "lora":  # our LoRA's defaults: alpha 16, no dropout
-            return peft.LoraConfig(r=value, lora_alpha=16, lora_dropout=0.0, target_modules=modules)
+        if name in ("lora", "dora"):  # our LoRA's defaults: alpha 16, no dropout
+            return peft.LoraConfig(
+                r=value, lora_alpha=16, lora_dropout=0.0, target_modules=modules, use_dora=name == "dora"
+            )
         if name == "oft":
             exact = rest[-1] == "exact"
             return peft.OFTConfig(r=0, oft_block_size=value, target_modules=modules, use_cayley_neumann=not exact)
@@ -229,7 +236,7 @@ def peer_variants(targets: list[str]) -> dict[str, Callable]:
 
 def settings_values(variant: str, targets: list[str]) -> dict:
     """A row name's method settings: "oft b=32" -> {"targets": ..., "block_size": 32}."""
-    values = {"targets": targets}
+    values = {"targets": targets, **ROW_METHODS.get(variant.split()[0], ("", {}))[1]}
     for word in variant.split()[1:]:
         if "=" in word:
             key, value = word.split("=")
@@ -244,6 +251,7 @@ def unavailable(variant: str, targets: list[str]) -> str | None:
     name = variant.split()[0]
     if name in ("frozen", "peft"):
         return None
+    name = ROW_METHODS.get(name, (name,))[0]
     try:
         build_settings(name, settings_values(variant, targets))
     except ValueError as e:
@@ -263,7 +271,8 @@ def apply_variant(subject: Subject, variant: str, targets: list[str], peers: dic
     if variant.startswith("peft "):
         return peers[variant](variant, model)
     name = variant.split()[0]
-    method, settings = build_settings(name, settings_values(variant, targets))
+    method, settings = build_settings(ROW_METHODS.get(name, (name,))[0], settings_values(variant, targets))
+    weights = {n: m.weight for n, m in model.named_modules() if hasattr(m, "weight")}  # PiSSA replaces them
     method.apply(model, settings)
     if variant.endswith("rebuild"):
         for _, layer in adapters(model):
@@ -272,6 +281,7 @@ def apply_variant(subject: Subject, variant: str, targets: list[str], peers: dic
     def remove() -> None:
         for name_, layer in list(adapters(model)):
             parent, _, attr = name_.rpartition(".")
+            layer.base.weight = weights[name_]  # the frozen weight as it was (PiSSA left the residual there)
             setattr(model.get_submodule(parent) if parent else model, attr, layer.base)
         model.requires_grad_(False)
 
