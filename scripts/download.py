@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> Path:
             cfg["checkpoint_dir"] = str(target)
             allow_pickle = args.allow_pickle or bool(cfg.get("allow_pickle", False))
             if cfg.get("source") == "hub" and (args.force or not (target / "lit_model.pth").is_file()):
-                path = download_hf(cfg["repo_id"], target, args.access_token, args.model_name, allow_pickle)
+                model_name = args.model_name or cfg.get("model_name")  # a repo id litgpt's configs do not list
+                path = download_hf(cfg["repo_id"], target, args.access_token, model_name, allow_pickle)
             else:
                 path = prepare_checkpoint(cfg, force=args.force)
     print(f"LitGPT checkpoint ready: {path}")

@@ -425,7 +425,8 @@ def test_eval_uses_an_instruction_tuned_adapters_template_and_system_prompt(tiny
         (["--dtype", "fp16"], "unknown --dtype 'fp16'; valid: auto, float32, bfloat16, float16"),
         (
             ["--template", "chatgpt"],
-            "unknown template 'chatgpt'; valid templates: alpaca, chatml, llama2, zephyr, none",
+            "unknown template 'chatgpt'; valid templates: alpaca, chatml, gemma, llama2, llama3, mistral, phi3, "
+            "zephyr, none",
         ),
         (["--template", "none", "--apply-chat-template"], "--apply-chat-template needs a template"),
     ],

@@ -154,7 +154,10 @@ def test_two_point_sweep_runs_each_job(tiny_checkpoint, tmp_path):
             "method=vera",
             "error: unknown method 'vera'; valid choices: dora, ether, etherplus, etherplusHH, full, hra, lora, oft",
         ),
-        ("model=gpt5", "error: unknown model 'gpt5'; valid choices: llama2-7b, smollm2-135m-instruct, tiny-random"),
+        (
+            "model=gpt5",
+            "error: unknown model 'gpt5'; valid choices: gemma-2-2b-it, gemma-2b, llama2-7b, llama3.1-8b-instruct,",
+        ),
         (
             "data=imagenet",
             "error: unknown data 'imagenet'; valid choices: alpaca, dolly, guanaco, hh_rlhf, lima, messages, pairs, "

@@ -122,7 +122,116 @@ class Zephyr(Template):
         return out
 
 
-TEMPLATES: dict[str, type[Template]] = {"chatml": ChatML, "llama2": Llama2, "alpaca": Alpaca, "zephyr": Zephyr}
+# Llama 3.1's official template writes this date into every system header unless the caller passes one; Llama 3.2's
+# writes the day it runs (strftime_now). A fixed date keeps training data and prompts the same from day to day.
+LLAMA3_DATE = "26 Jul 2024"
+LLAMA3_CUTOFF = "December 2023"
+
+
+class Llama3(Template):
+    """Llama 3.1 / 3.2 Instruct: <|begin_of_text|>, a system header that always carries the knowledge cutoff and a
+    date (then the system prompt, if any), then <|start_header_id|>role<|end_header_id|>\\n\\ncontent<|eot_id|> per
+    turn, every content trimmed as the official template does. The date is `LLAMA3_DATE` (Llama 3.1's default; for
+    Llama 3.2 it equals `apply_chat_template(..., date_string=LLAMA3_DATE)`)."""
+
+    def generation_prompt(self) -> str:
+        return "<|start_header_id|>assistant<|end_header_id|>\n\n"
+
+    def segments(self, messages: list[Message], bos: str, eos: str) -> list[Segment]:
+        system, turns = _system_and_turns(messages, self.default_system)
+        out: list[Segment] = [
+            (
+                f"{bos}<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: {LLAMA3_CUTOFF}\n"
+                f"Today Date: {LLAMA3_DATE}\n\n{(system or '').strip()}<|eot_id|>",
+                False,
+            )
+        ]
+        for m in turns:
+            if m["role"] == "assistant":
+                out += [(self.generation_prompt(), False), (f"{m['content'].strip()}<|eot_id|>", True)]
+            else:
+                out.append(
+                    (f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>", False)
+                )
+        return out
+
+
+class Gemma(Template):
+    """<bos><start_of_turn>user\\n...<end_of_turn>\\n<start_of_turn>model\\n...<end_of_turn>\\n (Gemma, Gemma 2),
+    contents trimmed. Gemma has no system role (its template refuses one): a system prompt opens the first user
+    turn, followed by a blank line, as Gemma 3's official template places it."""
+
+    def generation_prompt(self) -> str:
+        return "<start_of_turn>model\n"
+
+    def segments(self, messages: list[Message], bos: str, eos: str) -> list[Segment]:
+        system, turns = _system_and_turns(messages, self.default_system)
+        out: list[Segment] = [(bos, False)]
+        first = True
+        for m in turns:
+            if m["role"] == "assistant":
+                out += [
+                    (self.generation_prompt(), False),
+                    (f"{m['content'].strip()}<end_of_turn>", True),
+                    ("\n", False),
+                ]
+                continue
+            prefix = f"{system}\n\n" if first and system is not None else ""
+            out.append((f"<start_of_turn>{m['role']}\n{prefix}{m['content'].strip()}<end_of_turn>\n", False))
+            first = False
+        return out
+
+
+class Phi3(Template):
+    """<|system|>\\n...<|end|>\\n<|user|>\\n...<|end|>\\n<|assistant|>\\n...<|end|>\\n (Phi-3 mini, its July 2024
+    template), and the tokenizer's end-of-text token after a conversation that ends with a reply (the template adds
+    it whenever no generation prompt follows)."""
+
+    def generation_prompt(self) -> str:
+        return "<|assistant|>\n"
+
+    def segments(self, messages: list[Message], bos: str, eos: str) -> list[Segment]:
+        system, turns = _system_and_turns(messages, self.default_system)
+        out: list[Segment] = [(f"<|system|>\n{system}<|end|>\n", False)] if system is not None else []
+        for m in turns:
+            if m["role"] == "assistant":
+                out += [("<|assistant|>\n", False), (f"{m['content']}<|end|>", True), ("\n", False)]
+            else:
+                out.append((f"<|{m['role']}|>\n{m['content']}<|end|>\n", False))
+        if turns and turns[-1]["role"] == "assistant":
+            out.append((eos, False))
+        return out
+
+
+class Mistral(Template):
+    """Mistral Instruct v0.3 (tokenizer v3): <s>[INST] user[/INST] reply</s>[INST] user[/INST] ..., replies trimmed.
+    A system prompt opens the last user turn, followed by a blank line (mistral-common's rule). The hub's template
+    writes it only when that user turn ends the conversation, so prompts for generation are identical, and a training
+    conversation keeps its system prompt where the model sees it at inference."""
+
+    def segments(self, messages: list[Message], bos: str, eos: str) -> list[Segment]:
+        system, turns = _system_and_turns(messages, self.default_system)
+        last_user = max((i for i, m in enumerate(turns) if m["role"] != "assistant"), default=-1)
+        out: list[Segment] = [(bos, False)]
+        for i, m in enumerate(turns):
+            if m["role"] == "assistant":
+                out += [(" ", False), (f"{m['content'].strip()}{eos}", True)]
+            else:
+                text = f"{system}\n\n{m['content']}" if i == last_user and system is not None else m["content"]
+                out.append((f"[INST] {text}[/INST]", False))
+        return out
+
+
+TEMPLATES: dict[str, type[Template]] = {
+    "chatml": ChatML,
+    "llama2": Llama2,
+    "alpaca": Alpaca,
+    "zephyr": Zephyr,
+    "llama3": Llama3,
+    "gemma": Gemma,
+    "phi3": Phi3,
+    "mistral": Mistral,
+}
 
 
 def get_template(name: str, default_system: str | None = None) -> Template:
@@ -153,8 +262,16 @@ def guess_template(checkpoint_dir: str | Path) -> str:
     text = config.read_text() if config.is_file() else ""
     if "<|im_start|>" in text:
         return "chatml"
+    if "<|start_header_id|>" in text:
+        return "llama3"
+    if "<start_of_turn>" in text:
+        return "gemma"
+    if "<|end|>" in text and "<|assistant|>" in text:
+        return "phi3"
     if "<|assistant|>" in text:
         return "zephyr"
+    if "[AVAILABLE_TOOLS]" in text:  # the v3 tokenizer's control tokens (Mistral v0.3); v0.1/v0.2 write Llama 2's form
+        return "mistral"
     if "[INST]" in text:
         return "llama2"
     return "alpaca"
