@@ -405,9 +405,12 @@ PROMPTS = {
 
 @pytest.mark.parametrize("name", list(RENDERED))
 def test_templates_render_two_turns_as_the_official_ones(name):
+    """As a run with the preset renders them: its template with its system prompt (Qwen2.5's default one)."""
     bos, eos, (plain, with_system) = RENDERED[name]
-    default = QWEN_SYSTEM if name == "chatml" else None
-    template = get_template(name, default)
+    preset = next(p for p, (_, template, _) in PRESETS.items() if template == name)
+    cfg = yaml.safe_load((ROOT / "conf" / "model" / f"{preset}.yaml").read_text())
+    assert cfg["system_prompt"] == (QWEN_SYSTEM if name == "chatml" else None)
+    template = get_template(cfg["template"], cfg["system_prompt"])
     assert "".join(t for t, _ in template.segments(CONVERSATION, bos, eos)) == plain
     assert "".join(t for t, _ in template.segments([SYSTEM, *CONVERSATION], bos, eos)) == with_system
     if name in PROMPTS:
