@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from litgpt import GPT, Config
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lit_peft.methods.base import Part, settings_from_dict
@@ -445,3 +446,37 @@ def truncate(teacher_dir: str | Path, width: int, out_dir: str | Path, overwrite
     check_new_output(out_dir, {"teacher checkpoint": teacher_dir}, overwrite, "converting")
     model = LowRankClone(load_base(teacher_dir), LRCSettings(width, init="identity", tie_embedding_projection=False))
     return save_lit_checkpoint(out_dir, model.fold(), teacher_dir, architecture={}, config=model.config)
+
+
+def clone_settings(cfg: DictConfig) -> LRCSettings | None:
+    """The Low-Rank Clone settings for task=lrc (checked against the rest of the config), else None."""
+    lrc = OmegaConf.to_container(cfg.get("lrc") or {}, resolve=True)
+    width = lrc.get("target_hidden_size")
+    if cfg.task.name != "lrc":
+        if width is not None:
+            raise ValueError(f"lrc.target_hidden_size={width} applies to task=lrc, not task={cfg.task.name}")
+        return None
+    if width is None:
+        raise ValueError(
+            "task=lrc needs lrc.target_hidden_size=<the student's hidden size>, e.g. 384 for SmolLM2-135M"
+        )
+    if cfg.method.name != "full":
+        raise ValueError(
+            f"task=lrc trains the student's projections and norms itself; method={cfg.method.name} does not apply "
+            "(use method=full, as experiment=lrc_smollm2 does; adapters can be trained on the converted student)"
+        )
+    if (cfg.get("cqil") or {}).get("groups"):
+        raise ValueError("task=lrc clones the teacher as it is; cqil.groups must be null")
+    compile_mode = (cfg.get("trainer") or {}).get("compile")
+    if compile_mode:
+        raise ValueError(
+            f"trainer.compile={compile_mode} does not apply to task=lrc: its activation captures and projected "
+            "Linears make torch.compile recompile every step (then run eager); use trainer.compile=false"
+        )
+    target = str(cfg.strategy.get("_target_", cfg.strategy.get("name", "")))
+    if "fsdp" in target.lower() or cfg.strategy.get("stage") == 3:
+        raise ValueError(
+            f"task=lrc runs on one device or with strategy=ddp/deepspeed (stage 1-2); strategy {target} shards the "
+            "teacher whose weights the student is generated from"
+        )
+    return LRCSettings.from_dict(lrc)

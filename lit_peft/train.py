@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from litgpt import Tokenizer
 from omegaconf import DictConfig, OmegaConf
 
-from lit_peft import __version__, cqil
+from lit_peft import __version__
 from lit_peft.callbacks import AtomicCheckpointIO, ExportAdapter
 from lit_peft.data.formats import format_kind
 from lit_peft.data.module import SFTDataModule, record_loader
@@ -22,10 +22,8 @@ from lit_peft.data.templates import get_template
 from lit_peft.data.text import TextDataModule
 from lit_peft.hub import prepare_checkpoint
 from lit_peft.io import write_json
-from lit_peft.lrc import LowRankClone, LRCSettings
-from lit_peft.model import enable_gradient_checkpointing, install_method, load_base
+from lit_peft.model import enable_gradient_checkpointing, load_base
 from lit_peft.module import FineTuneModule, NonFiniteError, peak_memory
-from lit_peft.quantize import quantize_base
 from lit_peft.resume import (
     FinalCheckpoint,
     Preemption,
@@ -37,7 +35,7 @@ from lit_peft.resume import (
     resume_checkpoint,
     run_identity,
 )
-from lit_peft.strategies import precision_plugin
+from lit_peft.strategies import check_resume_strategy, precision_plugin
 from lit_peft.tasks import get_task
 
 
@@ -116,40 +114,6 @@ def build_datamodule(cfg: DictConfig, tokenizer: Tokenizer, template, task, out_
     return SFTDataModule(tokenizer, template, load, d["format"], source, max_examples=d.get("max_examples"), **common)
 
 
-def clone_settings(cfg: DictConfig) -> LRCSettings | None:
-    """The Low-Rank Clone settings for task=lrc (checked against the rest of the config), else None."""
-    lrc = OmegaConf.to_container(cfg.get("lrc") or {}, resolve=True)
-    width = lrc.get("target_hidden_size")
-    if cfg.task.name != "lrc":
-        if width is not None:
-            raise ConfigError(f"lrc.target_hidden_size={width} applies to task=lrc, not task={cfg.task.name}")
-        return None
-    if width is None:
-        raise ConfigError(
-            "task=lrc needs lrc.target_hidden_size=<the student's hidden size>, e.g. 384 for SmolLM2-135M"
-        )
-    if cfg.method.name != "full":
-        raise ConfigError(
-            f"task=lrc trains the student's projections and norms itself; method={cfg.method.name} does not apply "
-            "(use method=full, as experiment=lrc_smollm2 does; adapters can be trained on the converted student)"
-        )
-    if (cfg.get("cqil") or {}).get("groups"):
-        raise ConfigError("task=lrc clones the teacher as it is; cqil.groups must be null")
-    compile_mode = (cfg.get("trainer") or {}).get("compile")
-    if compile_mode:
-        raise ConfigError(
-            f"trainer.compile={compile_mode} does not apply to task=lrc: its activation captures and projected "
-            "Linears make torch.compile recompile every step (then run eager); use trainer.compile=false"
-        )
-    target = str(cfg.strategy.get("_target_", cfg.strategy.get("name", "")))
-    if "fsdp" in target.lower() or cfg.strategy.get("stage") == 3:
-        raise ConfigError(
-            f"task=lrc runs on one device or with strategy=ddp/deepspeed (stage 1-2); strategy {target} shards the "
-            "teacher whose weights the student is generated from"
-        )
-    return LRCSettings.from_dict(lrc)
-
-
 PREEMPTED = 3  # exit status of a run stopped by SIGTERM/SIGUSR1 after writing its checkpoint
 
 EXAMPLE_DATA = {"conversation": "data=alpaca", "text": "data=text", "preference": "data=hh_rlhf"}
@@ -164,9 +128,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     world = int(t.devices if isinstance(t.devices, int) else 1) * int(t.num_nodes)
     accumulate = accumulation_steps(int(t.global_batch_size), int(t.micro_batch_size), world)
 
+    task = get_task(cfg.task.name, **{k: v for k, v in cfg.task.items() if k != "name"})
     checkpoint_dir = prepare_checkpoint(cfg.model)
     ckpt_dir = out_dir / "checkpoints"
     resume_from = resume_checkpoint(cfg.get("resume"), ckpt_dir)
+    check_resume_strategy(resume_from, cfg.strategy)  # a sharded checkpoint needs strategy=fsdp
     identity = run_identity(OmegaConf.to_container(cfg, resolve=True), checkpoint_dir)
     resumed_step = None
     record = RunRecord(started)
@@ -181,44 +147,31 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 f"{t.max_steps}); nothing was changed (raise trainer.max_steps to train on)",
                 flush=True,
             )
-            export_dir = out_dir / (
-                "lrc" if cfg.task.name == "lrc" else "model" if cfg.method.name == "full" else "adapter"
-            )
+            export_dir = out_dir / task.export_name(cfg.method.name)
             return {"out_dir": str(out_dir), "export": str(export_dir), "initial": {}, "final": {}, "log_dir": None}
         del saved
     tokenizer = Tokenizer(checkpoint_dir)
-    lrc = clone_settings(cfg)
-    model = load_base(checkpoint_dir, max_seq_length=int(cfg.data.max_seq_length))
-    method_values = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"}
-    compute_dtype = precision_dtype(str(cfg.precision))
-    if lrc is not None:  # the teacher is frozen (4-bit if asked); the clone's projections and norms train
-        quantize_base(model, cfg.get("quantize"), compute_dtype)  # checks the mode first
-        model = LowRankClone(model, lrc)
-        method_meta = {"lrc": lrc.to_dict()}
-    else:
-        cqil.install(model, cqil.build_settings(cfg.get("cqil"), model.config.n_layer))  # before the method
-        method, settings = install_method(model, cfg.method.name, method_values, cfg.get("quantize"), compute_dtype)
-        method_meta = {"method": cfg.method.name, "settings": settings.to_dict()}
+    base = load_base(checkpoint_dir, max_seq_length=int(cfg.data.max_seq_length))
+    built = task.build_model(base, cfg, precision_dtype(str(cfg.precision)))  # the method installed, or the task's own
+    model = built.model
     if t.get("gradient_checkpointing"):
-        enable_gradient_checkpointing(model.student if lrc is not None else model)
+        enable_gradient_checkpointing(built.trunk)
 
     template = get_template(cfg.model.template, cfg.model.get("system_prompt"))
-    task = get_task(cfg.task.name, **{k: v for k, v in cfg.task.items() if k != "name"})
     data = build_datamodule(cfg, tokenizer, template, task, out_dir)
     data.setup("fit")  # fail fast on bad data, before anything is written
-    full = lrc is None and not method.wraps_linears and cfg.method.name == "full"
     module = FineTuneModule(
         model,
         task,
         instantiate(cfg.optim),
         warmup_steps=int(cfg.schedule.warmup_steps),
         min_lr_ratio=float(cfg.schedule.min_lr_ratio),
-        save_full_state=full,
+        save_full_state=built.full,
         max_nonfinite_skips=int(t.get("max_nonfinite_skips") or 0),
         compile=t.get("compile", False),
     )
     meta = {
-        **method_meta,
+        **built.meta,
         "quantize": cfg.get("quantize"),
         "base_checkpoint": str(checkpoint_dir.resolve()),  # the adapter is used from other folders too
         "template": cfg.model.template,
@@ -227,7 +180,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     export = ExportAdapter(
-        out_dir, meta, checkpoint_dir, full=full, every_n_steps=t.save_every_n_steps, name="lrc" if lrc else None
+        out_dir,
+        meta,
+        checkpoint_dir,
+        full=built.full,
+        every_n_steps=t.save_every_n_steps,
+        name=task.export_name(cfg.method.name),
     )
     keep = int(t.get("keep_last_checkpoints") or 0)
     checkpointing = ModelCheckpoint(

@@ -405,7 +405,7 @@ def check_owners(cfg: DictConfig) -> None:
     if groups not in (_ABSENT, None) and groups.get("groups"):
         cqil.build_settings(groups, _n_layer(_value(cfg, "model")) or 10**6)
     if name == "lrc" or _value(cfg, "lrc.target_hidden_size") not in (_ABSENT, None):
-        from lit_peft.train import clone_settings
+        from lit_peft.lrc import clone_settings
 
         clone_settings(cfg)
     for key in ("optim", "logger", "strategy"):

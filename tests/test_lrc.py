@@ -215,7 +215,7 @@ def test_lrc_run_convert_and_reload_give_the_training_time_students_logits(tiny_
 def test_lrc_config_errors_name_the_fix():
     from omegaconf import OmegaConf
 
-    from lit_peft.train import clone_settings
+    from lit_peft.lrc import clone_settings
 
     def cfg(**over):
         base = {"task": {"name": "lrc"}, "method": {"name": "full"}, "lrc": {"target_hidden_size": 16}}

@@ -21,10 +21,11 @@ from torch import nn
 
 from lit_peft.data.steps import batch_units, real_positions
 from lit_peft.data.tokenize import IGNORE_INDEX
-from lit_peft.lrc import SITES, LowRankClone, capture
+from lit_peft.lrc import SITES, LowRankClone, capture, clone_settings
+from lit_peft.quantize import quantize_base
 from lit_peft.tasks.chunked_head import final_hidden, head_logits
 from lit_peft.tasks.distill import distill_sums_chunked, token_kl
-from lit_peft.tasks.sft import Task, Units, causal_lm_loss, cross_entropy_sum
+from lit_peft.tasks.sft import Task, TrainModel, Units, causal_lm_loss, cross_entropy_sum
 
 KL_REDUCTIONS = ("sequence", "token")
 
@@ -77,6 +78,16 @@ class LowRankCloneTask(Task):
                 raise ValueError(f"task.{name} must be >= 0, got {value}")
         self.temperature, self.kl_weight, self.ce_weight = temperature, kl_weight, ce_weight
         self.aux_scale, self.clone_sites, self.kl_reduction = aux_scale, clone_sites, kl_reduction
+
+    def build_model(self, base: nn.Module, cfg: Any, compute_dtype: torch.dtype) -> TrainModel:
+        """The student cloned from the base (lrc.* settings); the teacher is the base, frozen (4-bit if asked)."""
+        settings = clone_settings(cfg)  # checked against the rest of the config
+        quantize_base(base, cfg.get("quantize"), compute_dtype)  # checks the mode first
+        clone = LowRankClone(base, settings)
+        return TrainModel(clone, {"lrc": settings.to_dict()}, full=False, trunk=clone.student)
+
+    def export_name(self, method: str) -> str:
+        return "lrc"  # the clone's projections and norms; scripts/convert_lrc.py makes a checkpoint of them
 
     def setup(self, module, datamodule) -> None:
         if not isinstance(module.model, LowRankClone):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,6 +14,20 @@ from lit_peft.data.tokenize import IGNORE_INDEX
 from lit_peft.tasks.chunked_head import HEAD_CHUNK, compute_dtype, cross_entropy_sum_chunked
 
 Units = dict[str, torch.Tensor]
+
+
+@dataclasses.dataclass
+class TrainModel:
+    """What a task trains, built from the loaded base model (Task.build_model).
+
+    `meta`: what the export records about it (the method and its settings); `full`: every weight trains and the
+    export is the whole model; `trunk`: the GPT whose blocks gradient checkpointing wraps.
+    """
+
+    model: nn.Module
+    meta: dict[str, Any]
+    full: bool
+    trunk: nn.Module
 
 
 class Task:
@@ -37,6 +54,25 @@ class Task:
     @property
     def metric_units(self) -> dict[str, str]:
         return {}
+
+    def build_model(self, base: nn.Module, cfg: Any, compute_dtype: torch.dtype) -> TrainModel:
+        """The model this task trains: the base with the configured CQIL groups and method installed (4-bit base
+        when `quantize` is set). A task that trains something else (task=lrc: a student cloned from the base)
+        overrides this and `export_name`."""
+        from omegaconf import OmegaConf
+
+        from lit_peft import cqil
+        from lit_peft.model import install_method
+
+        cqil.install(base, cqil.build_settings(cfg.get("cqil"), base.config.n_layer))  # before the method
+        values = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"}
+        method, settings = install_method(base, cfg.method.name, values, cfg.get("quantize"), compute_dtype)
+        full = not method.wraps_linears and cfg.method.name == "full"
+        return TrainModel(base, {"method": cfg.method.name, "settings": settings.to_dict()}, full=full, trunk=base)
+
+    def export_name(self, method: str) -> str:
+        """The run's export folder under out_dir: the whole model for method=full, else the adapter."""
+        return "model" if method == "full" else "adapter"
 
     def attach(self, module) -> None:
         pass
