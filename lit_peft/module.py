@@ -38,19 +38,26 @@ def clip_sharded_grad_norm_(wrapped: nn.Module, module: nn.Module, max_norm: flo
     FSDP's own `clip_grad_norm_` reduces the shards across ranks but covers only its root's subtree, so it is called
     with an infinite bound on every root (one when the whole model is wrapped) to measure; parameters outside any
     FSDP unit are replicated and counted once. Then every local gradient is scaled by the same factor.
+    A collective: every rank joins it, also one whose shards hold no gradient (no trainable element, or a skipped step).
     """
+    import warnings
+
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     roots = FSDP.fsdp_modules(wrapped, root_only=True) or FSDP.fsdp_modules(module, root_only=True)
     managed = {id(p) for r in roots for p in r.parameters()}
     with_grad = [p for p in module.parameters() if p.grad is not None]
     grads = [p.grad for p in with_grad]
-    if not grads:
-        return torch.tensor(0.0)
-    device = grads[0].device
-    squares = [r.clip_grad_norm_(float("inf")).float().to(device) ** 2 for r in roots]
-    squares += [p.grad.float().pow(2).sum() for p in with_grad if id(p) not in managed]
-    total = torch.stack(squares).sum().sqrt()
+    device = grads[0].device if grads else next(iter(module.parameters()), torch.zeros(())).device
+    total = torch.zeros((), device=device)
+    with warnings.catch_warnings():  # FSDP warns on a rank without gradients; the rank still takes part
+        warnings.filterwarnings("ignore", message=".*with no gradients.*")
+        for r in roots:
+            total = total + r.clip_grad_norm_(float("inf")).float().to(device) ** 2
+    for p in with_grad:
+        if id(p) not in managed:
+            total = total + p.grad.float().pow(2).sum()
+    total = total.sqrt()
     factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(factor.to(g.device, g.dtype))

@@ -25,6 +25,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from lit_peft.strategies import is_sharded_checkpoint
+
 # Settings a resumed run may change: how long to train, how to report, where and how to run.
 RESUMABLE_CHANGES = (
     "trainer.max_steps",
@@ -68,7 +70,14 @@ def step_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def damaged(path: Path) -> str | None:
-    """Why `path` is not a whole torch checkpoint (a zip archive whose members pass their CRC), or None."""
+    """Why `path` is not a whole torch checkpoint (a zip archive whose members pass their CRC; for a sharded
+    checkpoint folder, its metadata file and torch.distributed.checkpoint's index), or None."""
+    if path.is_dir():
+        from lit_peft.strategies import SHARDED_METADATA
+
+        if not (path / ".metadata").is_file():
+            return "a folder without torch.distributed.checkpoint's .metadata"
+        path = path / SHARDED_METADATA
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
@@ -82,7 +91,7 @@ def resume_checkpoint(resume: Any, ckpt_dir: Path) -> Path | None:
     if resume in (None, False, "false", "no"):
         return None
     path = ckpt_dir / "last.ckpt" if resume in (True, "true", "last", "auto") else Path(str(resume))
-    if not path.is_file():
+    if not (path.is_file() or is_sharded_checkpoint(path)):
         if resume == "auto":
             return None
         raise ResumeError(f"resume={resume}: no checkpoint at {path}")
@@ -95,7 +104,12 @@ def resume_checkpoint(resume: Any, ckpt_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """The checkpoint's contents without reading its tensors into memory (memory-mapped)."""
+    """The checkpoint's contents without reading its tensors into memory (memory-mapped); of a sharded checkpoint
+    folder, everything but the weights and optimizer state."""
+    if is_sharded_checkpoint(path):
+        from lit_peft.strategies import SHARDED_METADATA
+
+        path = Path(path) / SHARDED_METADATA
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 

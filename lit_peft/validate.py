@@ -250,6 +250,11 @@ def check_rules(cfg: DictConfig, rules: Mapping[str, Rule] = RULES) -> None:
             raise bad(key, value, rule.valid)
 
 
+def _checkpoint_at(path: Path) -> bool:
+    """A checkpoint file, or a sharded checkpoint folder (strategy.state_dict_type=sharded: shards and meta.pt)."""
+    return path.is_file() or (path / "meta.pt").is_file()
+
+
 def check_resume(cfg: DictConfig) -> None:
     resume = _value(cfg, "resume")
     keywords = (None, False, True, "auto", "false", "no", "true", "last")
@@ -257,7 +262,7 @@ def check_resume(cfg: DictConfig) -> None:
     if resume is _ABSENT or any(resume == k and type(resume) is type(k) for k in keywords):
         if resume in (True, "true", "last"):
             out_dir = _value(cfg, "out_dir")
-            if isinstance(out_dir, str) and not (Path(out_dir) / "checkpoints" / "last.ckpt").is_file():
+            if isinstance(out_dir, str) and not _checkpoint_at(Path(out_dir) / "checkpoints" / "last.ckpt"):
                 raise ConfigError(
                     f"resume={show(resume)}: no checkpoint at {Path(out_dir) / 'checkpoints' / 'last.ckpt'}; "
                     "resume=auto starts fresh when there is none"
@@ -265,7 +270,7 @@ def check_resume(cfg: DictConfig) -> None:
         return
     if not isinstance(resume, str):
         raise bad("resume", resume, valid)
-    if not Path(resume).is_file():
+    if not _checkpoint_at(Path(resume)):
         what = "a folder, not a checkpoint file" if Path(resume).is_dir() else "no such checkpoint file"
         raise ConfigError(f"resume={resume}: {what}; expected {valid}")
 
@@ -357,8 +362,6 @@ def check_devices(cfg: DictConfig) -> None:
         raise ConfigError("trainer.accelerator=mps: MPS is not available here; valid here: auto, cpu")
     target = _value(cfg, "strategy._target_")
     target = target if isinstance(target, str) else ""
-    if "fsdp" in target.lower() and not cuda:
-        raise ConfigError("strategy=fsdp needs CUDA devices; this machine has none (use strategy=ddp or auto on CPU)")
     if "deepspeed" in target.lower():
         import importlib.util
 

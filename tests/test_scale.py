@@ -203,18 +203,12 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tiny_checkpoint, tmp_path,
     assert torch.load(outs["ddp"] / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
 
 
-FSDP_GAP = (
-    "measured on one H100 (torch 2.11): training and norm clipping run, but gathering weights for the checkpoint fails "
-    "(FSDP's state-dict hook: 'assumes ... norm_1.weight is in the state_dict'; summon_full_params after the step: "
-    "'Cannot manually unshard parameters during forward/backward')"
-)
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("strategy", [pytest.param("fsdp", marks=pytest.mark.xfail(reason=FSDP_GAP)), "deepspeed"])
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
 def test_sharded_strategies_on_gpu(tiny_checkpoint, tmp_path, strategy):
+    """On GPUs (NCCL); tests/test_fsdp.py runs the same FSDP path on 2 CPU processes (gloo)."""
     if torch.cuda.device_count() < 1:
-        pytest.skip("needs a CUDA device (FSDP and DeepSpeed do not run on CPU)")
+        pytest.skip("needs a CUDA device (DeepSpeed does not run on CPU; FSDP's CPU runs are in test_fsdp.py)")
     if strategy == "deepspeed":
         pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
     out = tmp_path / strategy
@@ -247,13 +241,12 @@ def test_every_strategy_config_builds_its_lightning_strategy(name):
     if name == "auto":
         assert strategy == "auto"
         return
-    expected = {"ddp": "DDPStrategy", "fsdp": "GatheringFSDPStrategy"}.get(name, "DeepSpeedStrategy")
+    expected = {"ddp": "DDPStrategy", "fsdp": "PeftFSDPStrategy"}.get(name, "DeepSpeedStrategy")
     assert type(strategy).__name__ == expected
     if name == "fsdp":
         from litgpt.model import Block
 
-        policy = strategy.kwargs["auto_wrap_policy"]
-        assert Block in policy._module_classes
+        assert strategy.wrap_classes == (Block,) and strategy.state_dict_type == "full"
 
 
 @pytest.mark.parametrize("precision, method", [("bf16-true", "lora"), ("bf16-mixed", "qlora"), ("bf16-true", "ether")])
