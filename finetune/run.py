@@ -83,8 +83,7 @@ def main(cfg: DictConfig) -> float:
         if e.code == 2 and _failed_trial_goes_on():  # the one-line error is printed; the search goes on
             raise FailedTrial(f"the job failed (exit status {e.code}; its error is printed above)") from None
         raise
-    OUTPUTS.keep(*_run_folders(cfg))
-    print(f"exported: {result['export']}\nlogs: {result['log_dir']}")
+    OUTPUTS.keep(*_run_folders(cfg))  # train() logged the summary block: paths of the export, checkpoint and logs
     return final_loss(result)
 
 

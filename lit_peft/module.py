@@ -237,7 +237,10 @@ class FineTuneModule(L.LightningModule):
         total = sum(p.numel() for p in self.model.parameters())
         for logger in self.loggers:
             logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=0)
-        self.print(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / total:.3f}%)")
+        if self.trainer.is_global_zero:
+            from lit_peft.console import info, parameter_table
+
+            info(parameter_table(self.model))  # the summary a fine-tuner reads, per kind of module
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._rng_to_restore is not None:  # after the loader has started: the stream continues where it was saved

@@ -261,8 +261,9 @@ def _error_in_log(folder: Path) -> str:
     log = folder / "run.log"
     if not log.is_file():
         return ""
-    errors = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("error: ")]
-    return errors[-1][len("error: ") :] if errors else ""
+    # a bare line, or one with run.log's "<time> ERROR lit_peft: " prefix
+    errors = [m.group(1) for m in re.finditer(r"(?:^|: )error: (.*)$", log.read_text(errors="replace"), re.M)]
+    return errors[-1] if errors else ""
 
 
 def _read_yaml_list(path: Path) -> list[str]:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lit_peft import __version__
 from lit_peft.callbacks import AtomicCheckpointIO, ExportAdapter
+from lit_peft.console import info, run_logging, run_summary, step_progress_bar
 from lit_peft.data.formats import format_kind
 from lit_peft.data.module import SFTDataModule, record_loader
 from lit_peft.data.preference import PreferenceDataModule
@@ -121,6 +122,11 @@ EXAMPLE_DATA = {"conversation": "data=alpaca", "text": "data=text", "preference"
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one fine-tuning job. Returns paths of what it wrote and the final metrics."""
+    with run_logging(Path(cfg.out_dir), verbose=bool(cfg.get("verbose", False)), rank=launch_rank()):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     out_dir = Path(cfg.out_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -142,10 +148,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         record = RunRecord(started, saved)
         check_identity(saved.get("lit_peft_run"), identity, resume_from)
         if finished(saved, t.max_steps, t.max_epochs):
-            print(
+            info(
                 f"already finished: {resume_from} is at step {saved.get('global_step')} (trainer.max_steps="
-                f"{t.max_steps}); nothing was changed (raise trainer.max_steps to train on)",
-                flush=True,
+                f"{t.max_steps}); nothing was changed (raise trainer.max_steps to train on)"
             )
             export_dir = out_dir / task.export_name(cfg.method.name)
             return {"out_dir": str(out_dir), "export": str(export_dir), "initial": {}, "final": {}, "log_dir": None}
@@ -220,10 +225,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         limit_val_batches=t.limit_val_batches,
         num_sanity_val_steps=0,
         logger=logger,
-        callbacks=[checkpointing, RunIdentity(identity), record, final_checkpoint, preemption, export],
+        callbacks=[
+            checkpointing,
+            RunIdentity(identity),
+            record,
+            final_checkpoint,
+            preemption,
+            export,
+            *([step_progress_bar()] if t.progress_bar else []),
+        ],
         plugins=[AtomicCheckpointIO(), *([precision] if precision else [])],
         default_root_dir=out_dir,
         enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,  # FineTuneModule logs the parameter table a fine-tuner reads instead
         deterministic=t.get("deterministic", False),
         use_distributed_sampler=False,  # the DataModule shards by rank itself, in the same order as one process
     )
@@ -246,10 +260,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         stopped.keep_output = True  # the folder holds what was trained before the failure
         raise stopped from None
     if preemption.step is not None:
-        print(
+        info(
             f"preempted by {preemption.signal_name} at step {preemption.step}: checkpoint {ckpt_dir / 'last.ckpt'}; "
-            "run the same command to resume (resume=auto)",
-            flush=True,
+            "run the same command to resume (resume=auto)"
         )
         raise SystemExit(PREEMPTED)
     if t.validate_last:
@@ -274,8 +287,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         write_json(out_dir / "metrics.json", metrics)
-        if "val/loss" in initial and "val/loss" in final:
-            summary(out_dir, f"held-out loss: {initial['val/loss']:.4f} -> {final['val/loss']:.4f}")
+        paths = {
+            task.export_name(cfg.method.name): str(export.target),
+            "checkpoint": str(ckpt_dir / "last.ckpt") if (ckpt_dir / "last.ckpt").exists() else None,
+            "logs": logger.log_dir if logger else None,
+            "run.log": str(out_dir / "run.log"),
+        }
+        info(run_summary(metrics, built.settings, paths))
     return {
         "out_dir": str(out_dir),
         "export": str(export.target),
@@ -306,8 +324,8 @@ def identity_digest(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def summary(out_dir: Path, line: str) -> None:
-    """A summary line on the console and in the run's run.log."""
-    print(line, flush=True)
-    with (out_dir / "run.log").open("a") as f:
-        f.write(line + "\n")
+def launch_rank() -> int:
+    """This process's global rank as the launcher set it (0 in a single process and before any launch)."""
+    import os
+
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)) or 0)

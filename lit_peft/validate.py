@@ -127,6 +127,7 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 # Method and task settings whose owners check their ranges get type rules here only.
 RULES: dict[str, Rule] = {
     "seed": integer(0, 2**32 - 1),
+    "verbose": BOOL,
     "precision": one_of(*PRECISIONS),
     "quantize": NULL | TEXT,
     "trainer": MAPPING,

@@ -13,6 +13,7 @@ import torch
 from litgpt import Tokenizer
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lit_peft.console import info
 from lit_peft.data.formats import DataError, SkipRecord, check_conversation, get_format, load_records
 from lit_peft.data.steps import ResumableSampler, StepBatches
 from lit_peft.data.synthetic import synthetic_records
@@ -33,9 +34,7 @@ def report_skipped(skipped: list[SkipRecord], total: int) -> None:
     if skipped:
         reasons = Counter(getattr(e, "reason", "unusable") for e in skipped)
         counts = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
-        print(
-            f"skipped {len(skipped)} of {total} records that cannot be used ({counts}), e.g. {skipped[0]}", flush=True
-        )
+        info(f"skipped {len(skipped)} of {total} records that cannot be used ({counts}), e.g. {skipped[0]}")
 
 
 def make_loader(
@@ -143,16 +142,12 @@ class SFTDataModule(SplitDataModule):
         """One line for the records dropped for length, one for those cut (as report_skipped does for skips)."""
         length = f"max_seq_length={self.max_seq_length}"
         if stats["dropped"]:
-            print(
-                f"{self.source}: dropped {stats['dropped']} of {total} records: no target token fits in {length}",
-                flush=True,
-            )
+            info(f"{self.source}: dropped {stats['dropped']} of {total} records: no target token fits in {length}")
         if stats["cut_reply"] or stats["cut_turns"]:
-            print(
+            info(
                 f"{self.source}: cut {stats['cut_reply'] + stats['cut_turns']} of {total} records at {length}: "
                 f"{stats['cut_reply']} inside their first reply, {stats['cut_turns']} after the last whole turn "
-                "that fits",
-                flush=True,
+                "that fits"
             )
 
     def encode_records(self, records: list[dict[str, Any]], indices: list[int]) -> list[dict[str, Any]]:
@@ -199,10 +194,9 @@ class SFTDataModule(SplitDataModule):
                 f"{self.source}: data.val_size={self.val_size} leaves {len(self.val)} held-out and {len(self.train)} "
                 "training examples after records that cannot be used were dropped; both need at least one"
             )
-        print(
+        info(
             f"held-out set: {len(self.val)} examples from {n_val} records (data.val_size={self.val_size}, "
-            f"data.split_seed={self.split_seed}); training: {len(self.train)} examples",
-            flush=True,
+            f"data.split_seed={self.split_seed}); training: {len(self.train)} examples"
         )
 
     def collate_fn(self) -> Callable:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from litgpt import Tokenizer
 
+from lit_peft.console import info
 from lit_peft.data.formats import PREFERENCE_FORMATS, Preference, check_preference
 from lit_peft.data.module import SFTDataModule
 from lit_peft.data.templates import Message, Template
@@ -128,16 +129,14 @@ class PreferenceDataModule(SFTDataModule):
     def report_lengths(self, stats: Counter, total: int) -> None:
         length = f"max_seq_length={self.max_seq_length}"
         if stats["dropped"]:
-            print(
+            info(
                 f"{self.source}: dropped {stats['dropped']} of {total} pairs: a reply keeps no token in {length} "
-                f"(with the prompt kept to at least prompt_min_share={self.prompt_min_share})",
-                flush=True,
+                f"(with the prompt kept to at least prompt_min_share={self.prompt_min_share})"
             )
         if stats["cut_prompt"] or stats["cut_reply"]:
-            print(
+            info(
                 f"{self.source}: cut {stats['cut_prompt']} of {total} pairs' shared prompts from the left and "
-                f"{stats['cut_reply']} pairs' replies from the right at {length}",
-                flush=True,
+                f"{stats['cut_reply']} pairs' replies from the right at {length}"
             )
 
     def setup(self, stage: str | None = None) -> None:

@@ -33,6 +33,7 @@ import torch
 from litgpt import Tokenizer
 from torch.utils.data import Dataset, Subset
 
+from lit_peft.console import info
 from lit_peft.data.formats import COMPRESSIONS, LOCAL_EXTENSIONS, DataError, data_suffix
 from lit_peft.data.module import SplitDataModule, split_sizes
 from lit_peft.data.tokenize import collate, encode_plain
@@ -483,7 +484,7 @@ class TextDataModule(SplitDataModule):
         if self.streaming:
             path = self.token_file()
             if not (path.is_file() and index_file(path).is_file()):
-                print(f"tokenizing {self.path} into {path} (streaming)", flush=True)
+                info(f"tokenizing {self.path} into {path} (streaming)")
                 write_token_file(self.documents(), path, self.dtype)
 
     def _document_split(self, lengths: np.ndarray) -> np.ndarray | None:
@@ -514,18 +515,16 @@ class TextDataModule(SplitDataModule):
             raise DataError(
                 f"{self.path}: data.val_split=document: {problem}; use data.val_split=block or more documents"
             )
-        print(
+        info(
             f"data.val_split=auto: {self.path} has {n_docs} document(s), too few or too long to hold out whole ones "
-            f"({problem}); holding out random blocks instead",
-            flush=True,
+            f"({problem}); holding out random blocks instead"
         )
         return None
 
     def _report(self, held: np.ndarray) -> None:
-        print(
+        info(
             f"held out {int(held.sum())} of {len(held)} documents: {len(self.val)} validation and {len(self.train)} "
-            f"training blocks of {self.block_size} tokens",
-            flush=True,
+            f"training blocks of {self.block_size} tokens"
         )
 
     def setup(self, stage: str | None = None) -> None:

@@ -29,6 +29,11 @@ class TrainModel:
     full: bool
     trunk: nn.Module
 
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What the run summary shows of it: the method's settings (or the task's own model's)."""
+        return next((v for v in self.meta.values() if isinstance(v, dict)), {})
+
 
 class Task:
     """(model, batch, totals) -> (loss, metrics). `model` is the LitGPT GPT with whatever method is installed.
