@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"prompt format: {fmt.describe()}", file=sys.stderr)
     torch.manual_seed(args.seed)
     bos, eos = special_strings(tokenizer)
+    # a reply ends at eos or at the template's end-of-turn token (Gemma's <end_of_turn>, Phi-3's <|end|>, ...)
+    stop_tokens = tuple(
+        ids for ids in (encode_text(tokenizer, s) for s in template.stop_strings(eos)) if len(ids) == 1
+    ) or ([tokenizer.eos_id],)
     interactive = sys.stdin.isatty()
     history: list[dict[str, str]] = []
     try:
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
                     temperature=args.temperature,
                     top_k=args.top_k,
                     top_p=args.top_p,
-                    stop_tokens=([tokenizer.eos_id],),
+                    stop_tokens=stop_tokens,
                     include_prompt=False,
                     include_eos=False,
                 ):

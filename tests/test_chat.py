@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import run_cli
 from litgpt import Tokenizer
@@ -149,3 +150,28 @@ def test_chat_keeps_a_bf16_checkpoint_in_bf16_and_rejects_a_bad_dtype(tiny_check
     res = run_cli("chat/base.py", "--checkpoint-dir", str(bf16), "--dtype", "half", stdin="hi\n")
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.strip() == "error: unknown --dtype 'half'; valid: auto, float32, bfloat16, float16"
+
+
+@pytest.mark.parametrize(
+    ("name", "eos", "expected"),
+    [
+        ("chatml", "<|im_end|>", ("<|im_end|>",)),  # SmolLM2: eos is the end of turn
+        ("gemma", "<eos>", ("<eos>", "<end_of_turn>")),
+        ("phi3", "<|endoftext|>", ("<|endoftext|>", "<|end|>")),
+        ("llama3", "<|end_of_text|>", ("<|end_of_text|>", "<|eot_id|>")),
+        ("mistral", "</s>", ("</s>",)),
+    ],
+)
+def test_a_reply_stops_at_eos_or_the_templates_end_of_turn(name, eos, expected):
+    from lit_peft.data.templates import get_template
+
+    template = get_template(name)
+    assert template.stop_strings(eos) == expected
+    # the end-of-turn token closes every assistant turn the template writes
+    text = "".join(
+        t
+        for t, _ in template.segments(
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "<bos>", eos
+        )
+    )
+    assert f"b{expected[-1]}" in text

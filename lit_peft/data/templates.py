@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import ClassVar
 
 # {"role": "system" | "user" | "assistant", "content": str}; a user turn made from an instruction record may also
 # carry its parts, "instruction" and "input" (content is then "instruction\n\ninput"), for the Alpaca template.
@@ -30,6 +31,8 @@ class Template:
 
     name: str
     default_system: str | None = None
+    # The special token that ends an assistant turn when it is not the tokenizer's eos (generation stops at either).
+    turn_end: ClassVar[str] = ""
 
     def segments(self, messages: list[Message], bos: str, eos: str) -> list[Segment]:
         raise NotImplementedError
@@ -37,6 +40,10 @@ class Template:
     def generation_prompt(self) -> str:
         """Text that cues the assistant's reply after the last user turn (for generation)."""
         return ""
+
+    def stop_strings(self, eos: str) -> tuple[str, ...]:
+        """The special tokens at which a reply ends: the tokenizer's eos and the template's end of turn."""
+        return tuple(dict.fromkeys(t for t in (eos, self.turn_end) if t))
 
 
 def _system_and_turns(messages: list[Message], default: str | None) -> tuple[str | None, list[Message]]:
@@ -47,6 +54,8 @@ def _system_and_turns(messages: list[Message], default: str | None) -> tuple[str
 
 class ChatML(Template):
     """<|im_start|>role\\ncontent<|im_end|>\\n (SmolLM2, Qwen, ...)."""
+
+    turn_end = "<|im_end|>"
 
     def generation_prompt(self) -> str:
         return "<|im_start|>assistant\n"
@@ -134,6 +143,8 @@ class Llama3(Template):
     turn, every content trimmed as the official template does. The date is `LLAMA3_DATE` (Llama 3.1's default; for
     Llama 3.2 it equals `apply_chat_template(..., date_string=LLAMA3_DATE)`)."""
 
+    turn_end = "<|eot_id|>"
+
     def generation_prompt(self) -> str:
         return "<|start_header_id|>assistant<|end_header_id|>\n\n"
 
@@ -161,6 +172,8 @@ class Gemma(Template):
     contents trimmed. Gemma has no system role (its template refuses one): a system prompt opens the first user
     turn, followed by a blank line, as Gemma 3's official template places it."""
 
+    turn_end = "<end_of_turn>"
+
     def generation_prompt(self) -> str:
         return "<start_of_turn>model\n"
 
@@ -186,6 +199,8 @@ class Phi3(Template):
     """<|system|>\\n...<|end|>\\n<|user|>\\n...<|end|>\\n<|assistant|>\\n...<|end|>\\n (Phi-3 mini, its July 2024
     template), and the tokenizer's end-of-text token after a conversation that ends with a reply (the template adds
     it whenever no generation prompt follows)."""
+
+    turn_end = "<|end|>"
 
     def generation_prompt(self) -> str:
         return "<|assistant|>\n"
