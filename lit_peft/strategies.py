@@ -55,6 +55,22 @@ def cqil_member(module: nn.Module) -> bool:
     return "_cqil_original" in vars(module)
 
 
+def check_fsdp_settings(
+    state_dict_type: Any = "full", sharding_strategy: Any = "FULL_SHARD", use_orig_params: Any = True, **_: Any
+) -> None:
+    """strategy=fsdp's own settings (one-line ValueError naming the value and the valid ones); also run by
+    lit_peft.validate before anything is loaded."""
+    if state_dict_type not in STATE_DICT_TYPES:
+        raise ValueError(f"strategy.state_dict_type={state_dict_type}; valid: {', '.join(STATE_DICT_TYPES)}")
+    if isinstance(sharding_strategy, str) and sharding_strategy not in SHARDING_STRATEGIES:
+        raise ValueError(f"strategy.sharding_strategy={sharding_strategy}; valid: {', '.join(SHARDING_STRATEGIES)}")
+    if use_orig_params is not True:
+        raise ValueError(
+            f"strategy.use_orig_params={use_orig_params}; valid: true (frozen base and trainable adapter weights "
+            "share FSDP units)"
+        )
+
+
 def check_resume_strategy(path: str | Path | None, strategy_cfg: Any) -> None:
     """A sharded checkpoint folder resumes only under strategy=fsdp (one line naming both otherwise)."""
     if path is None or not is_sharded_checkpoint(path):
@@ -131,17 +147,7 @@ class PeftFSDPStrategy(FSDPStrategy):
         use_orig_params: bool = True,
         **kwargs: Any,
     ) -> None:
-        if state_dict_type not in STATE_DICT_TYPES:
-            raise ValueError(f"strategy.state_dict_type={state_dict_type}; valid: {', '.join(STATE_DICT_TYPES)}")
-        if isinstance(sharding_strategy, str) and sharding_strategy not in SHARDING_STRATEGIES:
-            raise ValueError(
-                f"strategy.sharding_strategy={sharding_strategy}; valid: {', '.join(SHARDING_STRATEGIES)}"
-            )
-        if use_orig_params is not True:
-            raise ValueError(
-                f"strategy.use_orig_params={use_orig_params}; valid: true (frozen base and trainable adapter weights "
-                "share FSDP units)"
-            )
+        check_fsdp_settings(state_dict_type, sharding_strategy, use_orig_params)
         super().__init__(
             state_dict_type=state_dict_type, sharding_strategy=sharding_strategy, use_orig_params=True, **kwargs
         )

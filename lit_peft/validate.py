@@ -416,6 +416,11 @@ def check_owners(cfg: DictConfig) -> None:
         node = _value(cfg, key)
         if isinstance(node, Mapping):
             _target_kwargs(key, node)
+    strategy = _value(cfg, "strategy")
+    if isinstance(strategy, Mapping) and strategy.get("_target_") == "lit_peft.strategies.fsdp":
+        from lit_peft.strategies import check_fsdp_settings
+
+        check_fsdp_settings(**strategy)  # state_dict_type, sharding_strategy, use_orig_params
 
 
 def check_table(cfg: DictConfig) -> None:

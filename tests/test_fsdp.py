@@ -179,16 +179,24 @@ def test_a_sharded_checkpoint_resumes_only_under_fsdp(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "setting, message",
+    "override, message",
     [
-        ({"state_dict_type": "local"}, "strategy.state_dict_type=local; valid: full, sharded"),
-        ({"sharding_strategy": "ZERO3"}, "strategy.sharding_strategy=ZERO3; valid: FULL_SHARD, SHARD_GRAD_OP"),
-        ({"use_orig_params": False}, "strategy.use_orig_params=False; valid: true"),
+        ("strategy.state_dict_type=local", "strategy.state_dict_type=local; valid: full, sharded"),
+        ("strategy.sharding_strategy=ZERO3", "strategy.sharding_strategy=ZERO3; valid: FULL_SHARD, SHARD_GRAD_OP"),
+        ("strategy.use_orig_params=false", "strategy.use_orig_params=False; valid: true"),
     ],
 )
-def test_fsdp_settings_are_refused_in_one_line(setting, message):
-    from lit_peft.strategies import fsdp
+def test_fsdp_settings_are_refused_in_one_line_before_the_run(override, message):
+    from omegaconf import OmegaConf
+    from test_cli import composed
 
-    with pytest.raises(ValueError, match="^" + message.replace(".", r"\.")) as err:
-        fsdp(wrap=["litgpt.model.Block"], **setting)
-    assert "\n" not in str(err.value)
+    from lit_peft.strategies import fsdp
+    from lit_peft.validate import validate_config
+
+    cfg = composed("strategy=fsdp", override)
+    settings = {k: v for k, v in OmegaConf.to_container(cfg.strategy).items() if k != "_target_"}
+    for check in (lambda: validate_config(cfg), lambda: fsdp(**settings)):  # the run's check, and the builder's
+        with pytest.raises(ValueError, match="^" + message.replace(".", r"\.")) as err:
+            check()
+        assert "\n" not in str(err.value)
+    validate_config(composed("strategy=fsdp"))  # the defaults pass
