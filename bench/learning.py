@@ -2,6 +2,10 @@
 held-out loss before and after (same data, seed, steps and batch for all).
 
     python bench/learning.py --data ../shared/data/alpaca/alpaca_5000.json [--steps 30] [--methods lora ether ...]
+    python bench/learning.py --data ../shared/data/alpaca/alpaca_5000.json --methods lora dora hra lora,init=pissa
+
+A method may carry settings after commas (`lora,init=pissa,r=16` is method=lora method.init=pissa method.r=16).
+Each method trains at its own recommended rate (`lr` in conf/method/<name>.yaml) unless --lr is given.
 """
 
 from __future__ import annotations
@@ -15,7 +19,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LR = {"lora": 1e-3, "oft": 1e-3, "full": 5e-5}  # the ETHER family takes a higher rate (few, bounded parameters)
+
+
+def method_yaml(name: str) -> dict:
+    import yaml
+
+    path = ROOT / "conf" / "method" / f"{name}.yaml"
+    if not path.is_file():
+        valid = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        sys.exit(f"error: unknown method {name!r}; valid: {valid}")
+    return yaml.safe_load(path.read_text()) or {}
 
 
 def main() -> None:
@@ -23,16 +36,21 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="an Alpaca-format JSON file")
     parser.add_argument("--methods", nargs="+", default=["lora", "ether", "etherplus", "etherplusHH", "oft"])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--nb", type=int, default=4)
+    parser.add_argument("--nb", type=int, default=4, help="blocks for the methods that have nb (ETHER family, OFT)")
+    parser.add_argument("--lr", type=float, help="one rate for every method (default: each method's own)")
     args = parser.parse_args()
     if not Path(args.data).is_file():
         sys.exit(f"error: data file not found: {args.data}")
     print("| method | lr | held-out loss before | after | change | minutes |")
     print("|---|---:|---:|---:|---:|---:|")
-    for method in args.methods:
-        lr = LR.get(method, 5e-3)
+    for spec in args.methods:
+        method, *settings = spec.split(",")
+        defaults = method_yaml(method)
+        lr = args.lr or float(defaults.get("lr", 1e-3))
         with tempfile.TemporaryDirectory() as out:
-            extra = [] if method in ("lora", "full") else [f"method.nb={args.nb}"]
+            extra = [f"method.{kv}" for kv in settings]
+            if "nb" in defaults and not any(kv.startswith(("nb=", "block_size=")) for kv in settings):
+                extra.append(f"method.nb={args.nb}")
             start = time.time()
             res = subprocess.run(
                 [
@@ -60,9 +78,9 @@ def main() -> None:
             minutes = (time.time() - start) / 60
         found = re.search(r"held-out loss: ([\d.]+) -> ([\d.]+)", res.stdout)
         if res.returncode or not found:
-            sys.exit(f"error: {method} failed:\n{res.stderr[-2000:]}")
+            sys.exit(f"error: {spec} failed:\n{res.stderr[-2000:]}")
         before, after = map(float, found.groups())
-        print(f"| {method} | {lr:g} | {before:.4f} | {after:.4f} | {after - before:+.4f} | {minutes:.1f} |", flush=True)
+        print(f"| {spec} | {lr:g} | {before:.4f} | {after:.4f} | {after - before:+.4f} | {minutes:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
