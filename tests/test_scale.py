@@ -66,7 +66,10 @@ def test_nf4_base_is_the_fp32_base_within_nf4_error(mode):
 
 def quantized_adapter_model(method: str, mode: str = "nf4-dq"):
     model = wide_tiny_model()
-    values = {"targets": ["query", "key", "value", "projection", "mlp"], **({} if method == "lora" else {"nb": 4})}
+    import dataclasses
+
+    blocks = "nb" in {f.name for f in dataclasses.fields(METHODS[method].Settings)}  # ETHER/OFT: 4 blocks per Linear
+    values = {"targets": ["query", "key", "value", "projection", "mlp"], **({"nb": 4} if blocks else {})}
     install_method(model, method, values, quantize=mode)
     return model
 
