@@ -102,7 +102,9 @@ def dtype_uniform_units(model: nn.Module, wrap_classes: tuple[type, ...], ignore
             unit = {}
         dtypes = {p.dtype for p in module.parameters(recurse=False) if id(p) not in skip}
         if len(dtypes) > 1:
-            raise ValueError(f"{type(module).__name__} holds parameters of several dtypes ({dtypes}); FSDP cannot shard it")
+            raise ValueError(
+                f"{type(module).__name__} holds parameters of several dtypes ({dtypes}); FSDP cannot shard it"
+            )
         if dtypes:
             (dtype,) = dtypes
             if unit.setdefault("dtype", dtype) != dtype:
@@ -135,6 +137,8 @@ class PeftFSDPStrategy(FSDPStrategy):
     - 4-bit (bitsandbytes) Linears are left out of the flat parameters (FSDP's `ignored_states`): they are frozen,
       packed uint8 with quantization state, and stay whole on every rank (FSDP cannot flatten them with float
       weights); everything else is sharded.
+    - Units are split where dtypes would mix (`dtype_uniform_units`): under `-true` an adapter's float32 weights and
+      its half-precision base Linear get units of their own, as FSDP flattens each unit into one dtype.
     - Blocks of CQIL groups are not wrapped as units of their own: a group's leader runs the other members' forwards,
       which FSDP only unshards through their unit's own call. They stay in the root unit, gathered for the step.
     """
@@ -278,8 +282,10 @@ class PeftFSDPStrategy(FSDPStrategy):
             options = self._options(full=False)
             tensors = {"model": self._model_state(full=False)}
             tensors.update(
-                {f"optimizer_{i}": get_optimizer_state_dict(self.model, o, options=options) for i, o in
-                 enumerate(optimizers)}
+                {
+                    f"optimizer_{i}": get_optimizer_state_dict(self.model, o, options=options)
+                    for i, o in enumerate(optimizers)
+                }
             )
             dcp.load(tensors, checkpoint_id=path)
             set_model_state_dict(self.model, tensors["model"], options=options)
@@ -287,7 +293,9 @@ class PeftFSDPStrategy(FSDPStrategy):
                 set_optimizer_state_dict(self.model, o, tensors[f"optimizer_{i}"], options=options)
             return torch.load(path / SHARDED_METADATA, map_location="cpu", weights_only=True)
         if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint at {path} (a file, or a sharded checkpoint folder with {SHARDED_METADATA})")
+            raise FileNotFoundError(
+                f"no checkpoint at {path} (a file, or a sharded checkpoint folder with {SHARDED_METADATA})"
+            )
         checkpoint = self.checkpoint_io.load_checkpoint(path)
         options = self._options(full=True)
         options = type(options)(**{**vars(options), "cpu_offload": False})  # every rank loads its shards itself
@@ -295,7 +303,9 @@ class PeftFSDPStrategy(FSDPStrategy):
         saved = checkpoint.get("optimizer_states") or []
         if fitting and saved:
             if len(saved) != len(optimizers):
-                raise RuntimeError(f"the checkpoint holds {len(saved)} optimizer states, this run has {len(optimizers)}")
+                raise RuntimeError(
+                    f"the checkpoint holds {len(saved)} optimizer states, this run has {len(optimizers)}"
+                )
             for o, state in zip(optimizers, saved, strict=True):
                 set_optimizer_state_dict(self.model, o, keyed_by_name(state, self.model, o), options=options)
         return checkpoint
@@ -335,7 +345,9 @@ def fsdp(wrap: list[str] | None = None, activation_checkpointing: list[str] | No
     """
     wrap_classes = {get_class(path) for path in wrap or []}
     checkpoint_classes = {get_class(path) for path in activation_checkpointing or []}
-    return PeftFSDPStrategy(wrap_classes=wrap_classes, activation_checkpointing_policy=checkpoint_classes or None, **kwargs)
+    return PeftFSDPStrategy(
+        wrap_classes=wrap_classes, activation_checkpointing_policy=checkpoint_classes or None, **kwargs
+    )
 
 
 class TrainableFloat32Precision(HalfPrecision):

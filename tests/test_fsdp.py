@@ -174,7 +174,9 @@ def test_a_sharded_checkpoint_resumes_only_under_fsdp(tmp_path):
     check_resume_strategy(folder, {"_target_": "lit_peft.strategies.fsdp"})
     check_resume_strategy(tmp_path / "missing.ckpt", {"name": "auto"})  # not sharded: not this check's business
     for cfg, named in (({"name": "auto"}, "auto"), ({"_target_": "lightning.pytorch.strategies.DDPStrategy"}, "DDP")):
-        with pytest.raises(ValueError, match=f"is sharded .* strategy .*{named}.* cannot read it; valid: strategy=fsdp"):
+        with pytest.raises(
+            ValueError, match=f"is sharded .* strategy .*{named}.* cannot read it; valid: strategy=fsdp"
+        ):
             check_resume_strategy(folder, cfg)
 
 
