@@ -7,6 +7,7 @@ same model scores the same through either (tests/test_eval.py checks it on an ex
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from pathlib import Path
@@ -27,7 +28,8 @@ Request = tuple[tuple[str, str] | None, list[int], list[int]]
 class LitLM(TemplateLM):
     """Scores and generates with a LitGPT model already on its device.
 
-    batch_size: sequences per forward in loglikelihood requests (longest first, right-padded).
+    batch_size: sequences per forward in loglikelihood requests (longest first, right-padded), and requests generated
+        together in generate_until (same generation settings, longest prompt first; see `_generate_batch`).
     max_length: the longest input; longer ones are cut from the left, as lm-eval's HF backend does.
     template: a lit_peft chat template, used when lm-eval is asked to apply a chat template.
     """
@@ -155,51 +157,127 @@ class LitLM(TemplateLM):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return totals
 
+    # Elements of prefill logits (batch x prompt chunk x vocabulary) computed per forward; longer prompts are
+    # prefilled in chunks of columns so that the logits of a long few-shot batch stay near 256 MB in fp32.
+    prefill_logits_limit: int = 2**26
+
     @torch.inference_mode()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy (or sampled, when the task asks) continuation until a stop string, EOS or max_gen_toks."""
-        from litgpt.generate.base import generate_fn
+        """Greedy (or sampled, when the task asks) continuation until a stop string, EOS or max_gen_toks.
 
+        Requests are grouped by identical generation settings (lm-eval's `Collator`, as its HF backend does), sorted
+        longest prompt first and generated `batch_size` at a time with the KV cache (see `_generate_batch`).
+        """
         tok = self.lit_tokenizer
-        eos_id = self.eot_token_id
-        eos_text = tok.processor.decode([eos_id], skip_special_tokens=False) if tok.backend == "huggingface" else None
-        outputs = []
-        for req in tqdm(requests, disable=disable_tqdm, desc="generate_until"):
-            context, gen_kwargs = req.args
-            kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
-            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+        hf = tok.backend == "huggingface"
+        eos_text = tok.processor.decode([self.eot_token_id], skip_special_tokens=False) if hf else None
+        args = [req.args for req in requests]
+        encoded: dict[str, list[int]] = {}
+
+        def encode(context: str) -> list[int]:
+            if context not in encoded:
+                encoded[context] = self.tok_encode(context) or [self.prefix_token_id]
+            return encoded[context]
+
+        order = Collator(
+            args, sort_fn=lambda a: (-len(encode(a[0])), a[0]), group_by="gen_kwargs", group_fn=lambda a: a[1]
+        )
+        outputs: list[str] = []
+        bar = tqdm(total=len(args), disable=disable_tqdm, desc="generate_until")
+        for chunk in order.get_batched(n=self.batch_size):
+            kwargs = normalize_gen_kwargs(dict(chunk[0][1]), self.max_gen_toks)  # one group: the same settings
             budget = int(kwargs.pop("max_gen_toks"))
             if budget >= self.max_length:
                 raise ValueError(f"max_gen_toks {budget} must be below the model's max length {self.max_length}")
-            prompt_ids = self.tok_encode(context)[-(self.max_length - budget) :]
-            prompt = torch.tensor(prompt_ids, dtype=torch.long, device=self._device)
-            sample = kwargs.get("do_sample") and kwargs.get("temperature", 0.0) > 0
-            self.model.set_kv_cache(batch_size=1, max_seq_length=len(prompt) + budget, device=self._device)
-            ids: list[int] = []
-            text = ""
-            try:
-                for token in generate_fn(
-                    self.model,
-                    prompt,
-                    len(prompt) + budget,
-                    temperature=float(kwargs.get("temperature", 0.0)) if sample else 0.0,
-                    top_k=kwargs.get("top_k"),
-                    top_p=float(kwargs.get("top_p", 1.0)),
-                    stop_tokens=([self.eot_token_id],),
-                    include_prompt=False,
-                    include_eos=False,
-                ):
-                    ids.extend(token.view(-1).tolist())
-                    text = self.tok_decode(ids)
-                    if any(stop and stop in text for stop in until):
-                        break
-            finally:
-                self.model.clear_kv_cache()
-            for stop in filter(None, until):
-                text = text.split(stop)[0]
-            outputs.append(text)
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-        return outputs
+            kwargs.pop("until", None)
+            stops = [handle_stop_sequences(copy.deepcopy(g.get("until")), eos=eos_text) for _, g in chunk]
+            sample = bool(kwargs.get("do_sample")) and float(kwargs.get("temperature", 0.0)) > 0
+            sampling = (
+                {
+                    "temperature": float(kwargs["temperature"]),
+                    "top_k": kwargs.get("top_k"),
+                    "top_p": float(kwargs.get("top_p", 1.0)),
+                }
+                if sample
+                else None
+            )
+            prompts = [encode(context)[-(self.max_length - budget) :] for context, _ in chunk]
+            texts = self._generate_batch(prompts, budget, stops, sampling)
+            for (context, gen_kwargs), text in zip(chunk, texts, strict=True):
+                outputs.append(text)
+                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+            bar.update(len(chunk))
+        bar.close()
+        return order.get_original(outputs)
+
+    def _generate_batch(
+        self, prompts: list[list[int]], budget: int, stops: list[list[str]], sampling: dict | None
+    ) -> list[str]:
+        """Continue every prompt by up to `budget` tokens in one batch; each row ends at EOS or its stop strings.
+
+        Right-padded rows with per-row positions: row i's prompt fills columns 0..L_i-1 at positions 0..L_i-1, exactly
+        as when it is generated alone, and its n-th new token is fed at position L_i + n (a (B, 1) `input_pos`, which
+        LitGPT's `GPT.forward` takes: per-row rotary angles, KV-cache slots and causal-mask rows). Pad columns sit
+        after a row's prompt, so the causal mask hides them during the prefill; their cache slots L_i.. are written
+        over by the row's own new tokens before its mask reaches them. Each row therefore attends to the same keys at
+        the same positions as alone. (Left padding would need shifted positions or a padding mask, which GPT.forward
+        does not take.) Rows that have stopped keep decoding until the batch ends; their tokens are dropped.
+        `sampling`: None for greedy (argmax), else litgpt `sample` settings applied row by row.
+        """
+        from litgpt.generate.base import sample
+
+        model, device = self.model, self._device
+        rows, eos_id = len(prompts), self.eot_token_id
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        width = int(lengths.max())
+        batch = torch.zeros((rows, width), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            batch[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        batch = batch.to(device)
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:  # (rows, vocab) -> (rows,)
+            if sampling is None:
+                return logits.argmax(dim=-1)
+            return torch.cat([sample(row.view(1, 1, -1), **sampling) for row in logits]).view(-1)
+
+        ids: list[list[int]] = [[] for _ in range(rows)]
+        texts = [""] * rows
+        live = [True] * rows
+        model.set_kv_cache(batch_size=rows, max_seq_length=width + budget, device=device)
+        try:
+            step = max(1, self.prefill_logits_limit // (rows * model.config.padded_vocab_size))
+            last = None
+            for start in range(0, width, step):
+                end = min(width, start + step)
+                logits = model(batch[:, start:end], torch.arange(start, end, device=device), input_pos_maxp1=end)
+                ends = ((lengths - 1).clamp(min=start, max=end - 1) - start).view(rows, 1, 1)
+                got = logits.gather(1, ends.expand(rows, 1, logits.size(-1))).squeeze(1)
+                inside = ((lengths - 1 >= start) & (lengths - 1 < end)).view(rows, 1)
+                last = got if last is None else torch.where(inside, got, last)
+            positions = lengths.clone()
+            for n in range(budget):
+                tokens = pick(last)
+                for i, token in enumerate(tokens.tolist()):
+                    if not live[i]:
+                        continue
+                    if token == eos_id:
+                        live[i] = False
+                        continue
+                    ids[i].append(token)
+                    texts[i] = self.tok_decode(ids[i])
+                    if any(stop and stop in texts[i] for stop in stops[i]):
+                        live[i] = False
+                if not any(live) or n == budget - 1:
+                    break
+                logits = model(tokens.view(rows, 1), positions.view(rows, 1), input_pos_maxp1=int(positions.max()) + 1)
+                last = logits[:, -1]
+                positions += 1
+        finally:
+            model.clear_kv_cache()
+        for i in range(rows):
+            for stop in filter(None, stops[i]):
+                texts[i] = texts[i].split(stop)[0]
+        return texts
 
     # ---------------------------------------------------------------- chat template (`--apply-chat-template`)
 
