@@ -22,7 +22,7 @@ def trained_adapter(tiny_checkpoint, tmp_path, method: str):
     model = load_base(tiny_checkpoint)
     values = {
         "targets": ["query", "key", "value", "projection", "mlp", "head"],
-        **({} if method == "lora" else {"nb": 4}),
+        **({"nb": 4} if "nb" in METHODS[method].Settings.__dataclass_fields__ else {}),  # ETHER/OFT: 4 blocks
     }
     _, settings = install_method(model, method, values)
     with torch.no_grad():
