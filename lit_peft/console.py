@@ -130,14 +130,16 @@ def run_logging(out_dir: str | Path | None, verbose: bool = False, rank: int = 0
 
 
 @contextlib.contextmanager
-def quiet_stdout(source: str) -> Iterator[None]:
-    """What a library prints to stdout inside the block goes to run.log (logger `source`), not the console."""
-    buffer = io.StringIO()
+def quiet_stdout(source: str, stderr: bool = False) -> Iterator[None]:
+    """What a library prints to stdout (and stderr: its progress bars) inside the block goes to run.log (logger
+    `source`), not the console; a progress bar's redraws are kept as their last state."""
+    out, err = io.StringIO(), io.StringIO()
     try:
-        with contextlib.redirect_stdout(buffer):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err) if stderr else contextlib.nullcontext():
             yield
     finally:
-        text = buffer.getvalue().strip()
+        lines = [ln.rsplit("\r", 1)[-1].rstrip() for ln in (out.getvalue() + err.getvalue()).splitlines()]
+        text = "\n".join(ln for ln in lines if ln.strip())
         if text:
             logging.getLogger(source).info(text, extra={"console": debug_enabled()})
 

@@ -367,7 +367,8 @@ def prepare_checkpoint(model_cfg, force: bool = False) -> Path:
         raise ValueError(f"unknown model source {source!r}; valid sources: {', '.join(SOURCES)}")
     if source == "smollm2-gguf":
         info(f"first use: converting the embedded SmolLM2-135M-Instruct GGUF into {checkpoint_dir}")
-        return convert_smollm2_gguf(checkpoint_dir)
+        with quiet_stdout("transformers.gguf", stderr=True):  # its dequantization and loading progress bars
+            return convert_smollm2_gguf(checkpoint_dir)
     if source == "tiny":
         return create_tiny_checkpoint(checkpoint_dir, dict(model_cfg["config"]), seed=int(model_cfg.get("seed", 0)))
     raise CheckpointNotFound(
