@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_RUN, run_cli, shared_data, tiny_config
+from conftest import ROOT, TINY_RUN, run_cli, shared_data, tiny_config
 from litgpt import GPT
 
 from lit_peft.methods import adapters, build_settings
@@ -205,20 +205,34 @@ def test_streaming_pretrain_run(tiny_checkpoint, tmp_path):
     assert list((out / "tokens").glob("tokens-*.bin"))
 
 
+def test_task_and_data_mismatch_is_a_one_line_error(tiny_checkpoint, tmp_path):
+    out = tmp_path / "bad"
+    res = finetune(tiny_checkpoint, out, "task=dpo", "data=text", "data.path=x.txt")
+    assert res.returncode == 2
+    message = "task=dpo trains on preference data; data.format=text is text"
+    assert res.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["task=dpo", "data=text", "data.path=x.txt"], "task=dpo trains on preference data; data.format=text is text"),
         (["task=pretrain"], "task=pretrain trains on text data; data.format=alpaca is conversation data"),
         (["task=dpo", "data=pairs", "data.path=p.jsonl", "task.loss=kto"], "unknown task.loss 'kto'"),
     ],
 )
-def test_task_and_data_mismatch_is_a_one_line_error(tiny_checkpoint, tmp_path, overrides, message):
-    out = tmp_path / "bad"
-    res = finetune(tiny_checkpoint, out, *overrides)
-    assert res.returncode == 2
-    assert res.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
-    assert not out.exists()
+def test_task_settings_and_data_kinds_are_checked_before_the_run(overrides, message):
+    """The same check finetune/run.py makes before Hydra writes anything (the path through the entry point is above)."""
+    from hydra import compose, initialize_config_dir
+
+    from lit_peft.validate import validate_config
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[*RUN, *overrides])
+    cfg.out_dir = "/nonexistent/out"  # Hydra's runtime folder is not known outside a run
+    with pytest.raises(ValueError) as err:
+        validate_config(cfg)
+    assert str(err.value).startswith(message), str(err.value)
 
 
 def test_sft_on_lima_multi_turn_through_the_entry_point(tiny_checkpoint, tmp_path):
