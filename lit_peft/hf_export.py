@@ -48,6 +48,16 @@ def llama_hf_config(config: Config, torch_dtype: str = "float32", tie_word_embed
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
+        **_shared_hf_fields(config, torch_dtype, tie_word_embeddings),
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+
+
+def _shared_hf_fields(config: Config, torch_dtype: str, tie_word_embeddings: bool) -> dict:
+    """The config.json fields every exported family takes from the LitGPT config in the same way."""
+    return {
         "hidden_size": config.n_embd,
         "intermediate_size": config.intermediate_size,
         "num_attention_heads": config.n_head,
@@ -58,9 +68,6 @@ def llama_hf_config(config: Config, torch_dtype: str = "float32", tie_word_embed
         "max_position_embeddings": config.block_size,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_base,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
         "tie_word_embeddings": tie_word_embeddings,
         "torch_dtype": torch_dtype,
     }
@@ -221,8 +228,7 @@ def family_hf_config(config: Config, torch_dtype: str = "float32", tie_word_embe
     """transformers' config.json for any family `hf_family` accepts (the LLaMA one is `llama_hf_config`'s)."""
     family = hf_family(config)
     if family == "llama":
-        hf = llama_hf_config(config, torch_dtype)
-        hf["tie_word_embeddings"] = tie_word_embeddings
+        hf = llama_hf_config(config, torch_dtype, tie_word_embeddings)
         if config.rope_adjustments:  # Llama 3.1 / 3.2: rescaled low rotary frequencies
             rope = config.rope_adjustments
             hf["rope_scaling"] = {
@@ -233,20 +239,7 @@ def family_hf_config(config: Config, torch_dtype: str = "float32", tie_word_embe
                 "original_max_position_embeddings": rope["original_max_seq_len"],
             }
         return hf
-    hf = {
-        "hidden_size": config.n_embd,
-        "intermediate_size": config.intermediate_size,
-        "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.n_query_groups,
-        "num_hidden_layers": config.n_layer,
-        "head_dim": config.head_size,
-        "vocab_size": config.padded_vocab_size,
-        "max_position_embeddings": config.block_size,
-        "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_base,
-        "tie_word_embeddings": tie_word_embeddings,
-        "torch_dtype": torch_dtype,
-    }
+    hf = _shared_hf_fields(config, torch_dtype, tie_word_embeddings)
     if family == "qwen2":
         return {
             "architectures": ["Qwen2ForCausalLM"],
