@@ -157,9 +157,9 @@ class LitLM(TemplateLM):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return totals
 
-    # Elements of prefill logits (batch x prompt chunk x vocabulary) computed per forward; longer prompts are
-    # prefilled in chunks of columns so that the logits of a long few-shot batch stay near 256 MB in fp32.
-    prefill_logits_limit: int = 2**26
+    # Tokens (rows x prompt columns) per prefill forward: a long few-shot batch is prefilled in chunks of columns so
+    # that its attention scores stay bounded. Only each row's last prompt position reaches the output head.
+    prefill_tokens: int = 2**13
 
     @torch.inference_mode()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -221,10 +221,14 @@ class LitLM(TemplateLM):
         after a row's prompt, so the causal mask hides them during the prefill; their cache slots L_i.. are written
         over by the row's own new tokens before its mask reaches them. Each row therefore attends to the same keys at
         the same positions as alone. (Left padding would need shifted positions or a padding mask, which GPT.forward
-        does not take.) Rows that have stopped keep decoding until the batch ends; their tokens are dropped.
+        does not take.) The prefill runs the output head on each row's last prompt position only, and a row that has
+        stopped leaves the batch: the live rows move to the front of the KV cache, which litgpt's cache reads as its
+        first `rows` entries, so later steps cost what the rows still generating cost.
         `sampling`: None for greedy (argmax), else litgpt `sample` settings applied row by row.
         """
         from litgpt.generate.base import sample
+
+        from lit_peft.tasks.chunked_head import final_hidden, head_logits
 
         model, device = self.model, self._device
         rows, eos_id = len(prompts), self.eot_token_id
@@ -242,36 +246,44 @@ class LitLM(TemplateLM):
 
         ids: list[list[int]] = [[] for _ in range(rows)]
         texts = [""] * rows
-        live = [True] * rows
         model.set_kv_cache(batch_size=rows, max_seq_length=width + budget, device=device)
         try:
-            step = max(1, self.prefill_logits_limit // (rows * model.config.padded_vocab_size))
-            last = None
+            step = max(1, self.prefill_tokens // rows)
+            last = torch.empty(rows, model.config.n_embd, device=device, dtype=model.lm_head.weight.dtype)
             for start in range(0, width, step):
                 end = min(width, start + step)
-                logits = model(batch[:, start:end], torch.arange(start, end, device=device), input_pos_maxp1=end)
-                ends = ((lengths - 1).clamp(min=start, max=end - 1) - start).view(rows, 1, 1)
-                got = logits.gather(1, ends.expand(rows, 1, logits.size(-1))).squeeze(1)
-                inside = ((lengths - 1 >= start) & (lengths - 1 < end)).view(rows, 1)
-                last = got if last is None else torch.where(inside, got, last)
+                hidden = final_hidden(
+                    model, batch[:, start:end], torch.arange(start, end, device=device), input_pos_maxp1=end
+                )
+                inside = ((lengths - 1 >= start) & (lengths - 1 < end)).nonzero().view(-1)
+                last[inside] = hidden[inside, lengths[inside] - 1 - start].to(last.dtype)
+            logits = head_logits(model, last)
+            live = list(range(rows))  # the original row of each batch row still generating
             positions = lengths.clone()
             for n in range(budget):
-                tokens = pick(last)
-                for i, token in enumerate(tokens.tolist()):
-                    if not live[i]:
-                        continue
+                tokens = pick(logits)
+                keep = []
+                for slot, (i, token) in enumerate(zip(live, tokens.tolist(), strict=True)):
                     if token == eos_id:
-                        live[i] = False
                         continue
                     ids[i].append(token)
                     texts[i] = self.tok_decode(ids[i])
-                    if any(stop and stop in texts[i] for stop in stops[i]):
-                        live[i] = False
-                if not any(live) or n == budget - 1:
+                    if not any(stop and stop in texts[i] for stop in stops[i]):
+                        keep.append(slot)
+                if not keep or n == budget - 1:
                     break
-                logits = model(tokens.view(rows, 1), positions.view(rows, 1), input_pos_maxp1=int(positions.max()) + 1)
-                last = logits[:, -1]
-                positions += 1
+                if len(keep) < len(live):
+                    index = torch.tensor(keep, device=device)
+                    for block in model.transformer.h:
+                        cache = block.attn.kv_cache
+                        cache.k[: len(keep)] = cache.k[index]
+                        cache.v[: len(keep)] = cache.v[index]
+                    live = [live[slot] for slot in keep]
+                    tokens, positions = tokens[index], positions[index]
+                logits = model(
+                    tokens.view(-1, 1), positions.view(-1, 1), input_pos_maxp1=int(positions.max()) + 1
+                )[:, -1]
+                positions = positions + 1
         finally:
             model.clear_kv_cache()
         for i in range(rows):

@@ -117,6 +117,11 @@ def test_eos_ends_one_row_while_the_batch_continues(tiny_checkpoint):
     ended = [g != f for g, f in zip(got, free, strict=True)]
     assert all(g == f.split(char)[0] for g, f, e in zip(got, free, ended, strict=True) if e)
     assert 0 < sum(ended) < len(PROMPTS)
+    # The rows that ended left the batch: later decode steps run on the rows still generating only.
+    rows = []
+    lm.model.register_forward_pre_hook(lambda m, args: rows.append(args[0].size(0)))
+    assert lm.generate_until(_requests(items), disable_tqdm=True) == got
+    assert rows[0] == len(PROMPTS) and min(rows) == len(PROMPTS) - sum(ended) and rows == sorted(rows, reverse=True)
 
 
 def test_batched_equals_one_at_a_time_with_a_lora_adapter(tiny_checkpoint):
@@ -139,7 +144,7 @@ def test_chunked_prefill_and_batch_sizes_agree(tiny_checkpoint):
     items = [(p, {"until": ["\n\n"], "max_gen_toks": 12}) for p in PROMPTS]
     expected = _lm(tiny_checkpoint, batch_size=1).generate_until(_requests(items), disable_tqdm=True)
     chunked = _lm(tiny_checkpoint, batch_size=4)
-    chunked.prefill_logits_limit = 4 * chunked.model.config.padded_vocab_size * 5
+    chunked.prefill_tokens = 4 * 5
     calls = []
     chunked.model.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape)))
     assert chunked.generate_until(_requests(items), disable_tqdm=True) == expected
@@ -154,8 +159,8 @@ def test_requests_are_generated_in_batches(tiny_checkpoint):
     lm.model.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape)))
     budget = 6
     lm.generate_until(_requests([(p, {"until": [], "max_gen_toks": budget}) for p in PROMPTS]), disable_tqdm=True)
-    # 7 prompts in batches of 4 and 3: one prefill and budget - 1 decode steps each.
-    assert sorted({rows for rows, _ in calls}) == [3, 4]
+    # 7 prompts in batches of 4 and 3: one prefill and budget - 1 decode steps each (no row ends early here).
+    assert [rows for rows, _ in calls] == [4] * budget + [3] * budget
     assert len(calls) == 2 * budget
 
 

@@ -23,9 +23,10 @@ from lit_peft.data.tokenize import IGNORE_INDEX
 HEAD_CHUNK = 1024
 
 
-def final_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """The final norm's output (B, T, C): the model's own forward (blocks, CQIL, compiled blocks and all) without the
-    head. A hook keeps `ln_f`'s output and hands the head zero positions, so no logits are computed."""
+def final_hidden(model: nn.Module, input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The final norm's output (B, T, C): the model's own forward (blocks, CQIL, compiled blocks and all; `args` and
+    `kwargs` go to it, e.g. KV-cache positions) without the head. A hook keeps `ln_f`'s output and hands the head zero
+    positions, so no logits are computed."""
     kept: list[torch.Tensor] = []
 
     def keep(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -34,7 +35,7 @@ def final_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
     handle = model.transformer.ln_f.register_forward_hook(keep)
     try:
-        model(input_ids)
+        model(input_ids, *args, **kwargs)
     finally:
         handle.remove()
     return kept[0]
