@@ -62,7 +62,7 @@ def main() -> None:
         idx = torch.randint(0, config.padded_vocab_size, (b, t), device=device)
         batch = {"input_ids": idx, "labels": idx}
 
-        def step(task: LowRankCloneTask) -> None:
+        def step(task: LowRankCloneTask, batch: dict = batch) -> None:
             with torch.autocast(device, dtype=dtype, enabled=device == "cuda"):
                 loss, _ = task(clone, batch)
             loss.backward()
@@ -77,7 +77,7 @@ def main() -> None:
             if mode == "auto":
                 results["auto, no clone losses"] = timed(lambda: step(LowRankCloneTask(aux_scale=0)))
         with torch.no_grad():
-            results["teacher forward only"] = timed(lambda: teacher(idx))
+            results["teacher forward only"] = timed(lambda idx=idx: teacher(idx))
         for name, seconds in results.items():
             ratio = seconds / results["auto"]
             print(f"{spec:>8} {name:>22} {seconds:8.3f} {b * t / seconds:9.0f} {ratio:8.2f}")

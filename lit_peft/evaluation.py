@@ -280,9 +280,8 @@ class LitLM(TemplateLM):
                         cache.v[: len(keep)] = cache.v[index]
                     live = [live[slot] for slot in keep]
                     tokens, positions = tokens[index], positions[index]
-                logits = model(
-                    tokens.view(-1, 1), positions.view(-1, 1), input_pos_maxp1=int(positions.max()) + 1
-                )[:, -1]
+                maxp1 = int(positions.max()) + 1
+                logits = model(tokens.view(-1, 1), positions.view(-1, 1), input_pos_maxp1=maxp1)[:, -1]
                 positions = positions + 1
         finally:
             model.clear_kv_cache()
@@ -394,7 +393,10 @@ def _metrics(results: dict[str, Any]) -> dict[str, dict[str, tuple[float, float 
             if isinstance(value, (int, float)) and "stderr" not in metric and metric not in ("alias", "sample_len"):
                 stderr = metrics.get(f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr")
                 ok = isinstance(stderr, (int, float)) and math.isfinite(stderr)
-                row[metric if filt in ("none", "") else f"{metric} ({filt})"] = (float(value), float(stderr) if ok else None)
+                row[metric if filt in ("none", "") else f"{metric} ({filt})"] = (
+                    float(value),
+                    float(stderr) if ok else None,
+                )
         table[task] = row
     return table
 
@@ -410,7 +412,9 @@ def comparison_table(named: dict[str, dict[str, Any]], samples: dict[str, dict[s
     for task in sorted(first):
         for metric in first[task]:
             values = [heads[n].get(task, {}).get(metric) for n in names]
-            cells = ["-" if v is None else f"{v[0]:.4f}" + (f" ± {v[1]:.4f}" if v[1] is not None else "") for v in values]
+            cells = [
+                "-" if v is None else f"{v[0]:.4f}" + (f" ± {v[1]:.4f}" if v[1] is not None else "") for v in values
+            ]
             if len(names) > 1 and values[0] is not None and values[-1] is not None:
                 (a, sa), (b, sb) = values[0], values[-1]
                 diff = f"{b - a:+.4f}"

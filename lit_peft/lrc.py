@@ -457,9 +457,7 @@ def clone_settings(cfg: DictConfig) -> LRCSettings | None:
             raise ValueError(f"lrc.target_hidden_size={width} applies to task=lrc, not task={cfg.task.name}")
         return None
     if width is None:
-        raise ValueError(
-            "task=lrc needs lrc.target_hidden_size=<the student's hidden size>, e.g. 384 for SmolLM2-135M"
-        )
+        raise ValueError("task=lrc needs lrc.target_hidden_size=<the student's hidden size>, e.g. 384 for SmolLM2-135M")
     if cfg.method.name != "full":
         raise ValueError(
             f"task=lrc trains the student's projections and norms itself; method={cfg.method.name} does not apply "

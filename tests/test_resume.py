@@ -252,8 +252,15 @@ def test_a_signal_checkpoints_and_stops_without_a_validation_pass(tmp_path):
     final = FinalCheckpoint(tmp_path / "last.ckpt")
     preemption = Preemption(final, requeue=False)
     trainer = L.Trainer(
-        max_steps=10, val_check_interval=8, limit_val_batches=2, num_sanity_val_steps=0, callbacks=[final, preemption],
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        max_steps=10,
+        val_check_interval=8,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+        callbacks=[final, preemption],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(Signalled())
     assert preemption.signal_name == "SIGTERM" and preemption.step == 3 and trainer.global_step == 3
