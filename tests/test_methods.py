@@ -94,6 +94,109 @@ def test_fused_qkv_lora_equals_three_separate_loras(layout, parts):
         torch.testing.assert_close(y[..., idx], expected, rtol=1e-5, atol=1e-5)
 
 
+class FixedMask(nn.Module):
+    """Dropout with a fixed mask, so the dropped path has a definition to compare with."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.mask
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("layout", ["concatenated", "interleaved"])
+@pytest.mark.parametrize("parts", [("query",), ("query", "value"), ("query", "key", "value")], ids="-".join)
+def test_lora_forward_and_backward_equal_the_dense_definition(layout, parts, dropout):
+    """y = x W^T + b + s x_d A_p^T B_p^T at each part's rows (x_d = x, or x after a dropout mask), float64: the output
+    and the gradients of x, every A and B against autograd through the dense definition."""
+    config = tiny_config()
+    torch.manual_seed(0)
+    layer = lora_on_qkv(config, parts, layout).double()
+    # The concatenated layout's parts are row spans (the fused Function); interleaved rows take the general path.
+    assert (layer.spans is not None) == (layout == "concatenated")
+    x_shape = (2, 3, config.n_embd)
+    mask = (torch.rand(x_shape) > 0.3).double() / 0.7
+    if dropout:
+        layer.dropout = FixedMask(mask)
+    x = torch.randn(x_shape, dtype=torch.float64, requires_grad=True)
+    grad_y = torch.randn(2, 3, layer.out_features, dtype=torch.float64)
+    y = layer(x)
+    y.backward(grad_y)
+
+    r, s = layer.r, layer.scaling
+    a = layer.lora_A.detach().clone().requires_grad_(True)
+    bs = [b.detach().clone().requires_grad_(True) for b in layer.lora_B]
+    x_ref = x.detach().clone().requires_grad_(True)
+    x_d = x_ref * mask if dropout else x_ref
+    rows = dense_qkv_rows(config, layout)
+    y_ref = x_ref @ layer.base.weight.T + layer.base.bias
+    delta = torch.zeros_like(y_ref)
+    for i, name in enumerate(parts):
+        delta[..., rows[name]] = s * x_d @ (bs[i] @ a[i * r : (i + 1) * r]).T
+    (y_ref + delta).backward(grad_y)
+    torch.testing.assert_close(y, y_ref + delta, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.lora_A.grad, a.grad, rtol=1e-12, atol=1e-12)
+    for b, b_ref in zip(layer.lora_B, bs, strict=True):
+        torch.testing.assert_close(b.grad, b_ref.grad, rtol=1e-12, atol=1e-12)
+    assert layer.base.weight.grad is None
+
+
+def test_lora_function_passes_gradcheck():
+    from lit_peft.methods.lora import LoRALinearFunction
+
+    torch.manual_seed(0)
+    x, xa = (torch.randn(4, 6, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w, bias = torch.randn(7, 6, dtype=torch.float64), torch.randn(7, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)  # two parts of r = 2
+    b1, b2 = torch.randn(3, 2, dtype=torch.float64, requires_grad=True), torch.randn(2, 2, dtype=torch.float64)
+    b2.requires_grad_(True)
+    spans = ((0, 3), (5, 7))  # rows 3-4 belong to no part
+    assert torch.autograd.gradcheck(lambda *t: LoRALinearFunction.apply(t[0], None, w, t[1], t[2], 1.5, spans, *t[3:]),
+                                    (x, bias, a, b1, b2))  # fmt: skip
+    assert torch.autograd.gradcheck(lambda *t: LoRALinearFunction.apply(t[0], t[1], w, None, t[2], 0.5, spans, *t[3:]),
+                                    (x, xa, a, b1, b2))  # fmt: skip
+
+
+def test_compiled_lora_equals_eager_without_graph_breaks():
+    """torch.compile traces LoRALinearFunction whole (fullgraph: a graph break is an error): same output, gradients."""
+    config = tiny_config()
+    layer = lora_on_qkv(config, ("query", "value"), "concatenated")
+    assert layer.spans is not None
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 5, config.n_embd)
+    results = []
+    for net in (layer, compiled):
+        layer.zero_grad()
+        x_ = x.clone().requires_grad_()
+        y = net(x_)
+        y.pow(2).sum().backward()
+        results.append((y.detach(), x_.grad, [p.grad.clone() for p in layer.parameters() if p.requires_grad]))
+    torch._dynamo.reset()
+    (y, gx, grads), (c_y, c_gx, c_grads) = results
+    torch.testing.assert_close(c_y, y, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(c_gx, gx, rtol=1e-6, atol=1e-6)
+    for g, c_g in zip(grads, c_grads, strict=True):
+        torch.testing.assert_close(c_g, g, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_under_autocast_computes_in_the_autocast_dtype_as_the_base_linear():
+    config = tiny_config()
+    layer = lora_on_qkv(config, ("query", "key", "value"), "concatenated")
+    x = torch.randn(2, 5, config.n_embd)
+    expected = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        assert y.dtype == layer.base(x).dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected, rtol=5e-2, atol=5e-2)
+    y.float().pow(2).sum().backward()
+    grads = [p.grad for p in layer.parameters() if p.requires_grad]
+    assert len(grads) == 4 and all(g is not None and g.dtype == torch.float32 and g.isfinite().all() for g in grads)
+
+
 @pytest.mark.parametrize("layout", ["concatenated", "interleaved"])
 def test_lora_merge_and_off_switch(layout):
     config = tiny_config()

@@ -27,6 +27,8 @@ from torch import nn
 from lit_peft.methods.base import AdapterLinear, Method, MethodSettings, Part
 from lit_peft.quantize import is_quantized
 
+Spans = tuple[tuple[int, int], ...]
+
 LORA_INITS = ("default", "pissa")
 PISSA_SEED = 0  # the randomized SVD's seed: the same residual every time the adapter is built
 
@@ -90,6 +92,55 @@ def set_base_weight(base: nn.Module, weight: torch.Tensor) -> None:
     base.weight = nn.Parameter(weight.to(old.dtype).clone(), requires_grad=False)
 
 
+class LoRALinearFunction(torch.autograd.Function):
+    """y = x W^T + b + s (B_p A_p x_a) at each part's rows, for x (tokens, in): a whole LoRA Linear in one Function.
+
+    x_a is the adapter's input (x after dropout), or x itself when `xa` is None. Every part's rows are one span of
+    the output (`spans`, one per part, as the concatenated qkv layout and plain Linears have them).
+
+    The low-rank products are skinny (r = 8 columns against hundreds of tokens and features); on a CPU a matmul of
+    that shape runs several times faster when its small dimension is the output's rows, so they are taken in the
+    transposed orientation: h^T = A x_a^T (P*r, tokens), (g B_p)^T = B_p^T g_p^T, grad B_p = (h_p^T g_p)^T. The
+    adapter's share is added into the base output's rows by `addmm_` (no (tokens, rows) delta, no concatenation), and
+    in backward into the base's input gradient. Saved: x_a, h^T and the parameters; never an activation-sized delta.
+    """
+
+    @staticmethod
+    def forward(ctx, x, xa, weight, bias, lora_a, scaling: float, spans: Spans, *lora_b):
+        x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
+        xa2 = x2 if xa is None else xa.reshape(x2.shape)
+        y = torch.nn.functional.linear(x2, weight, bias)  # (tokens, out)
+        h_t = lora_a @ xa2.t()  # (P*r, tokens)
+        r = lora_a.shape[0] // len(spans)
+        for p, ((a, b), b_p) in enumerate(zip(spans, lora_b, strict=True)):
+            y[:, a:b].addmm_(h_t[p * r : (p + 1) * r].t(), b_p.t(), alpha=scaling)
+        ctx.scaling, ctx.spans, ctx.shape, ctx.same_input = scaling, spans, x.shape, xa is None
+        ctx.save_for_backward(xa2, weight, lora_a, h_t, *lora_b)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        xa2, weight, lora_a, h_t, *lora_b = ctx.saved_tensors
+        s, spans = ctx.scaling, ctx.spans
+        g = grad.reshape(-1, grad.shape[-1])  # (tokens, out)
+        r = lora_a.shape[0] // len(spans)
+        gb_t = torch.cat([b_p.t() @ g[:, a:b].t() for (a, b), b_p in zip(spans, lora_b, strict=True)])  # (P*r, T)
+        grad_a = torch.mm(gb_t, xa2).mul_(s)  # (P*r, in)
+        grad_b = [
+            torch.mm(h_t[p * r : (p + 1) * r], g[:, a:b]).t().mul(s) for p, (a, b) in enumerate(spans)
+        ]  # (rows_p, r) each
+        grad_x = grad_xa = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ weight  # (tokens, in)
+            if ctx.same_input:
+                grad_x.addmm_(gb_t.t(), lora_a, alpha=s)
+            grad_x = grad_x.view(ctx.shape)
+        if not ctx.same_input and ctx.needs_input_grad[1]:
+            grad_xa = torch.mm(gb_t.t(), lora_a).mul_(s).view(ctx.shape)
+        grad_bias = g.sum(0) if ctx.needs_input_grad[3] else None
+        return grad_x, grad_xa, None, grad_bias, grad_a, None, None, *grad_b
+
+
 class LoRALinear(AdapterLinear):
     def __init__(
         self,
@@ -118,6 +169,10 @@ class LoRALinear(AdapterLinear):
         self.pissa = init == "pissa"
         if self.pissa:
             self._pissa_init(parts, pissa_niter)
+        # Each part's rows as one span of the output (plain Linears, concatenated qkv): then `LoRALinearFunction`.
+        spans = [(int(p.rows[0]), int(p.rows[-1]) + 1) for p in parts]
+        one_span = all(torch.equal(p.rows, torch.arange(a, b)) for p, (a, b) in zip(parts, spans, strict=True))
+        self.spans: Spans | None = tuple(spans) if one_span else None
 
     @torch.no_grad()
     def _pissa_init(self, parts: list[Part], niter: int | None) -> None:
@@ -158,9 +213,32 @@ class LoRALinear(AdapterLinear):
         return torch.cat([hp @ b.T for hp, b in zip(h.split(self.r, dim=-1), bs, strict=True)], dim=-1)
 
     def adapted(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spans is not None and not is_quantized(self.base):
+            return self._function(x)
         y = self.base(x)  # (B, T, out)
         delta = self._delta(self.dropout(x), self.lora_A, self.lora_B)  # (B, T, rows)
         return self.add_to_rows(y, (delta * self.scaling).to(y.dtype))
+
+    def _function(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapted output through `LoRALinearFunction`, in the dtype the base Linear computes in (the autocast
+        dtype under mixed precision, as `nn.Linear` would)."""
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return self._function(x.to(torch.get_autocast_dtype(device)))
+        dropped = not isinstance(self.dropout, nn.Identity) and self.training
+        dtype = x.dtype
+        bias = None if self.base.bias is None else self.base.bias.to(dtype)
+        return LoRALinearFunction.apply(
+            x,
+            self.dropout(x) if dropped else None,
+            self.base.weight.to(dtype),
+            bias,
+            self.lora_A.to(dtype),
+            self.scaling,
+            self.spans,
+            *(b.to(dtype) for b in self.lora_B),
+        )
 
     def lora_dense(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """B A of every part, stacked over the parts' rows: (rows, in)."""
