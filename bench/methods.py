@@ -26,6 +26,8 @@ compilation: one graph serves every block), "x eager" is its time over the same 
 Peak memory of each variant's first round: on CUDA torch's peak allocated memory; on CPU the resident memory above
 the level before the steps (adapter, optimizer state, activations, temporaries; run with
 MALLOC_MMAP_THRESHOLD_=1048576 so that glibc returns freed buffers and the figure follows what is allocated).
+Time steps in a separate run without that setting: it makes every large buffer a fresh mapping whose pages fault in
+on first touch, which slowed a SmolLM2 step about 1.5x on a 2-core CPU and weighs most on the rows that allocate most.
 """
 
 from __future__ import annotations

@@ -213,8 +213,8 @@ class LoRALinear(AdapterLinear):
         return torch.cat([hp @ b.T for hp, b in zip(h.split(self.r, dim=-1), bs, strict=True)], dim=-1)
 
     def adapted(self, x: torch.Tensor) -> torch.Tensor:
-        if self.spans is not None and not is_quantized(self.base):
-            return self._function(x)
+        if self.spans is not None and not is_quantized(self.base) and not self.base.weight.requires_grad:
+            return self._function(x)  # (the Function gives no gradient to the base weight, frozen by contract)
         y = self.base(x)  # (B, T, out)
         delta = self._delta(self.dropout(x), self.lora_A, self.lora_B)  # (B, T, rows)
         return self.add_to_rows(y, (delta * self.scaling).to(y.dtype))
