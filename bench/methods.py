@@ -13,7 +13,8 @@ the timed steps (the first round starts with one untimed warm-up step per varian
 flowing to the activations only. "x LoRA r=8" divides by our LoRA r=8, "x floor" by the frozen base of the row's
 own model (ours for our rows, the Hugging Face twin for "peft" rows), both measured in the same run and the same
 mode (eager or compiled). "rebuild" rows are the original ETHER implementation's formulation: the dense W H formed
-blockwise every step. "b=32" is 32-wide blocks, "nb=32" 32 blocks. All methods adapt the same Linears
+blockwise every step. "unfused" LoRA rows switch off `LoRALinearFunction` (plain autograd ops: the general path the
+interleaved qkv layout and 4-bit bases take). "b=32" is 32-wide blocks, "nb=32" 32 blocks. All methods adapt the same Linears
 (`--targets`, default every Linear of a block: q, k, v, the attention projection and the three MLP Linears).
 
 --peers adds Hugging Face PEFT's LoRA, OFT and HRA (the `bench` extra: pip install -e '.[bench]') on a
@@ -87,7 +88,7 @@ MODELS = ("smollm2", *RANDOM_MODELS)
 ALL_BLOCK_LINEARS = ["query", "key", "value", "projection", "mlp"]
 
 VARIANTS = (
-    ["frozen base", "lora r=8", "dora r=8", "pissa r=8", "hra r=8"]
+    ["frozen base", "lora r=8", "lora r=8 unfused", "dora r=8", "pissa r=8", "hra r=8"]
     + [f"{m} nb={nb}" for m in ("ether", "etherplus", "etherplusHH") for nb in (1, 4, 32)]
     + ["oft nb=32", "oft b=32"]
     + [f"{m} nb={nb} rebuild" for m in ("ether", "etherplus") for nb in (1, 32)]
@@ -98,7 +99,7 @@ PEER_VARIANTS = [
 ]
 VARIANT_PATTERN = re.compile(
     r"frozen base|(lora|dora|pissa|hra) r=\d+|(ether|etherplus|etherplusHH|oft) n?b=\d+"
-    r"|(ether|etherplus) nb=\d+ rebuild"
+    r"|(ether|etherplus) nb=\d+ rebuild|lora r=\d+ unfused"
     r"|peft (frozen base|(lora|dora) r=\d+|oft b=\d+( exact)?|hra r=\d+)"
 )
 ROW_METHODS = {"pissa": ("lora", {"init": "pissa"})}  # a row's first word -> (method, settings) when it is no method
@@ -279,6 +280,9 @@ def apply_variant(subject: Subject, variant: str, targets: list[str], peers: dic
     if variant.endswith("rebuild"):
         for _, layer in adapters(model):
             layer.__class__ = RebuildTransformLinear
+    if variant.endswith("unfused"):
+        for _, layer in adapters(model):
+            layer.spans = None  # LoRALinear's general path
 
     def remove() -> None:
         for name_, layer in list(adapters(model)):
