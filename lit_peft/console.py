@@ -190,9 +190,10 @@ def _kind(name: str, adapter_prefixes: list[str]) -> str:
     return "linear" if name.endswith(("weight", "bias")) else "other"
 
 
-def parameter_table(model: Any) -> str:
-    """The model summary a fine-tuner reads: trainable and total parameters and the share, per kind of module."""
-    kinds = parameter_kinds(model)
+def parameter_table(model: Any, kinds: dict[str, tuple[int, int]] | None = None) -> str:
+    """The model summary a fine-tuner reads: trainable and total parameters and the share, per kind of module
+    (`kinds`: `parameter_kinds(model)` counted earlier, e.g. before a sharding strategy split the parameters)."""
+    kinds = kinds if kinds is not None else parameter_kinds(model)
     trainable = sum(t for t, _ in kinds.values())
     total = sum(n for _, n in kinds.values())
     lines = [f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.3f}%)"]

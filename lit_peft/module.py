@@ -32,13 +32,13 @@ def warmup_cosine(warmup_steps: int, max_steps: int, min_lr_ratio: float) -> Cal
     return factor
 
 
-def clip_sharded_grad_norm_(wrapped: nn.Module, module: nn.Module, max_norm: float) -> torch.Tensor:
-    """Clip the global gradient norm of an FSDP-sharded model; returns the norm before clipping.
+def sharded_grad_norm(wrapped: nn.Module, module: nn.Module) -> torch.Tensor:
+    """The global L2 norm of the gradients of an FSDP-sharded model, the same value on every rank.
 
     FSDP's own `clip_grad_norm_` reduces the shards across ranks but covers only its root's subtree, so it is called
-    with an infinite bound on every root (one when the whole model is wrapped) to measure; parameters outside any
-    FSDP unit are replicated and counted once. Then every local gradient is scaled by the same factor.
-    A collective: every rank joins it, also one whose shards hold no gradient (no trainable element, or a skipped step).
+    with an infinite bound (it measures, scales nothing) on every root (one when the whole model is wrapped);
+    parameters outside any FSDP unit are replicated and counted once. A collective: every rank joins it, also one
+    whose shards hold no gradient (no trainable element, or a skipped step).
     """
     import warnings
 
@@ -46,21 +46,27 @@ def clip_sharded_grad_norm_(wrapped: nn.Module, module: nn.Module, max_norm: flo
 
     roots = FSDP.fsdp_modules(wrapped, root_only=True) or FSDP.fsdp_modules(module, root_only=True)
     managed = {id(p) for r in roots for p in r.parameters()}
-    with_grad = [p for p in module.parameters() if p.grad is not None]
-    grads = [p.grad for p in with_grad]
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
     device = grads[0].device if grads else next(iter(module.parameters()), torch.zeros(())).device
     total = torch.zeros((), device=device)
     with warnings.catch_warnings():  # FSDP warns on a rank without gradients; the rank still takes part
         warnings.filterwarnings("ignore", message=".*with no gradients.*")
         for r in roots:
             total = total + r.clip_grad_norm_(float("inf")).float().to(device) ** 2
-    for p in with_grad:
-        if id(p) not in managed:
+    for p in module.parameters():
+        if p.grad is not None and id(p) not in managed:
             total = total + p.grad.float().pow(2).sum()
-    total = total.sqrt()
+    return total.sqrt()
+
+
+def clip_sharded_grad_norm_(wrapped: nn.Module, module: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm of an FSDP-sharded model (`sharded_grad_norm`, a collective); returns the norm
+    before clipping. Every local gradient is scaled by the same factor."""
+    total = sharded_grad_norm(wrapped, module)
     factor = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(factor.to(g.device, g.dtype))
+    for p in module.parameters():
+        if p.grad is not None:
+            p.grad.mul_(factor.to(p.grad.device, p.grad.dtype))
     return total
 
 
@@ -228,19 +234,20 @@ class FineTuneModule(L.LightningModule):
         self._step_start: float | None = None
         self._train_sums: WeightedMeans | None = None  # the current optimizer step's metrics, over its micro-batches
         self._step_units: torch.Tensor | None = None
+        self._parameter_kinds: dict[str, tuple[int, int]] | None = None  # {kind: (trainable, total)}, from setup()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
 
     def on_train_start(self) -> None:
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.model.parameters())
+        from lit_peft.console import info, parameter_kinds, parameter_table
+
+        kinds = self._parameter_kinds or parameter_kinds(self.model)  # counted before FSDP sharded the parameters
+        trainable, total = sum(t for t, _ in kinds.values()), sum(n for _, n in kinds.values())
         for logger in self.loggers:
             logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=0)
         if self.trainer.is_global_zero:
-            from lit_peft.console import info, parameter_table
-
-            info(parameter_table(self.model))  # the summary a fine-tuner reads, per kind of module
+            info(parameter_table(self.model, kinds))  # the summary a fine-tuner reads, per kind of module
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._rng_to_restore is not None:  # after the loader has started: the stream continues where it was saved
@@ -253,6 +260,10 @@ class FineTuneModule(L.LightningModule):
         # Before Lightning restores a checkpoint and before the strategy wraps the model: what the task takes from the
         # untrained weights (e.g. DPO's frozen reference copy) is taken from them, also when a run resumes.
         self.task.attach(self)
+        if self._parameter_kinds is None:  # whole parameters: a sharding strategy has not split them yet
+            from lit_peft.console import parameter_kinds
+
+            self._parameter_kinds = parameter_kinds(self.model)
         if self.compile_backend:  # the model's blocks; what attach copied (DPO's frozen reference) runs eager
             compile_blocks(self.model, self.compile_backend)
 
@@ -314,7 +325,11 @@ class FineTuneModule(L.LightningModule):
         self.log("train/lr", float(optimizer.param_groups[0]["lr"]), prog_bar=True, on_step=True, on_epoch=False)
 
     def _grad_norm(self) -> torch.Tensor:
-        """The L2 norm of all gradients before clipping (this rank's shards under FSDP)."""
+        """The L2 norm of all gradients before clipping (under FSDP over every rank's shards: a collective)."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            return sharded_grad_norm(self.trainer.strategy.model, self)
         grads = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
         return torch.stack(grads).norm() if grads else torch.zeros(())
 

@@ -87,6 +87,15 @@ IN_PROCESS = {
 }
 
 
+def scalars(out_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar a run logged to `<out_dir>/tensorboard`: tag -> [(step, value), ...]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out_dir / "tensorboard"))
+    acc.Reload()
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+
+
 def run_cli(
     script: str, *args: str, env: dict | None = None, timeout: int = 600, stdin: str | None = None
 ) -> subprocess.CompletedProcess:

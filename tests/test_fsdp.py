@@ -11,7 +11,7 @@ import socket
 
 import pytest
 import torch
-from conftest import TINY, TINY_RUN, run_cli
+from conftest import TINY, TINY_RUN, run_cli, scalars
 from safetensors.torch import load_file
 
 from lit_peft.strategies import SHARDED_METADATA, is_sharded_checkpoint
@@ -62,6 +62,12 @@ def test_fsdp_trains_checkpoints_resumes_and_exports_as_one_process(three_layers
         assert sharded[k].dtype == torch.float32
         torch.testing.assert_close(sharded[k], single[k], rtol=1e-5, atol=1e-7)
     assert any(single[k].abs().max() > 0 for k in single if "lora_B" in k)  # it trained
+    # The logged gradient norm and parameter counts are the whole model's (not rank 0's shards), as one process logs.
+    logged = [scalars(run) for run in (tmp_path / "single", out)]
+    norms = [[v for _, v in run["train/grad_norm"]] for run in logged]
+    assert len(norms[0]) == 3 and norms[0] == pytest.approx(norms[1], rel=1e-4)
+    for key in ("params/trainable", "params/total"):
+        assert logged[0][key] == logged[1][key] and logged[0][key][0][1] > 0
 
     ckpts = out / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step-000002.ckpt"]  # no staging folder left

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_RUN as BASE_RUN
-from conftest import run_cli
+from conftest import run_cli, scalars
 from litgpt import GPT, Config
 from safetensors.torch import load_file
 
@@ -27,14 +27,6 @@ def finetune(tiny_checkpoint: Path, out_dir: Path, *overrides: str):
 
 def event_files(out_dir: Path) -> list[Path]:
     return list((out_dir / "tensorboard").glob("events.out.tfevents.*"))
-
-
-def scalars(out_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(out_dir / "tensorboard"))
-    acc.Reload()
-    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
 
 
 def test_lora_run_writes_adapter_logs_and_checkpoint(tiny_checkpoint, tmp_path):
