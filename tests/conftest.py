@@ -87,6 +87,43 @@ IN_PROCESS = {
 }
 
 
+def assert_compiled_equals_eager(layer: torch.nn.Module, x: torch.Tensor) -> None:
+    """torch.compile of `layer` (dynamo + AOTAutograd with eager kernels, fullgraph: a graph break is an error) gives
+    the eager output and the same gradients of the input and of every trainable parameter."""
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    results = []
+    for net in (layer, compiled):
+        layer.zero_grad()
+        x_ = x.clone().requires_grad_()
+        y = net(x_)
+        y.pow(2).sum().backward()
+        grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad}
+        results.append((y.detach(), x_.grad, grads))
+    torch._dynamo.reset()
+    (y, gx, grads), (c_y, c_gx, c_grads) = results
+    torch.testing.assert_close(c_y, y, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(c_gx, gx, rtol=1e-6, atol=1e-6)
+    assert c_grads.keys() == grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(c_grads[name], grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def autocast_gradients(layer: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Under bf16 autocast the adapted `layer` returns what autocast makes of its base Linear (bfloat16), close to
+    its float32 output; returns the trainable parameters' gradients of a loss on that output (checked float32 and
+    finite)."""
+    expected = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        assert y.dtype == layer.base(x).dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected, rtol=5e-2, atol=5e-2)
+    y.float().pow(2).sum().backward()
+    grads = [p.grad for p in layer.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.float32 and g.isfinite().all() for g in grads)
+    return grads
+
+
 def scalars(out_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar a run logged to `<out_dir>/tensorboard`: tag -> [(step, value), ...]."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

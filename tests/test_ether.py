@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import assert_compiled_equals_eager, autocast_gradients, tiny_config
 from litgpt import GPT
 from test_methods import dense_qkv_rows
 from torch import nn
@@ -541,23 +541,7 @@ def test_compiled_adapter_equals_eager_without_graph_breaks(method):
     """torch.compile (dynamo + AOTAutograd, eager kernels) traces the Functions: same output and gradients."""
     config, layer = make_qkv(method, ("query", "value"), "interleaved", nb=2, flip_side=method == "oft")
     perturb(layer)
-    torch._dynamo.reset()
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break is an error
-    x = torch.randn(2, 5, config.n_embd)
-    results = []
-    for net in (layer, compiled):
-        layer.zero_grad()
-        x_ = x.clone().requires_grad_()
-        y = net(x_)
-        y.pow(2).sum().backward()
-        grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.requires_grad}
-        results.append((y.detach(), x_.grad, grads))
-    torch._dynamo.reset()
-    (y, gx, grads), (c_y, c_gx, c_grads) = results
-    torch.testing.assert_close(c_y, y, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(c_gx, gx, rtol=1e-6, atol=1e-6)
-    for name in grads:
-        torch.testing.assert_close(c_grads[name], grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert_compiled_equals_eager(layer, torch.randn(2, 5, config.n_embd))
 
 
 @pytest.mark.parametrize("method", FAMILY)
@@ -565,12 +549,4 @@ def test_under_autocast_the_adapter_computes_in_the_autocast_dtype_as_the_base_l
     """bf16-mixed: the adapted Linear returns what autocast makes of a Linear (bfloat16), close to float32."""
     config, layer = make_qkv(method, ("query", "value"), "concatenated", nb=2, flip_side=method == "oft")
     perturb(layer)
-    x = torch.randn(2, 5, config.n_embd)
-    expected = layer(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = layer(x)
-        assert y.dtype == layer.base(x).dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), expected, rtol=5e-2, atol=5e-2)
-    y.float().pow(2).sum().backward()
-    grads = [p.grad for p in layer.parameters() if p.requires_grad]
-    assert grads and all(g is not None and g.dtype == torch.float32 and g.isfinite().all() for g in grads)
+    autocast_gradients(layer, torch.randn(2, 5, config.n_embd))

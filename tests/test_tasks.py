@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT, TINY_RUN, run_cli, shared_data, tiny_config
+from conftest import scalars as logged_scalars
 from litgpt import GPT
 
 from lit_peft.methods import adapters, build_settings
@@ -106,11 +107,8 @@ def finetune(tiny_checkpoint, out, *overrides):
 
 
 def scalars(out):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(out / "tensorboard"))
-    acc.Reload()
-    return {t: [e.value for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+    """tag -> the logged values in step order."""
+    return {tag: [v for _, v in points] for tag, points in logged_scalars(out).items()}
 
 
 @pytest.fixture(scope="module")
