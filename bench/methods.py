@@ -14,8 +14,10 @@ flowing to the activations only. "x LoRA r=8" divides by our LoRA r=8, "x floor"
 own model (ours for our rows, the Hugging Face twin for "peft" rows), both measured in the same run and the same
 mode (eager or compiled). "rebuild" rows are the original ETHER implementation's formulation: the dense W H formed
 blockwise every step. "unfused" LoRA rows switch off `LoRALinearFunction` (plain autograd ops: the general path the
-interleaved qkv layout and 4-bit bases take). "b=32" is 32-wide blocks, "nb=32" 32 blocks. All methods adapt the same Linears
-(`--targets`, default every Linear of a block: q, k, v, the attention projection and the three MLP Linears).
+interleaved qkv layout and 4-bit bases take). "direct" / "low-rank" rows force the input side's route of the ETHER
+family (`TransformLinear.compute`; plain rows choose per Linear and batch). "b=32" is 32-wide blocks, "nb=32" 32
+blocks. All methods adapt the same Linears (`--targets`, default every Linear of a block: q, k, v, the attention
+projection and the three MLP Linears).
 
 --peers adds Hugging Face PEFT's LoRA, OFT and HRA (the `bench` extra: pip install -e '.[bench]') on a
 transformers LlamaForCausalLM built from our model (`lit_peft.hf_export.llama_hf_config`, litgpt's weight
@@ -92,6 +94,7 @@ VARIANTS = (
     + [f"{m} nb={nb}" for m in ("ether", "etherplus", "etherplusHH") for nb in (1, 4, 32)]
     + ["oft nb=32", "oft b=32"]
     + [f"{m} nb={nb} rebuild" for m in ("ether", "etherplus") for nb in (1, 32)]
+    + [f"{m} nb={nb} {route}" for m in ("ether", "etherplus") for nb in (1, 32) for route in ("direct", "low-rank")]
 )
 PEER_VARIANTS = [
     *["peft frozen base", "peft lora r=8", "peft dora r=8"],
@@ -99,7 +102,7 @@ PEER_VARIANTS = [
 ]
 VARIANT_PATTERN = re.compile(
     r"frozen base|(lora|dora|pissa|hra) r=\d+|(ether|etherplus|etherplusHH|oft) n?b=\d+"
-    r"|(ether|etherplus) nb=\d+ rebuild|lora r=\d+ unfused"
+    r"|(ether|etherplus) nb=\d+ rebuild|lora r=\d+ unfused|(ether|etherplus|etherplusHH) nb=\d+ (direct|low-rank)"
     r"|peft (frozen base|(lora|dora) r=\d+|oft b=\d+( exact)?|hra r=\d+)"
 )
 ROW_METHODS = {"pissa": ("lora", {"init": "pissa"})}  # a row's first word -> (method, settings) when it is no method
@@ -280,6 +283,10 @@ def apply_variant(subject: Subject, variant: str, targets: list[str], peers: dic
     if variant.endswith("rebuild"):
         for _, layer in adapters(model):
             layer.__class__ = RebuildTransformLinear
+    for route in ("direct", "low-rank"):
+        if variant.endswith(" " + route):
+            for _, layer in adapters(model):
+                layer.compute = route.replace("-", "_")
     if variant.endswith("unfused"):
         for _, layer in adapters(model):
             layer.spans = None  # LoRALinear's general path

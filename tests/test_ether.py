@@ -16,6 +16,18 @@ from lit_peft.qkv import qkv_rows
 
 FAMILY = ["ether", "etherplus", "etherplusHH", "oft"]
 LAYOUTS = ["concatenated", "interleaved"]
+# (method, the input side's route): Householder-type input sides run either directly or as a low-rank correction.
+ROUTES = [(m, c) for m in FAMILY for c in (("direct",) if m == "oft" else ("direct", "low_rank"))]
+
+
+def set_route(module: nn.Module, compute: str) -> None:
+    """Force every transform adapter in `module` onto one route of its input side."""
+    from lit_peft.methods.transform import TransformLinear
+
+    layers = [m for m in module.modules() if isinstance(m, TransformLinear)]
+    assert layers
+    for layer in layers:
+        layer.compute = compute
 
 
 # ---- the definitions, written out densely -------------------------------------------------------------------------
@@ -330,20 +342,22 @@ def assert_forward_and_backward_match_definition(layer, rows, parts, x_shape) ->
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("flip_side", [False, True], ids=["input", "flip"])
 @pytest.mark.parametrize("parts", [("query", "value"), ("query", "key", "value"), ("key",)], ids="-".join)
-@pytest.mark.parametrize("method", FAMILY)
-def test_gradients_equal_the_dense_definition_on_fused_qkv(method, parts, flip_side, layout):
+@pytest.mark.parametrize(("method", "compute"), ROUTES)
+def test_gradients_equal_the_dense_definition_on_fused_qkv(method, compute, parts, flip_side, layout):
     """Output, input gradient and every adapter parameter's gradient equal the dense W' = H_out W H_in, per part."""
     config, layer = make_qkv(method, parts, layout, nb=2, flip_side=flip_side)
+    set_route(layer, compute)
     perturb(layer)
     assert_forward_and_backward_match_definition(layer, dense_qkv_rows(config, layout), parts, (2, 3, config.n_embd))
 
 
 @pytest.mark.parametrize("flip_side", [False, True], ids=["input", "flip"])
-@pytest.mark.parametrize("method", FAMILY)
-def test_gradients_equal_the_dense_definition_on_a_plain_linear(method, flip_side):
+@pytest.mark.parametrize(("method", "compute"), ROUTES)
+def test_gradients_equal_the_dense_definition_on_a_plain_linear(method, compute, flip_side):
     base = nn.Linear(16, 24, bias=True)
     m, settings = build_settings(method, {"nb": 4, "flip_side": flip_side})
     layer = m.make_adapter(base, [Part("all", torch.arange(24))], settings)
+    set_route(layer, compute)
     perturb(layer)
     assert_forward_and_backward_match_definition(layer, {"all": list(range(24))}, ("all",), (5, 16))
 
@@ -369,16 +383,34 @@ def test_the_functions_pass_gradcheck():
     )
     factors = (leaf(1, 2, 3), leaf(3, 2, 2), leaf(2, 1, 3), leaf(1, 3, 3))
     assert torch.autograd.gradcheck(
-        lambda x, *f: TransformLinearFunction.apply(x, w, b, None, plan, *f), (leaf(2, 3, 6), *factors)
+        lambda x, *f: TransformLinearFunction.apply(x, w, b, None, plan, False, *f), (leaf(2, 3, 6), *factors)
+    )
+    # The low-rank route of the input side: Householder-type input transforms of two kinds (K = 1 and 2).
+    plan = (
+        Group(((0, 2), (5, 6)), (Householder, 0), (HouseholderPlus, 2)),
+        Group(((2, 5),), (HouseholderPlus, 1), (Cayley, 3)),
+        Group(((6, 8),), None, None),
+    )
+    factors = (leaf(1, 2, 3), leaf(2, 2, 3), leaf(2, 1, 3), leaf(1, 3, 3))
+    assert torch.autograd.gradcheck(
+        lambda x, *f: TransformLinearFunction.apply(x, w, b, None, plan, True, *f), (leaf(2, 3, 6), *factors)
     )
 
 
+def test_the_low_rank_route_is_refused_for_rotations():
+    _, layer = make_qkv("oft", ("query",), "concatenated")
+    layer.compute = "low_rank"
+    with pytest.raises(ValueError, match="Householder-type"):
+        layer(torch.randn(3, layer.in_features))
+
+
 @pytest.mark.parametrize("flip_side", [False, True], ids=["input", "flip"])
-@pytest.mark.parametrize("method", FAMILY)
-def test_only_the_inputs_of_the_transforms_are_kept_for_backward(method, flip_side):
+@pytest.mark.parametrize(("method", "compute"), ROUTES)
+def test_only_the_inputs_of_the_transforms_are_kept_for_backward(method, compute, flip_side):
     """Activation-sized tensors autograd keeps: the input of each transform (the Linear's input x on the input side,
     the base output W x + b on the output side, one storage for all parts), never a transformed activation."""
     config, layer = make_qkv(method, ("query", "key", "value"), "concatenated", nb=4, flip_side=flip_side)
+    set_route(layer, compute)
     perturb(layer)
     x = torch.randn(64, config.n_embd, requires_grad=True)
     saved = []
@@ -501,8 +533,10 @@ def saved_bytes(model: nn.Module, idx: torch.Tensor) -> int:
 
 
 @pytest.mark.parametrize("flip_side", [False, True], ids=["input", "flip"])
-@pytest.mark.parametrize("method", FAMILY)
-def test_over_a_4bit_base_gradients_equal_the_dequantized_dense_math_and_no_dense_weight_is_kept(method, flip_side):
+@pytest.mark.parametrize(("method", "compute"), ROUTES)
+def test_over_a_4bit_base_gradients_equal_the_dequantized_dense_math_and_no_dense_weight_is_kept(
+    method, compute, flip_side
+):
     import copy
 
     from lit_peft.quantize import dequantize_base, quantize_base
@@ -513,6 +547,7 @@ def test_over_a_4bit_base_gradients_equal_the_dequantized_dense_math_and_no_dens
     quantize_base(model, "nf4")
     m, settings = build_settings(method, {"targets": ["query", "value", "mlp"], "nb": 4, "flip_side": flip_side})
     m.apply(model, settings)
+    set_route(model, compute)
     perturb(model)
     dense = copy.deepcopy(model)
     assert dequantize_base(dense) == 2 * 5  # the same adapters over plain Linears holding the dequantized weights
@@ -536,17 +571,19 @@ def test_over_a_4bit_base_gradients_equal_the_dequantized_dense_math_and_no_dens
     assert saved_bytes(model, idx) == saved_bytes(dense, idx)
 
 
-@pytest.mark.parametrize("method", FAMILY)
-def test_compiled_adapter_equals_eager_without_graph_breaks(method):
+@pytest.mark.parametrize(("method", "compute"), ROUTES)
+def test_compiled_adapter_equals_eager_without_graph_breaks(method, compute):
     """torch.compile (dynamo + AOTAutograd, eager kernels) traces the Functions: same output and gradients."""
     config, layer = make_qkv(method, ("query", "value"), "interleaved", nb=2, flip_side=method == "oft")
+    set_route(layer, compute)
     perturb(layer)
     assert_compiled_equals_eager(layer, torch.randn(2, 5, config.n_embd))
 
 
-@pytest.mark.parametrize("method", FAMILY)
-def test_under_autocast_the_adapter_computes_in_the_autocast_dtype_as_the_base_linear(method):
+@pytest.mark.parametrize(("method", "compute"), ROUTES)
+def test_under_autocast_the_adapter_computes_in_the_autocast_dtype_as_the_base_linear(method, compute):
     """bf16-mixed: the adapted Linear returns what autocast makes of a Linear (bfloat16), close to float32."""
     config, layer = make_qkv(method, ("query", "value"), "concatenated", nb=2, flip_side=method == "oft")
+    set_route(layer, compute)
     perturb(layer)
     autocast_gradients(layer, torch.randn(2, 5, config.n_embd))

@@ -10,10 +10,12 @@ Linear, separately for every part (q, k and v of a fused qkv each get their own,
 so a step costs the base matmul plus O(width) (reflections) or O(width * block) (rotations) per token. The dense
 T_out W T_in is formed only by `merged_parameters()`, once, for merge.
 
-Speed on a CPU is passes over activations and fresh activation-sized buffers (page faults), so one autograd.Function
-(`TransformLinearFunction`) runs a whole adapted Linear: the parts' transformed inputs share one buffer, their
-matmuls write straight into the output's rows (either qkv layout, no concatenation or reordering), and backward
-transforms the gradient in place. It keeps for backward only the input x, the base output W x + b when there is an
+Speed on a CPU is passes over activations (memory-bound), so one autograd.Function (`TransformLinearFunction`) runs
+a whole adapted Linear: the parts' transformed inputs share one buffer, their matmuls write straight into the
+output's rows (either qkv layout, no concatenation or reordering), and backward transforms the gradient in place.
+A Householder-type input side (ETHER, ETHER+) can instead run as one matmul for all parts plus a low-rank correction
+per part, W_p H_p x = W_p x + (W_p D_p S) (D_p^T x); `TransformLinear.low_rank_is_cheaper` picks the route per Linear
+and batch size (the correction has rank K nb, so it pays on long batches, small nb and the fused qkv). It keeps for backward only the input x, the base output W x + b when there is an
 output side, a few coefficients per token and the small transform factors; never a transformed activation. The
 frozen weight is the parameter itself, or, over a 4-bit base, dequantized again in backward instead of kept dense.
 """
@@ -41,6 +43,10 @@ class BlockTransform(nn.Module):
         apply_blocks(x, f, out)            -> (T x, what backward needs besides x)   [into `out` when given]
         grad_blocks(grad, x, f, saved, out) -> (T^T grad, grad of f)                 [into `out`; it may be `grad`]
     """
+
+    # Householder-type transforms (I + sum_k s_k d_k d_k^T per block, unit directions as the factor) give their
+    # signs s: an input side of theirs can also run as a low-rank correction (see `TransformLinearFunction`).
+    signs: ClassVar[tuple[float, ...] | None] = None
 
     def __init__(self, width: int, where: str, nb: int | None = 1, block_size: int | None = None) -> None:
         super().__init__()
@@ -148,13 +154,48 @@ def _rows_matmul(
     return out
 
 
+def _owned(plan: tuple[Group, ...]) -> list[tuple[Group, int]]:
+    """The groups with an input transform, with the index of its factor."""
+    return [(group, group.t_in[1]) for group in plan if group.t_in is not None]
+
+
+def _input_coefficients(x2: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """c[t, k, n] = d_kn . x_tn for x2 (tokens, in) and every group's unit directions stacked (sum of K, nb, b):
+    (tokens, sum of K, nb), one batched matmul over the blocks that reads x once."""
+    nb, b = directions.shape[1:]
+    c = torch.bmm(x2.view(-1, nb, b).transpose(0, 1), directions.permute(1, 2, 0))  # (nb, tokens, sum of K)
+    return c.permute(1, 2, 0).contiguous()
+
+
+def _signed_products(w_g: torch.Tensor, d: torch.Tensor, signs: tuple[float, ...]) -> torch.Tensor:
+    """P[k*nb + n, o] = s_k W_g[o, block n] . d_kn for a group's rows of the weight (rows, in): (K * nb, rows).
+    W_g (H - I) x = C P for C[t, k*nb + n] = d_kn . x_tn: the input transform as a low-rank correction."""
+    k, nb, b = d.shape
+    p = torch.einsum("onb,knb->kno", w_g.view(-1, nb, b), d) * d.new_tensor(signs)[:, None, None]
+    return p.reshape(k * nb, -1)
+
+
+def _group_rows(w: torch.Tensor, runs: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """The rows `runs` of w (out, in): a view for one run, else a copy."""
+    if len(runs) == 1:
+        return w[runs[0][0] : runs[0][1]]
+    return torch.cat([w[a:b] for a, b in runs])
+
+
 class TransformLinearFunction(torch.autograd.Function):
     """z = T_out (W T_in x + b), per row group, for x (tokens, in): the whole adapted Linear in one Function.
 
-    Forward: for each group, T_in x into one reused buffer, then its rows of y = W x' + b by matmuls written in place;
-    then z = T_out y per group. Backward: grad_y = T_out^T grad_z; for each group grad_x' = grad_y[rows] W[rows], whose
-    T_in^T is taken in place and summed into grad_x. Saved: x, y (only with an output side), the kernels' per-token
-    coefficients and the factors; the weight is the frozen parameter, or read again from a 4-bit `quantized` base.
+    The input side takes one of two routes (`low_rank`), chosen per shape by `TransformLinear`:
+    - direct: for each group, T_in x into one reused buffer, then its rows of y = W x' + b by matmuls written in place;
+      backward: for each group grad_x' = grad_y[rows] W[rows], whose T_in^T is taken in place and summed into grad_x.
+      Passes over activations grow with the number of groups (q, k and v of a fused qkv each transform x).
+    - low_rank (Householder-type transforms, T_in = I + D S D^T with K unit directions per block): y = W x + b
+      + C P, one matmul for all rows plus per group C (tokens, K nb) = D^T x, read from x once for every group, times
+      P = S (W D)^T (K nb, rows); backward: grad_x = grad_y W + D (grad_y P^T) and the directions' gradients from
+      grad_y P^T and C^T grad_y. Skinny matmuls of width K nb instead of passes over activations.
+    Then z = T_out y per group. Backward: grad_y = T_out^T grad_z, then the input side's backward. Saved: x, y (only
+    with an output side), the kernels' per-token coefficients and the factors; the weight is the frozen parameter,
+    or read again from a 4-bit `quantized` base.
     """
 
     @staticmethod
@@ -165,6 +206,7 @@ class TransformLinearFunction(torch.autograd.Function):
         bias: torch.Tensor | None,
         quantized: nn.Module | None,
         plan: tuple[Group, ...],
+        low_rank: bool,
         *factors: torch.Tensor,
     ) -> torch.Tensor:
         w = weight if quantized is None else dense_weight(quantized).to(x.dtype)  # (out, in)
@@ -172,9 +214,20 @@ class TransformLinearFunction(torch.autograd.Function):
         y = x2.new_empty(x2.shape[0], w.shape[0])  # (tokens, out)
         has_input, has_output = plan[0].t_in is not None, plan[0].t_out is not None
         saved_in, saved_out = [None] * len(plan), [None] * len(plan)
-        if not has_input:
+        coefficients = None
+        if not has_input or low_rank:
             torch.mm(x2, w.t(), out=y)  # one matmul for all rows
-        else:
+        if has_input and low_rank:  # + each group's W (T_in - I) x = C P, written into its rows
+            owned = _owned(plan)
+            coefficients = _input_coefficients(x2, torch.cat([factors[i] for _, i in owned]))
+            k0 = 0
+            for group, i in owned:
+                k = factors[i].shape[0]
+                c = coefficients[:, k0 : k0 + k].flatten(1)  # (tokens, K nb), a view
+                p = _signed_products(_group_rows(w, group.runs), factors[i], group.t_in[0].signs)
+                _add_cols(y, group.runs, c, p)
+                k0 += k
+        elif has_input:
             buffer = None  # one buffer for every group's transformed input
             for g, group in enumerate(plan):
                 source = x2
@@ -203,18 +256,24 @@ class TransformLinearFunction(torch.autograd.Function):
                 z_g, saved_out[g] = kind.apply_blocks(_blocks(y_g, f), f, target)
                 if not one_run:
                     _put_cols(z, group.runs, z_g.view(y_g.shape))
-        ctx.plan, ctx.quantized, ctx.shape = plan, quantized, x.shape
+        ctx.plan, ctx.quantized, ctx.shape, ctx.low_rank = plan, quantized, x.shape, low_rank
         # x only for the input side, y = W x' + b only for the output side
         # with the per-token coefficients of each group's transforms (None for rotations), in and out
         ctx.save_for_backward(
-            x2 if has_input else None, weight, y if has_output else None, *factors, *saved_in, *saved_out
+            x2 if has_input else None,
+            weight,
+            y if has_output else None,
+            coefficients,
+            *factors,
+            *saved_in,
+            *saved_out,
         )
         return z.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         plan, n = ctx.plan, len(ctx.plan)
-        x2, weight, y, *rest = ctx.saved_tensors
+        x2, weight, y, coefficients, *rest = ctx.saved_tensors
         factors, saved_in, saved_out = rest[: -2 * n], rest[-2 * n : -n], rest[-n:]
         w = weight if ctx.quantized is None else dense_weight(ctx.quantized).to(grad.dtype)
         g = grad.reshape(-1, grad.shape[-1])  # (tokens, out)
@@ -236,6 +295,8 @@ class TransformLinearFunction(torch.autograd.Function):
             g = grad_y
         if plan[0].t_in is None:  # no input side
             grad_x = g @ w  # (tokens, in): one matmul over all rows
+        elif ctx.low_rank:
+            grad_x = _low_rank_input_backward(g, w, x2, coefficients, plan, factors, grad_f)
         else:
             grad_x = scratch = None
             for group, kept in zip(plan, saved_in, strict=True):
@@ -254,7 +315,59 @@ class TransformLinearFunction(torch.autograd.Function):
                     grad_x.add_(part)
                     scratch = part
         grad_x = grad_x.view(ctx.shape) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, None, None, *grad_f
+        return grad_x, None, None, None, None, None, *grad_f
+
+
+def _add_cols(y: torch.Tensor, runs: tuple[tuple[int, int], ...], c: torch.Tensor, p: torch.Tensor) -> None:
+    """y[:, runs] += c p for c (tokens, r) and p (r, sum of the run lengths)."""
+    offset = 0
+    for a, b in runs:
+        y[:, a:b].addmm_(c, p[:, offset : offset + b - a])
+        offset += b - a
+
+
+def _low_rank_input_backward(
+    g: torch.Tensor,
+    w: torch.Tensor,
+    x2: torch.Tensor,
+    coefficients: torch.Tensor,
+    plan: tuple[Group, ...],
+    factors: tuple[torch.Tensor, ...],
+    grad_f: list[torch.Tensor | None],
+) -> torch.Tensor:
+    """The low-rank route's backward for y = W x + C P (per group): grad_x, and the directions' gradients added to
+    `grad_f`. With E = grad_C = grad_y P^T (tokens, K nb) and grad_P = C^T grad_y:
+        grad_x = grad_y W + sum over groups of D E                       (rank-K updates per block)
+        grad_d_kn = sum_t E[t, kn] x_tn  +  s_k W_g[:, block n]^T grad_P[kn, :]
+    """
+    owned = _owned(plan)
+    tokens = g.shape[0]
+    grad_c = torch.empty_like(coefficients)  # (tokens, sum of K, nb)
+    k0 = 0
+    for group, i in owned:
+        d = factors[i]
+        k, nb, b = d.shape
+        w_g = _group_rows(w, group.runs)
+        g_g = _cols(g, group.runs)  # (tokens, rows)
+        p = _signed_products(w_g, d, group.t_in[0].signs)  # (K nb, rows)
+        grad_c[:, k0 : k0 + k] = (g_g @ p.t()).view(tokens, k, nb)
+        grad_p = coefficients[:, k0 : k0 + k].flatten(1).t() @ g_g  # (K nb, rows)
+        signs = d.new_tensor(group.t_in[0].signs)[:, None, None]
+        grad_f[i] = torch.einsum("kno,onb->knb", grad_p.view(k, nb, -1), w_g.view(-1, nb, b)) * signs
+        k0 += k
+    directions = torch.cat([factors[i] for _, i in owned])  # (sum of K, nb, b)
+    nb, b = directions.shape[1:]
+    grad_d = torch.bmm(grad_c.permute(2, 1, 0), x2.view(tokens, nb, b).transpose(0, 1))  # (nb, sum of K, b)
+    k0 = 0
+    for _, i in owned:
+        k = factors[i].shape[0]
+        grad_f[i] = grad_f[i] + grad_d[:, k0 : k0 + k].transpose(0, 1)
+        k0 += k
+    grad_x = g @ w  # (tokens, in)
+    blocks = grad_x.view(tokens, nb, b)
+    for k in range(len(directions)):  # + D E: a rank-1 update per block and direction (faster than a batched bmm)
+        blocks.addcmul_(grad_c[:, k, :, None], directions[k])
+    return grad_x
 
 
 class TransformLinear(AdapterLinear):
@@ -287,6 +400,7 @@ class TransformLinear(AdapterLinear):
         self.in_order = bool((order == torch.arange(len(order))).all())
         self.register_buffer("inverse", torch.argsort(order), persistent=False)
         self.transforms = [*(self.t_in or []), *(self.t_out or [])]  # the Function's factors, in this order
+        self.compute = "auto"  # the input side's route: "direct", "low_rank" or "auto" (`low_rank_is_cheaper`)
         n_in, n_parts = len(self.t_in or []), len(parts)
         self.plan = tuple(
             Group(
@@ -312,12 +426,50 @@ class TransformLinear(AdapterLinear):
                 return self._function(x.to(torch.get_autocast_dtype(device)))
         return self._function(x)
 
+    # The input side's cost model, in passes over one element (memory-bound reads and writes), fitted to forward +
+    # backward times of SmolLM2-135M's Linears on a 2-core CPU at 512 and 4096 tokens (bench/methods.py --tokens):
+    # the direct route makes ~15 passes over x per group (transform, update, backward's transform and sum); the
+    # low-rank route ~2 + sum of K over x, its skinny matmuls (3 K nb multiply-adds per adapted output row, ~19 of
+    # which cost one pass), 3 passes over the weight per step and more small operations (~1e7 passes' worth).
+    PASSES_DIRECT: ClassVar[int] = 15
+    MACS_PER_PASS: ClassVar[int] = 19
+    FIXED_LOW_RANK: ClassVar[int] = 10_000_000
+
+    @property
+    def low_rank_possible(self) -> bool:
+        """Whether the input side is Householder-type everywhere (ETHER, ETHER+), so the low-rank route applies."""
+        return self.t_in is not None and all(t.signs is not None and t.nb == self.t_in[0].nb for t in self.t_in)
+
+    def low_rank_is_cheaper(self, tokens: int) -> bool:
+        """Whether the input side runs as one matmul plus low-rank corrections rather than transforming x per group.
+
+        The direct route's cost grows with the groups (q, k and v of a fused qkv each transform x), the low-rank
+        route's with K nb (its rank) and has a fixed part; so the low-rank route wins on long batches, on the fused
+        qkv and on small nb, the direct one on short batches and on Linears much wider out than in at nb=32.
+        `compute` ("direct" / "low_rank") overrides the model.
+        """
+        if self.t_in is None:  # no input side: nothing to route
+            return False
+        if self.compute != "auto":
+            if self.compute == "low_rank" and not self.low_rank_possible:
+                raise ValueError("compute='low_rank' needs Householder-type input transforms (ETHER, ETHER+)")
+            return self.compute == "low_rank"
+        if not self.low_rank_possible:
+            return False
+        i, o = self.base.in_features, self.base.out_features
+        ks = [len(t.signs) for t in self.t_in]
+        direct = tokens * self.PASSES_DIRECT * len(self.t_in) * i
+        skinny = 3 * sum(k * t.nb * size for k, t, size in zip(ks, self.t_in, self.part_sizes, strict=True))
+        low_rank = tokens * ((2 + sum(ks)) * i + skinny // self.MACS_PER_PASS) + 3 * o * i + self.FIXED_LOW_RANK
+        return low_rank < direct
+
     def _function(self, x: torch.Tensor) -> torch.Tensor:
         factors = [t.factor().to(x.dtype) for t in self.transforms]
         quantized = self.base if is_quantized(self.base) else None
         weight = None if quantized is not None else self.base.weight.to(x.dtype)
         bias = None if self.base.bias is None else self.base.bias.to(x.dtype)
-        return TransformLinearFunction.apply(x, weight, bias, quantized, self.plan, *factors)
+        low_rank = self.low_rank_is_cheaper(x.numel() // x.shape[-1])
+        return TransformLinearFunction.apply(x, weight, bias, quantized, self.plan, low_rank, *factors)
 
     def merged_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = self.base_weight().double().clone()
