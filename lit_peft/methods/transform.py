@@ -15,9 +15,10 @@ a whole adapted Linear: the parts' transformed inputs share one buffer, their ma
 output's rows (either qkv layout, no concatenation or reordering), and backward transforms the gradient in place.
 A Householder-type input side (ETHER, ETHER+) can instead run as one matmul for all parts plus a low-rank correction
 per part, W_p H_p x = W_p x + (W_p D_p S) (D_p^T x); `TransformLinear.low_rank_is_cheaper` picks the route per Linear
-and batch size (the correction has rank K nb, so it pays on long batches, small nb and the fused qkv). It keeps for backward only the input x, the base output W x + b when there is an
-output side, a few coefficients per token and the small transform factors; never a transformed activation. The
-frozen weight is the parameter itself, or, over a 4-bit base, dequantized again in backward instead of kept dense.
+and batch size (the correction has rank K nb, so it pays on long batches, small nb and the fused qkv).
+Either way it keeps for backward only the input x, the base output W x + b when there is an output side, a few
+coefficients per token and the small transform factors; never a transformed activation. The frozen weight is the
+parameter itself, or, over a 4-bit base, dequantized again in backward instead of kept dense.
 """
 
 from __future__ import annotations
