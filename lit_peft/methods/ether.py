@@ -82,6 +82,19 @@ class HouseholderType(BlockTransform):
         grad_d = grad_d.transpose(0, 1) * grad_d.new_tensor(cls.signs)[:, None, None]  # (K, nb, b)
         return _update(grad, e, d, cls.signs, out), grad_d  # read grad before `out` (possibly grad) is written
 
+    @classmethod
+    def grad_blocks_from_output(
+        cls, grad: torch.Tensor, z: torch.Tensor, d: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`grad_blocks` with the output z = H x kept instead of x: x = z - sum_j s_j c_j d_j, so
+        sum_t e_k x = sum_t e_k z - sum_j s_j (sum_t e_k c_j) d_j, a K x K Gram matrix per block."""
+        e = _coefficients(grad, d)  # (nb, K, tokens)
+        signs = d.new_tensor(cls.signs)
+        gram = torch.bmm(e, c.transpose(1, 2)) * signs  # (nb, K, K): s_j sum_t e_k c_j
+        grad_d = torch.bmm(c, grad.transpose(0, 1)) + torch.bmm(e, z.transpose(0, 1))  # (nb, K, b)
+        grad_d = torch.baddbmm(grad_d, gram, d.transpose(0, 1), alpha=-1).transpose(0, 1) * signs[:, None, None]
+        return _update(grad, e, d, cls.signs, out), grad_d
+
     def blocks(self) -> torch.Tensor:
         d = self.directions()  # (K, nb, b)
         d = d.to(torch.promote_types(d.dtype, torch.float32))  # float32 or better, also for bfloat16 parameters

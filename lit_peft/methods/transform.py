@@ -16,9 +16,11 @@ output's rows (either qkv layout, no concatenation or reordering), and backward 
 A Householder-type input side (ETHER, ETHER+) can instead run as one matmul for all parts plus a low-rank correction
 per part, W_p H_p x = W_p x + (W_p D_p S) (D_p^T x); `TransformLinear.low_rank_is_cheaper` picks the route per Linear
 and batch size (the correction has rank K nb, so it pays on long batches, small nb and the fused qkv).
-Either way it keeps for backward only the input x, the base output W x + b when there is an output side, a few
-coefficients per token and the small transform factors; never a transformed activation. The frozen weight is the
-parameter itself, or, over a 4-bit base, dequantized again in backward instead of kept dense.
+Either way it keeps for backward only the input x (input side), a few coefficients per token and the small transform
+factors, and for an output side one activation: a Householder-type side transforms the base output in place and
+keeps the Linear's output (what the next layer often keeps anyway, e.g. SiLU its input; backward corrects for it with
+a K x K Gram matrix per block), a rotation (OFT) keeps the base output W x + b. The frozen weight is the parameter
+itself, or, over a 4-bit base, dequantized again in backward instead of kept dense.
 """
 
 from __future__ import annotations
@@ -75,6 +77,9 @@ class BlockTransform(nn.Module):
         cls, grad: torch.Tensor, x: torch.Tensor, f: torch.Tensor, saved: torch.Tensor | None, out: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    # Kinds whose output side can keep its output instead of its input for backward (see `grad_blocks_from_output`).
+    grad_blocks_from_output: ClassVar[Callable[..., tuple[torch.Tensor, torch.Tensor]] | None] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.factor().to(x.dtype)
@@ -194,9 +199,10 @@ class TransformLinearFunction(torch.autograd.Function):
       + C P, one matmul for all rows plus per group C (tokens, K nb) = D^T x, read from x once for every group, times
       P = S (W D)^T (K nb, rows); backward: grad_x = grad_y W + D (grad_y P^T) and the directions' gradients from
       grad_y P^T and C^T grad_y. Skinny matmuls of width K nb instead of passes over activations.
-    Then z = T_out y per group. Backward: grad_y = T_out^T grad_z, then the input side's backward. Saved: x, y (only
-    with an output side), the kernels' per-token coefficients and the factors; the weight is the frozen parameter,
-    or read again from a 4-bit `quantized` base.
+    Then z = T_out y per group: in place on y when every output kind has `grad_blocks_from_output` (Householder-type),
+    else into a new tensor. Backward: grad_y = T_out^T grad_z, then the input side's backward. Saved: x (input side),
+    z or y (output side), the kernels' per-token coefficients and the factors; the weight is the frozen parameter, or
+    read again from a 4-bit `quantized` base.
     """
 
     @staticmethod
@@ -243,7 +249,22 @@ class TransformLinearFunction(torch.autograd.Function):
         if bias is not None:
             y.add_(bias)
         z = y
-        if has_output:
+        # An output side whose kinds can all backpropagate from their output transforms y in place and keeps it.
+        in_place = has_output and all(
+            group.t_out is None or group.t_out[0].grad_blocks_from_output is not None for group in plan
+        )
+        if in_place:
+            for g, group in enumerate(plan):
+                if group.t_out is None:
+                    continue
+                kind, i = group.t_out
+                f = factors[i]
+                y_g = _cols(y, group.runs)
+                blocks = _blocks(y_g, f)
+                _, saved_out[g] = kind.apply_blocks(blocks, f, blocks)  # in place: a view of y, or a copy
+                if len(group.runs) > 1:
+                    _put_cols(y, group.runs, y_g)
+        elif has_output:
             z = torch.empty_like(y)
             for g, group in enumerate(plan):
                 y_g = _cols(y, group.runs)
@@ -257,7 +278,7 @@ class TransformLinearFunction(torch.autograd.Function):
                 z_g, saved_out[g] = kind.apply_blocks(_blocks(y_g, f), f, target)
                 if not one_run:
                     _put_cols(z, group.runs, z_g.view(y_g.shape))
-        ctx.plan, ctx.quantized, ctx.shape, ctx.low_rank = plan, quantized, x.shape, low_rank
+        ctx.plan, ctx.quantized, ctx.shape, ctx.low_rank, ctx.in_place = plan, quantized, x.shape, low_rank, in_place
         # x only for the input side, y = W x' + b only for the output side
         # with the per-token coefficients of each group's transforms (None for rotations), in and out
         ctx.save_for_backward(
@@ -289,8 +310,9 @@ class TransformLinearFunction(torch.autograd.Function):
                 kind, i = group.t_out
                 one_run = len(group.runs) == 1
                 target = _blocks(_cols(grad_y, group.runs), factors[i]) if one_run else None
-                blocks = _blocks(_cols(y, group.runs), factors[i])
-                out_g, grad_f[i] = kind.grad_blocks(_blocks(g_g, factors[i]), blocks, factors[i], kept, target)
+                blocks = _blocks(_cols(y, group.runs), factors[i])  # the transform's input, or with in_place its output
+                grad_blocks = kind.grad_blocks_from_output if ctx.in_place else kind.grad_blocks
+                out_g, grad_f[i] = grad_blocks(_blocks(g_g, factors[i]), blocks, factors[i], kept, target)
                 if not one_run:
                     _put_cols(grad_y, group.runs, out_g.view(g_g.shape))
             g = grad_y
