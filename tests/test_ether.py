@@ -374,28 +374,25 @@ def test_the_functions_pass_gradcheck():
     for kind, f in ((Householder, leaf(1, 3, 4)), (HouseholderPlus, leaf(2, 3, 4)), (Cayley, leaf(3, 4, 4))):
         assert torch.autograd.gradcheck(lambda x, f, kind=kind: BlockFunction.apply(x, f, kind), (x, f))
     # A whole Linear (8 x 6): rows 0-1 and 5 (one group in two runs) and rows 2-4 transformed on both sides, by
-    # different kinds; rows 6-7 plain.
+    # different kinds; rows 6-7 plain. On the direct route with rotations among them; on the low-rank route of the
+    # input side with Householder-type kinds only (K = 1 and 2), whose output sides then work in place.
     w, b = torch.randn(8, 6, dtype=torch.double), torch.randn(8, dtype=torch.double)
-    plan = (
-        Group(((0, 2), (5, 6)), (Householder, 0), (HouseholderPlus, 2)),
-        Group(((2, 5),), (Cayley, 1), (Cayley, 3)),
-        Group(((6, 8),), None, None),
-    )
-    factors = (leaf(1, 2, 3), leaf(3, 2, 2), leaf(2, 1, 3), leaf(1, 3, 3))
-    assert torch.autograd.gradcheck(
-        lambda x, *f: TransformLinearFunction.apply(x, w, b, None, plan, False, *f), (leaf(2, 3, 6), *factors)
-    )
-    # The low-rank route of the input side: Householder-type input transforms of two kinds (K = 1 and 2); the output
-    # sides all Householder-type, so they are applied in place and backpropagate from their outputs.
-    plan = (
-        Group(((0, 2), (5, 6)), (Householder, 0), (HouseholderPlus, 2)),
-        Group(((2, 5),), (HouseholderPlus, 1), (Householder, 3)),
-        Group(((6, 8),), None, None),
-    )
-    factors = (leaf(1, 2, 3), leaf(2, 2, 3), leaf(2, 1, 3), leaf(1, 1, 3))
-    assert torch.autograd.gradcheck(
-        lambda x, *f: TransformLinearFunction.apply(x, w, b, None, plan, True, *f), (leaf(2, 3, 6), *factors)
-    )
+    cases = [  # (low_rank, the second group's input and output kinds, the four factors)
+        (False, (Cayley, Cayley), (leaf(1, 2, 3), leaf(3, 2, 2), leaf(2, 1, 3), leaf(1, 3, 3))),
+        (True, (HouseholderPlus, Householder), (leaf(1, 2, 3), leaf(2, 2, 3), leaf(2, 1, 3), leaf(1, 1, 3))),
+    ]
+    for low_rank, (kind_in, kind_out), factors in cases:
+        plan = (
+            Group(((0, 2), (5, 6)), (Householder, 0), (HouseholderPlus, 2)),
+            Group(((2, 5),), (kind_in, 1), (kind_out, 3)),
+            Group(((6, 8),), None, None),
+        )
+        assert torch.autograd.gradcheck(
+            lambda x, *f, plan=plan, low_rank=low_rank: TransformLinearFunction.apply(
+                x, w, b, None, plan, low_rank, *f
+            ),
+            (leaf(2, 3, 6), *factors),
+        )
 
 
 def test_the_low_rank_route_is_refused_for_rotations():

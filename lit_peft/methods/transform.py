@@ -127,11 +127,11 @@ class Group(NamedTuple):
     t_out: tuple[type[BlockTransform], int] | None
 
 
-def _cols(t: torch.Tensor, runs: tuple[tuple[int, int], ...]) -> torch.Tensor:
-    """The columns `runs` of t (tokens, out): a view for one run, else a copy."""
+def _cols(t: torch.Tensor, runs: tuple[tuple[int, int], ...], dim: int = 1) -> torch.Tensor:
+    """The columns `runs` of t (tokens, out), or with dim=0 its rows (a weight's): a view for one run, else a copy."""
     if len(runs) == 1:
-        return t[:, runs[0][0] : runs[0][1]]
-    return torch.cat([t[:, a:b] for a, b in runs], dim=1)
+        return t.narrow(dim, runs[0][0], runs[0][1] - runs[0][0])
+    return torch.cat([t.narrow(dim, a, b - a) for a, b in runs], dim=dim)
 
 
 def _put_cols(t: torch.Tensor, runs: tuple[tuple[int, int], ...], value: torch.Tensor) -> None:
@@ -160,9 +160,16 @@ def _rows_matmul(
     return out
 
 
-def _owned(plan: tuple[Group, ...]) -> list[tuple[Group, int]]:
-    """The groups with an input transform, with the index of its factor."""
-    return [(group, group.t_in[1]) for group in plan if group.t_in is not None]
+def _owned(plan: tuple[Group, ...], factors: tuple[torch.Tensor, ...]) -> list[tuple[Group, int, slice]]:
+    """The groups with an input transform: the group, the index of its factor, and the slice of its K directions
+    among every group's directions stacked (as `_input_coefficients` takes them)."""
+    owned, k0 = [], 0
+    for group in plan:
+        if group.t_in is not None:
+            i = group.t_in[1]
+            owned.append((group, i, slice(k0, k0 + factors[i].shape[0])))
+            k0 += factors[i].shape[0]
+    return owned
 
 
 def _input_coefficients(x2: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
@@ -179,13 +186,6 @@ def _signed_products(w_g: torch.Tensor, d: torch.Tensor, signs: tuple[float, ...
     k, nb, b = d.shape
     p = torch.einsum("onb,knb->kno", w_g.view(-1, nb, b), d) * d.new_tensor(signs)[:, None, None]
     return p.reshape(k * nb, -1)
-
-
-def _group_rows(w: torch.Tensor, runs: tuple[tuple[int, int], ...]) -> torch.Tensor:
-    """The rows `runs` of w (out, in): a view for one run, else a copy."""
-    if len(runs) == 1:
-        return w[runs[0][0] : runs[0][1]]
-    return torch.cat([w[a:b] for a, b in runs])
 
 
 class TransformLinearFunction(torch.autograd.Function):
@@ -225,15 +225,12 @@ class TransformLinearFunction(torch.autograd.Function):
         if not has_input or low_rank:
             torch.mm(x2, w.t(), out=y)  # one matmul for all rows
         if has_input and low_rank:  # + each group's W (T_in - I) x = C P, written into its rows
-            owned = _owned(plan)
-            coefficients = _input_coefficients(x2, torch.cat([factors[i] for _, i in owned]))
-            k0 = 0
-            for group, i in owned:
-                k = factors[i].shape[0]
-                c = coefficients[:, k0 : k0 + k].flatten(1)  # (tokens, K nb), a view
-                p = _signed_products(_group_rows(w, group.runs), factors[i], group.t_in[0].signs)
+            owned = _owned(plan, factors)
+            coefficients = _input_coefficients(x2, torch.cat([factors[i] for _, i, _ in owned]))
+            for group, i, ks in owned:
+                c = coefficients[:, ks].flatten(1)  # (tokens, K nb), a view
+                p = _signed_products(_cols(w, group.runs, dim=0), factors[i], group.t_in[0].signs)
                 _add_cols(y, group.runs, c, p)
-                k0 += k
         elif has_input:
             buffer = None  # one buffer for every group's transformed input
             for g, group in enumerate(plan):
@@ -279,8 +276,8 @@ class TransformLinearFunction(torch.autograd.Function):
                 if not one_run:
                     _put_cols(z, group.runs, z_g.view(y_g.shape))
         ctx.plan, ctx.quantized, ctx.shape, ctx.low_rank, ctx.in_place = plan, quantized, x.shape, low_rank, in_place
-        # x only for the input side, y = W x' + b only for the output side
-        # with the per-token coefficients of each group's transforms (None for rotations), in and out
+        # x only for the input side; for the output side y = W x' + b, or with in_place the output itself; the low-rank
+        # route's coefficients; the per-token coefficients of each group's transforms (None for rotations), in and out
         ctx.save_for_backward(
             x2 if has_input else None,
             weight,
@@ -363,29 +360,23 @@ def _low_rank_input_backward(
         grad_x = grad_y W + sum over groups of D E                       (rank-K updates per block)
         grad_d_kn = sum_t E[t, kn] x_tn  +  s_k W_g[:, block n]^T grad_P[kn, :]
     """
-    owned = _owned(plan)
+    owned = _owned(plan, factors)
+    directions = torch.cat([factors[i] for _, i, _ in owned])  # (sum of K, nb, b)
+    nb, b = directions.shape[1:]
     tokens = g.shape[0]
     grad_c = torch.empty_like(coefficients)  # (tokens, sum of K, nb)
-    k0 = 0
-    for group, i in owned:
+    for group, i, ks in owned:
         d = factors[i]
-        k, nb, b = d.shape
-        w_g = _group_rows(w, group.runs)
+        w_g = _cols(w, group.runs, dim=0)  # (rows, in)
         g_g = _cols(g, group.runs)  # (tokens, rows)
         p = _signed_products(w_g, d, group.t_in[0].signs)  # (K nb, rows)
-        grad_c[:, k0 : k0 + k] = (g_g @ p.t()).view(tokens, k, nb)
-        grad_p = coefficients[:, k0 : k0 + k].flatten(1).t() @ g_g  # (K nb, rows)
+        grad_c[:, ks] = (g_g @ p.t()).view(tokens, -1, nb)
+        grad_p = coefficients[:, ks].flatten(1).t() @ g_g  # (K nb, rows)
         signs = d.new_tensor(group.t_in[0].signs)[:, None, None]
-        grad_f[i] = torch.einsum("kno,onb->knb", grad_p.view(k, nb, -1), w_g.view(-1, nb, b)) * signs
-        k0 += k
-    directions = torch.cat([factors[i] for _, i in owned])  # (sum of K, nb, b)
-    nb, b = directions.shape[1:]
+        grad_f[i] = torch.einsum("kno,onb->knb", grad_p.view(len(d), nb, -1), w_g.view(-1, nb, b)) * signs
     grad_d = torch.bmm(grad_c.permute(2, 1, 0), x2.view(tokens, nb, b).transpose(0, 1))  # (nb, sum of K, b)
-    k0 = 0
-    for _, i in owned:
-        k = factors[i].shape[0]
-        grad_f[i] = grad_f[i] + grad_d[:, k0 : k0 + k].transpose(0, 1)
-        k0 += k
+    for _, i, ks in owned:
+        grad_f[i] = grad_f[i] + grad_d[:, ks].transpose(0, 1)
     grad_x = g @ w  # (tokens, in)
     blocks = grad_x.view(tokens, nb, b)
     for k in range(len(directions)):  # + D E: a rank-1 update per block and direction (faster than a batched bmm)
@@ -436,10 +427,7 @@ class TransformLinear(AdapterLinear):
 
     def _take(self, t: torch.Tensor, i: int, dim: int = -1) -> torch.Tensor:
         """Group i's rows of t along `dim`: a view when they are one run."""
-        runs = self.plan[i].runs
-        if len(runs) == 1:
-            return t.narrow(dim, runs[0][0], runs[0][1] - runs[0][0])
-        return t.index_select(dim, self.groups[i].to(t.device))
+        return _cols(t, self.plan[i].runs, dim)
 
     def adapted(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x)
@@ -450,7 +438,8 @@ class TransformLinear(AdapterLinear):
         return self._function(x)
 
     # The input side's cost model, in passes over one element (memory-bound reads and writes), fitted to forward +
-    # backward times of SmolLM2-135M's Linears on a 2-core CPU at 512 and 4096 tokens (bench/methods.py --tokens):
+    # backward times of SmolLM2-135M's Linears on a 2-core CPU at 512 and 4096 tokens (checked end to end with
+    # bench/methods.py's "direct" / "low-rank" rows at --seq 256 and 1024):
     # the direct route makes ~15 passes over x per group (transform, update, backward's transform and sum); the
     # low-rank route ~2 + sum of K over x, its skinny matmuls (3 K nb multiply-adds per adapted output row, ~19 of
     # which cost one pass), 3 passes over the weight per step and more small operations (~1e7 passes' worth).
