@@ -20,7 +20,18 @@ from omegaconf import DictConfig
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lit_peft.cli import OUTPUTS, check_group_choices, fail, hydra_preflight, run_dir_follows_out_dir  # noqa: E402
+from lit_peft.signals import PREEMPTED, SIGNALS, Preempted  # noqa: E402
+
+SIGNALS.install()  # first: a stop request is honoured from here to the process's end (lit_peft/signals.py)
+
+from lit_peft.cli import (  # noqa: E402
+    OUTPUTS,
+    check_group_choices,
+    fail,
+    hydra_preflight,
+    run_dir_follows_out_dir,
+    write_hydra_record,
+)
 
 
 def _run_folders(cfg: DictConfig) -> tuple[str | None, str | None]:
@@ -65,12 +76,61 @@ class FailedTrial(RuntimeError):
     pass
 
 
+def _defaults() -> dict[str, str] | None:
+    """The shipped config's comparable settings for this run's group choices (lit_peft.resume.check_identity: a key a
+    checkpoint predates is equal to unset at its default)."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from lit_peft.resume import comparable_config
+
+    if not HydraConfig.initialized():
+        return None
+    choices = HydraConfig.get().runtime.choices
+    groups = {p.name for p in (ROOT / "conf").iterdir() if p.is_dir() and p.name != "hydra"}
+    try:
+        cfg = compose("config", overrides=[f"{g}={c}" for g, c in choices.items() if g in groups and c is not None])
+    except Exception:  # the run's own config composed; its defaults without overrides always do, but never fail on it
+        return None
+    return comparable_config(OmegaConf.to_container(cfg, resolve=False))
+
+
+def _given_out_dir() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    return any(str(o).split("=", 1)[0].lstrip("+") == "out_dir" for o in overrides)
+
+
+def preempted_line(p: Preempted, out_dir: str | None, given_out_dir: bool) -> str:
+    """What a stopped run says: the signal, what it saved, and the command that resumes it."""
+    from lit_peft.resume import Preemption
+
+    again = "run the same command" + ("" if given_out_dir or out_dir is None else f" with out_dir={out_dir}")
+    last = Path(out_dir) / "checkpoints" / "last.ckpt" if out_dir else None
+    if last is not None and last.exists():
+        from lit_peft.resume import load_checkpoint
+
+        try:
+            step = int(load_checkpoint(last).get("global_step", 0))
+        except Exception:
+            step = None
+        Preemption.stopped = f"{p.signal_name} at step {step}"
+        return f"preempted by {p.signal_name} at step {step}: checkpoint {last}; {again} to resume"
+    Preemption.stopped = f"{p.signal_name} before the first checkpoint"
+    return f"preempted by {p.signal_name} before the first checkpoint: nothing was trained; {again} to start again"
+
+
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="config")
 def main(cfg: DictConfig) -> float:
     """One run; returns its final held-out loss (the last train loss without one; +inf when nothing was measured)."""
     from lit_peft.launch import final_loss
 
+    SIGNALS.install()  # also in a sweep's worker process, which did not run this script's top
+    SIGNALS.reset()
     _sweep_job_devices(cfg)
+    out_dir, _ = _run_folders(cfg)
     try:
         with fail.on_user_error(cleanup=lambda: OUTPUTS.remove_created(*_run_folders(cfg))):
             from lit_peft.validate import validate_config
@@ -78,7 +138,14 @@ def main(cfg: DictConfig) -> float:
             validate_config(cfg)
             from lit_peft.train import train
 
-            result = train(cfg)
+            result = train(cfg, accepted=lambda: write_hydra_record(cfg.out_dir, cfg), defaults=_defaults())
+    except Preempted as p:
+        print(preempted_line(p, out_dir, _given_out_dir()), flush=True)
+        if bool(cfg.trainer.get("requeue", True)):
+            from lit_peft.resume import requeue_slurm_job
+
+            requeue_slurm_job()
+        raise SystemExit(PREEMPTED) from None
     except SystemExit as e:
         if e.code == 2 and _failed_trial_goes_on():  # the one-line error is printed; the search goes on
             raise FailedTrial(f"the job failed (exit status {e.code}; its error is printed above)") from None
@@ -104,4 +171,8 @@ if __name__ == "__main__":
         path_keys = OmegaConf.select(OmegaConf.load(ROOT / "conf" / "config.yaml"), EXCLUDE_KEYS, default=[])
         argv = [*argv, *job_folder_exclusions(_split_argv(argv)[1], list(path_keys))]
     sys.argv = [sys.argv[0], *argv]
-    main()
+    try:
+        main()
+    except Preempted as p:  # before a job started or between the jobs of a sweep
+        print(f"preempted by {p.signal_name} outside a run: nothing of a run was lost; run the same command again")
+        sys.exit(PREEMPTED)

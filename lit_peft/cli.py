@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import errno
 import itertools
 import math
 import os
@@ -61,10 +62,50 @@ def _weight_file(tb) -> str | None:
     return None
 
 
+def _refused_pickle_message(e: BaseException) -> str | None:
+    """torch.load(weights_only=True) met a pickle that calls code: one short line naming the file and the global."""
+    text = str(e)
+    if not (isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in text):
+        return None
+    found = re.search(r"(?:Unsupported global: GLOBAL|global|function) ([\w.]+)", text)
+    what = f" (it calls {found.group(1)})" if found else ""
+    path = _weight_file(e.__traceback__) or "a weight file"
+    return f"{path} holds more than tensors{what}; refused: only tensors and plain containers are loaded"
+
+
+FILE_SYSTEM_ERRORS = {
+    errno.ENOSPC: "no space left on device; free some space and run the same command again",
+    errno.EDQUOT: "disk quota exceeded; free some space and run the same command again",
+    errno.EROFS: "read-only file system; choose a writable folder",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOTDIR: "a file is in the way (not a directory)",
+    errno.EISDIR: "is a directory",
+    errno.EEXIST: "already exists",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.EIO: "input/output error",
+    errno.ENOENT: "no such file or directory",
+}
+
+
+def _file_system_message(e: BaseException) -> str | None:
+    """An OSError from the file system, by what happened: '<path>: no space left on device; ...'."""
+    if not isinstance(e, OSError) or e.errno not in FILE_SYSTEM_ERRORS:
+        return None
+    what = FILE_SYSTEM_ERRORS[e.errno]
+    if e.errno == errno.EIO and e.strerror:
+        what = e.strerror
+    where = f"{e.filename}: " if e.filename is not None else ""
+    return f"{where}{what}"
+
+
 def _corrupt_weights_message(e: BaseException) -> str | None:
     """'corrupt or truncated weight file <path>' for the deserializers' errors (safetensors, torch.load, pickle)."""
     kind = type(e).__name__
-    corrupt = isinstance(e, (pickle.UnpicklingError, zipfile.BadZipFile, EOFError)) or kind == "SafetensorError"
+    io_error = kind == "SafetensorError" and ("Os {" in str(e) or "os error" in str(e).lower())
+    corrupt = isinstance(e, (pickle.UnpicklingError, zipfile.BadZipFile, EOFError)) or (
+        kind == "SafetensorError" and not io_error
+    )
     if not corrupt and isinstance(e, RuntimeError):
         corrupt = any(marker in str(e) for marker in CORRUPT_MARKERS)
     if not corrupt:
@@ -76,12 +117,11 @@ def _corrupt_weights_message(e: BaseException) -> str | None:
 
 def user_error_message(e: BaseException) -> str | None:
     """The one-line message for an error caused by what the user gave, or None for a bug (kept as a traceback)."""
-    corrupt = _corrupt_weights_message(e)
-    if corrupt is not None:
-        return corrupt
-    if isinstance(e, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
-        if isinstance(e, OSError) and e.filename is not None and e.strerror:
-            return f"{e.filename}: {e.strerror.lower()}"
+    for classify in (_refused_pickle_message, _file_system_message, _corrupt_weights_message):
+        message = classify(e)
+        if message is not None:
+            return message
+    if isinstance(e, ValueError):
         return one_line(str(e)) or type(e).__name__
     try:
         from hydra.errors import HydraException
@@ -231,7 +271,7 @@ def run_dir_follows_out_dir(argv: list[str]) -> list[str]:
 # ------------------------------------------------------------------------------ output folders this run created
 
 
-HYDRA_FILES = {".hydra", "run.log", "multirun.yaml"}
+HYDRA_FILES = {".hydra", "run.log", "multirun.yaml", ".lit-peft.lock", ".lit-peft-run.json"}
 
 
 class OutputFolders:
@@ -278,10 +318,16 @@ class OutputFolders:
                     self.existed[folder] = True
 
     def remove_created(self, *paths: str | os.PathLike | None) -> None:
+        """Remove the folders this run created, except one that holds a checkpoint or an export (once a run has
+        saved something its folder is never removed) and one another live process owns (its lock is held)."""
+        from lit_peft.run_folder import holds_run_results, locked_by_another
+
         for path in paths:
             if path is None or not self.created(path):
                 continue
             p = self._abs(path)
+            if holds_run_results(p) or locked_by_another(p):
+                continue
             shutil.rmtree(p, ignore_errors=True)
             parent = p.parent
             while self.created(parent) and parent.is_dir():
@@ -293,12 +339,6 @@ class OutputFolders:
 
 
 OUTPUTS = OutputFolders()
-
-
-def remove_if_only_hydra_files(out_dir: Path) -> None:
-    """Delete a run folder that holds nothing but Hydra's bookkeeping, so a failed run leaves no output behind."""
-    if out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= HYDRA_FILES:
-        shutil.rmtree(out_dir, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------ Hydra: compose and check
@@ -504,6 +544,9 @@ def hydra_preflight(
     run_job = not any(f in HYDRA_FLAGS_WITH_VALUE or f == "--resolve" for f in flags)
     pinned: list[str] = []
     jobs: list[DictConfig] = []
+    out_dirs: dict[str, list[int]] = {}
+    folder: str | None = None
+    claim = False
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
 
         def compose_with(ovr: list[str]) -> DictConfig:
@@ -537,7 +580,9 @@ def hydra_preflight(
                 except Exception:
                     folder = None
                 if folder:
+                    given = any(_override_key(o) in (key, "out_dir") for o in overrides)
                     outputs.remember(folder)
+                    claim = not given and run_job  # a dated default folder: this process's own (claimed below)
                     pinned = [f"{key}={_quote(folder)}"]
                     raw_out = next((o.partition("=")[2] for o in reversed(overrides) if o.startswith("out_dir=")), None)
                     if raw_out:
@@ -548,7 +593,20 @@ def hydra_preflight(
             raw = OmegaConf.to_container(job, resolve=False).get("out_dir")
             if isinstance(raw, str) and "hydra:" in raw:
                 job.out_dir = folder if (not multirun and pinned) else None
+            else:
+                out_dirs.setdefault(os.path.abspath(str(raw)) if isinstance(raw, str) else repr(raw), []).append(i)
             jobs.append(job)
+    for job in jobs:
+        check_output_folder("out_dir", job.get("out_dir"))
+    if folder:
+        check_output_folder("hydra.sweep.dir" if multirun else "hydra.run.dir", folder)
+    shared = next(((d, js) for d, js in out_dirs.items() if len(js) > 1), None)
+    if multirun and shared:
+        fail.exit(
+            f"out_dir={shared[0]} is the same for jobs {shared[1][0]} and {shared[1][1]} of this sweep: they would "
+            "train into one folder (the second resuming or overwriting the first); leave out_dir out (each job gets "
+            "its own folder under hydra.sweep.dir) or make it differ per job, e.g. out_dir=runs/${hydra:job.num}"
+        )
     for stage in [validate] if callable(validate) else validate:
         for job in jobs:
             try:
@@ -559,4 +617,75 @@ def hydra_preflight(
                     raise
                 fail.exit(message)
     GlobalHydra.instance().clear()
+    if folder and claim:  # checked: now take the folder, or a new one when another run took it in the same second
+        unique = claim_new_folder(folder)
+        pinned = [f"{'hydra.sweep.dir' if multirun else 'hydra.run.dir'}={_quote(unique)}"]
+    if run_job and not any(_override_key(o) == "hydra.output_subdir" for o in overrides):
+        pinned.append("hydra.output_subdir=null")  # the run writes .hydra/ itself once its settings are accepted
     return [*argv, *pinned]
+
+
+def check_output_folder(key: str, value: Any) -> None:
+    """An output folder setting must name a folder this process can create or write: not empty, not a file, not on a
+    read-only file system. One-line ValueError otherwise (checked before Hydra creates anything)."""
+    if value is None:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise_exit(f"{key}={value!r} is empty; give the folder to write the run into, e.g. {key}=runs/my-run")
+    path = Path(value).expanduser()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == path and not path.is_dir():
+        raise_exit(f"{key}={value}: a file is in the way; expected a folder (a new or an existing one)")
+    if existing != path and not existing.is_dir():
+        raise_exit(f"{key}={value}: {existing} is a file, not a folder")
+    try:
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:
+        raise_exit(f"{key}={value}: {existing} is on a read-only file system; choose a writable folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise_exit(f"{key}={value}: {existing} is not writable (permission denied); choose a writable folder")
+
+
+def raise_exit(message: str) -> NoReturn:
+    if os.environ.get("LIT_PEFT_DEBUG"):
+        raise ValueError(message)
+    fail.exit(message)
+
+
+def claim_new_folder(folder: str) -> str:
+    """`folder`, created now, or `folder-2`, `-3`, ... when another run took it (two runs started in one second)."""
+    base = folder.rstrip("/")
+    for n in itertools.count(1):
+        candidate = base if n == 1 else f"{base}-{n}"
+        try:
+            Path(candidate).parent.mkdir(parents=True, exist_ok=True)
+            Path(candidate).mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError:
+            return folder  # check_output_folder says why it cannot be written
+    raise AssertionError("unreachable")
+
+
+def write_hydra_record(out_dir: str | os.PathLike, cfg: Any) -> None:
+    """What Hydra writes into a run's `.hydra/` (config.yaml, hydra.yaml, overrides.yaml), written by the run once its
+    settings are accepted (hydra.output_subdir=null keeps Hydra from writing them before the checks): a refused
+    resume or a finished run's rerun leaves the record of the run that trained untouched."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from lit_peft.io import atomic_path
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    with atomic_path(Path(out_dir) / ".hydra") as tmp:
+        tmp.mkdir()
+        OmegaConf.save(cfg, tmp / "config.yaml")
+        OmegaConf.save(OmegaConf.create({"hydra": hc}), tmp / "hydra.yaml")
+        OmegaConf.save(hc.overrides.task, tmp / "overrides.yaml")

@@ -334,9 +334,10 @@ def create_tiny_checkpoint(checkpoint_dir: str | Path, config: dict, seed: int =
     stage = _stage_dir(final_dir)
     try:
         stage.mkdir()
-        torch.manual_seed(seed)
-        model = GPT(cfg)
-        model.apply(model._init_weights)
+        with torch.random.fork_rng(devices=[]):  # the run's own seed_everything streams are left as they were
+            torch.manual_seed(seed)
+            model = GPT(cfg)
+            model.apply(model._init_weights)
         torch.save(model.state_dict(), stage / "lit_model.pth")
         save_config(cfg, stage)
         template = (

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import subprocess
 import time
 import zipfile
@@ -48,11 +47,18 @@ RESUMABLE_CHANGES = (
     "trainer.deterministic",
     "trainer.compile",  # compiled blocks compute the same function; keys are the eager ones
     "trainer.requeue",
+    "trainer.gradient_checkpointing",  # recomputes the same activations
     "strategy",
     "data.num_workers",
     "data.cache_dir",
+    "data.path",  # the data's content is compared instead (data_fingerprint): a moved file is the same data
+    "model.checkpoint_dir",  # the base weights are compared instead (base_fingerprint)
+    "model.source",
+    "model.repo_id",
     "out_dir",
     "resume",
+    "overwrite",
+    "verbose",
     "logger",
 )
 
@@ -151,31 +157,147 @@ def base_fingerprint(checkpoint_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def run_identity(config: dict[str, Any], checkpoint_dir: Path) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: the resolved config minus RESUMABLE_CHANGES, and the base."""
+DIGEST_CHUNK = 1 << 20
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(DIGEST_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()[:32]
+
+
+def data_fingerprint(data: dict[str, Any], previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What identifies the training data by content: for a local `data.path` (a file, or every file under a folder)
+    each file's size, mtime and SHA-256; a hub name stands for itself. A file whose size and mtime equal those the
+    checkpoint recorded keeps the recorded digest (not read again); any other is read and hashed."""
+    source = data.get("path")
+    if not source:
+        return {"source": None, "files": {}}
+    root = Path(str(source)).expanduser()
+    if not root.exists():
+        return {"source": str(source), "files": {}}  # a hub data set: its name
+    before = ((previous or {}).get("data") or {}).get("files") or {}
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    out: dict[str, Any] = {}
+    for f in files:
+        name = f.relative_to(root).as_posix() if root.is_dir() else f.name
+        st = f.stat()
+        known = before.get(name) or {}
+        same = known.get("size") == st.st_size and known.get("mtime_ns") == st.st_mtime_ns and known.get("sha256")
+        out[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": known["sha256"] if same else None}
+        if not same:
+            out[name]["sha256"] = _file_digest(f)
+    return {"source": "local", "files": out}
+
+
+def run_identity(config: dict[str, Any], checkpoint_dir: Path, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the resolved config minus RESUMABLE_CHANGES, the base weights and
+    the training data's content."""
+    return {
+        "config": comparable_config(config),
+        "base_weights": base_fingerprint(checkpoint_dir),
+        "data": data if data is not None else data_fingerprint(config.get("data") or {}),
+    }
+
+
+def comparable_config(config: dict[str, Any]) -> dict[str, str]:
+    """The flattened config's settings that change a run's result (all but RESUMABLE_CHANGES), as reprs."""
     keep = {
         k: v
         for k, v in flatten(config).items()
         if not any(k == c or k.startswith(f"{c}.") for c in RESUMABLE_CHANGES) and not k.startswith("hydra")
     }
-    return {"config": {k: repr(v) for k, v in keep.items()}, "base_weights": base_fingerprint(checkpoint_dir)}
+    return {k: repr(v) for k, v in keep.items()}
 
 
-def check_identity(saved: dict[str, Any] | None, current: dict[str, Any], path: Path) -> None:
-    """One-line ResumeError naming the settings that differ from those the checkpoint was trained with."""
+def identity_key(identity: dict[str, Any]) -> dict[str, Any]:
+    """The identity without what does not change the run (file times): what digests and comparisons use."""
+    data = identity.get("data") or {}
+    files = {n: {"size": f.get("size"), "sha256": f.get("sha256")} for n, f in (data.get("files") or {}).items()}
+    return {**identity, "data": {"source": data.get("source"), "files": files}}
+
+
+def _data_changes(before: dict[str, Any] | None, now: dict[str, Any] | None) -> list[str]:
+    if before is None:
+        return []  # recorded before data identities were
+    b, n = before.get("files") or {}, (now or {}).get("files") or {}
+    if before.get("source") != (now or {}).get("source") and not (b and n):
+        return [f"the data source differs ({before.get('source')} there, {(now or {}).get('source')} here)"]
+    changes = []
+    for name in sorted(set(b) | set(n)):
+        if name not in n:
+            changes.append(f"data file {name} is gone")
+        elif name not in b:
+            changes.append(f"data file {name} is new")
+        elif b[name].get("sha256") != n[name].get("sha256"):
+            size = b[name].get("size"), n[name].get("size")
+            how = f"{size[0]} -> {size[1]} bytes" if size[0] != size[1] else "same size, other content"
+            changes.append(f"data file {name} changed since the checkpoint ({how})")
+    return changes
+
+
+def check_identity(
+    saved: dict[str, Any] | None, current: dict[str, Any], path: Path, defaults: dict[str, str] | None = None
+) -> None:
+    """One-line ResumeError naming what differs from what the checkpoint was trained with: settings (a key the
+    checkpoint predates is equal to unset when it is at its shipped default, `defaults`), base weights, data."""
     if not saved:
         return  # written before identities were recorded
-    before, now = saved.get("config", {}), current["config"]
-    differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    before, now, defaults = saved.get("config", {}), current["config"], defaults or {}
+    ignored = set(RESUMABLE_CHANGES)
+
+    def differs(k: str) -> bool:
+        if any(k == c or k.startswith(f"{c}.") for c in ignored):
+            return False  # a checkpoint written when this key was still compared
+        if k not in before:
+            return k not in defaults or defaults[k] != now.get(k)
+        return before.get(k) != now.get(k)
+
+    differ = sorted(k for k in set(before) | set(now) if differs(k))
     parts = [f"{k}={before.get(k, '<unset>')} there, {now.get(k, '<unset>')} here" for k in differ[:3]]
     if saved.get("base_weights") != current["base_weights"]:
         parts.insert(0, "the base checkpoint's weights differ")
+    data = _data_changes(identity_key(saved).get("data") if "data" in saved else None, current.get("data"))
+    parts = data[:3] + parts
     if parts:
         more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
         raise ResumeError(
-            f"checkpoint {path} was trained under other settings: {'; '.join(parts)}{more}; start a new out_dir or "
-            f"pass resume=false (settings a resume may change: {', '.join(RESUMABLE_CHANGES[:3])}, ...)"
+            f"checkpoint {path} was trained under other settings: {'; '.join(parts)}{more}; start a new out_dir, "
+            f"or pass overwrite=true to replace that run (settings a resume may change: "
+            f"{', '.join(RESUMABLE_CHANGES[:3])}, ...)"
         )
+
+
+def export_step(target: Path) -> int | None:
+    """The step an export folder (adapter/, model/, lrc/) was written at, from its record; None when absent."""
+    import json
+
+    for name in ("adapter_config.json", "lit_peft.json"):
+        try:
+            step = json.loads((Path(target) / name).read_text()).get("step")
+            return int(step) if step is not None else None
+        except (OSError, ValueError, AttributeError, TypeError):
+            continue
+    return None
+
+
+def missing_outputs(out_dir: Path, export_name: str, step: int) -> list[str]:
+    """What a finished run at `step` has not written (a stop between its checkpoint and its end): the export at that
+    step, metrics.json."""
+    import json
+
+    missing = []
+    if export_step(out_dir / export_name) != step:
+        missing.append(f"{export_name}/ at step {step}")
+    try:
+        metrics = json.loads((out_dir / "metrics.json").read_text())
+        if metrics.get("status") != "ok" or metrics.get("steps") != step:
+            missing.append("metrics.json")
+    except (OSError, ValueError, AttributeError):
+        missing.append("metrics.json and the summary")
+    return missing
 
 
 class RunIdentity(L.Callback):
@@ -228,50 +350,63 @@ class RunRecord(L.Callback):
 
 
 class Preemption(L.Callback):
-    """SIGTERM / SIGUSR1: finish the current optimizer step, checkpoint it, stop; `signal_name` says what came.
+    """In the training loop, a stop request (lit_peft.signals: SIGTERM, SIGUSR1, SIGHUP, SIGINT) is honoured at the
+    end of the optimizer step: that step is checkpointed and training stops; `signal_name` and `step` say what came.
 
-    The decision is taken on every rank at the same step (any rank that got the signal stops all). Under SLURM
-    (SLURM_JOB_ID set) with `requeue`, global rank 0 requeues the job after the checkpoint is written, as Lightning's
-    SLURM environment does; the requeued job runs the same command, which resumes (resume=auto).
+    The decision is taken on every rank at the same step (any rank that got the signal stops all). The process-wide
+    policy is installed at process start; this callback only switches it to deferred while training runs and puts
+    its handlers back over Lightning's whenever a stage starts (Lightning's SIGTERM handler would turn a signal during
+    validation into exit 0). Outside the loop the policy raises `Preempted` at once; the entry point exits 3.
     """
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
     stopped: str | None = None  # "<signal> at step N" once a run in this process stopped for a signal (sweep records)
 
     def __init__(self, final: FinalCheckpoint, requeue: bool = True) -> None:
         self.final, self.requeue = final, requeue
-        self.received: str | None = None
         self.signal_name: str | None = None
         self.step: int | None = None
-        self._previous: dict[int, Any] = {}
 
-    def _handler(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
+    @staticmethod
+    def _ours() -> None:
+        from lit_peft.signals import SIGNALS
+
+        SIGNALS.reinstall()  # over the handlers Lightning registered for this stage (it restores ours at teardown)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._ours()
 
     def on_train_start(self, trainer, pl_module) -> None:
-        # After Lightning's own handlers are installed (at trainer start), so these take precedence.
-        for name in self.SIGNALS:
-            sig = getattr(signal, name, None)
-            if sig is not None:
-                self._previous[sig] = signal.signal(sig, self._handler)
+        from lit_peft.signals import SIGNALS
+
+        self._ours()
+        SIGNALS.start_deferring()
 
     def on_train_batch_end(self, trainer, pl_module, *args: Any) -> None:
+        from lit_peft.signals import SIGNALS
+
         if trainer.fit_loop._should_accumulate():
             return
-        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+        received = SIGNALS.received
+        if not trainer.strategy.reduce_boolean_decision(received is not None, all=False):
             return
-        self.signal_name, self.step = self.received or "a signal on another rank", trainer.global_step
+        self.signal_name, self.step = received or "a signal on another rank", trainer.global_step
+        SIGNALS.received = self.signal_name
         Preemption.stopped = f"{self.signal_name} at step {self.step}"
         self.final.save(trainer)
         trainer.should_stop = True
         # Lightning validates when should_stop is set (for early stopping); a preempted job has seconds left.
         trainer.limit_val_batches = 0
-        if self.requeue and trainer.is_global_zero and os.environ.get("SLURM_JOB_ID"):
-            job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
-            task = os.environ.get("SLURM_ARRAY_TASK_ID")
-            subprocess.run(["scontrol", "requeue", f"{job}_{task}" if task else job], check=False)
 
-    def teardown(self, trainer, pl_module, stage: str) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous = {}
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        from lit_peft.signals import SIGNALS
+
+        SIGNALS.deferred = False
+
+
+def requeue_slurm_job() -> bool:
+    """Under SLURM, requeue this job (the requeued job runs the same command, which resumes); True if asked."""
+    if not os.environ.get("SLURM_JOB_ID"):
+        return False
+    job = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ["SLURM_JOB_ID"])
+    task = os.environ.get("SLURM_ARRAY_TASK_ID")
+    return subprocess.run(["scontrol", "requeue", f"{job}_{task}" if task else job], check=False).returncode == 0

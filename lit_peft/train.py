@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from lit_peft.data.templates import get_template
 from lit_peft.data.text import TextDataModule
 from lit_peft.hub import prepare_checkpoint
 from lit_peft.io import write_json
-from lit_peft.model import enable_gradient_checkpointing, load_base
+from lit_peft.model import enable_gradient_checkpointing, load_base, load_config
 from lit_peft.module import FineTuneModule, NonFiniteError, peak_memory
 from lit_peft.resume import (
     FinalCheckpoint,
@@ -31,11 +32,16 @@ from lit_peft.resume import (
     RunIdentity,
     RunRecord,
     check_identity,
+    data_fingerprint,
+    export_step,
     finished,
     load_checkpoint,
+    missing_outputs,
     resume_checkpoint,
     run_identity,
 )
+from lit_peft.run_folder import claim, lock_run_folder, release_run_folder
+from lit_peft.signals import SIGNALS
 from lit_peft.strategies import check_resume_strategy, precision_plugin
 from lit_peft.tasks import get_task
 
@@ -66,9 +72,14 @@ def build_strategy(cfg: DictConfig) -> Any:
     return cfg.get("name", "auto")
 
 
-def build_datamodule(cfg: DictConfig, tokenizer: Tokenizer, template, task, out_dir: Path) -> L.LightningDataModule:
-    """The DataModule for the data format's kind (conversation, text or preference pairs), checked against the task."""
+def build_datamodule(
+    cfg: DictConfig, tokenizer: Tokenizer, template, task, out_dir: Path, max_seq_length: int | None = None
+) -> L.LightningDataModule:
+    """The DataModule for the data format's kind (conversation, text or preference pairs), checked against the task;
+    `max_seq_length` (the model's context when data.max_seq_length is above it) overrides the setting."""
     d = OmegaConf.to_container(cfg.data, resolve=True)
+    if max_seq_length is not None:
+        d["max_seq_length"] = max_seq_length
     kind = format_kind(str(d["format"]))
     if kind not in task.data_kinds:
         wanted = " or ".join(task.data_kinds)
@@ -115,18 +126,26 @@ def build_datamodule(cfg: DictConfig, tokenizer: Tokenizer, template, task, out_
     return SFTDataModule(tokenizer, template, load, d["format"], source, max_examples=d.get("max_examples"), **common)
 
 
-PREEMPTED = 3  # exit status of a run stopped by SIGTERM/SIGUSR1 after writing its checkpoint
-
 EXAMPLE_DATA = {"conversation": "data=alpaca", "text": "data=text", "preference": "data=hh_rlhf"}
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one fine-tuning job. Returns paths of what it wrote and the final metrics."""
-    with run_logging(Path(cfg.out_dir), verbose=bool(cfg.get("verbose", False)), rank=launch_rank()):
-        return _train(cfg)
+def train(cfg: DictConfig, accepted: Callable[[], None] | None = None, defaults: dict | None = None) -> dict[str, Any]:
+    """Run one fine-tuning job. Returns paths of what it wrote and the final metrics.
+
+    The run holds its folder's lock while it lives (lit_peft.run_folder); `accepted` is called once the folder and
+    the settings are accepted (finetune/run.py writes Hydra's record then); `defaults` are the shipped config's values
+    (a key a checkpoint predates is equal to unset when it is at its default).
+    """
+    out_dir = Path(cfg.out_dir)
+    lock_run_folder(out_dir)
+    try:
+        with run_logging(out_dir, verbose=bool(cfg.get("verbose", False)), rank=launch_rank()):
+            return _train(cfg, accepted, defaults)
+    finally:
+        release_run_folder(out_dir)
 
 
-def _train(cfg: DictConfig) -> dict[str, Any]:
+def _train(cfg: DictConfig, accepted: Callable[[], None] | None, defaults: dict | None) -> dict[str, Any]:
     started = time.perf_counter()
     out_dir = Path(cfg.out_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -137,33 +156,52 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     task = get_task(cfg.task.name, **{k: v for k, v in cfg.task.items() if k != "name"})
     checkpoint_dir = prepare_checkpoint(cfg.model)
     ckpt_dir = out_dir / "checkpoints"
+    config = OmegaConf.to_container(cfg, resolve=True)
+    previous = _previous_identity(ckpt_dir, cfg.get("resume"))
+    identity = run_identity(config, checkpoint_dir, data_fingerprint(config.get("data") or {}, previous))
+    note = claim(out_dir, cfg.get("resume"), bool(cfg.get("overwrite", False)), identity_digest(identity))
+    if note:
+        info(note)
     resume_from = resume_checkpoint(cfg.get("resume"), ckpt_dir)
     check_resume_strategy(resume_from, cfg.strategy)  # a sharded checkpoint needs strategy=fsdp
-    identity = run_identity(OmegaConf.to_container(cfg, resolve=True), checkpoint_dir)
     resumed_step = None
     record = RunRecord(started)
+    export_name = task.export_name(cfg.method.name)
     if resume_from is not None:
         saved = load_checkpoint(resume_from)
         resumed_step = int(saved.get("global_step", 0))
         record = RunRecord(started, saved)
-        check_identity(saved.get("lit_peft_run"), identity, resume_from)
+        check_identity(saved.get("lit_peft_run"), identity, resume_from, defaults)
         if finished(saved, t.max_steps, t.max_epochs):
-            info(
-                f"already finished: {resume_from} is at step {saved.get('global_step')} (trainer.max_steps="
-                f"{t.max_steps}); nothing was changed (raise trainer.max_steps to train on)"
-            )
-            export_dir = out_dir / task.export_name(cfg.method.name)
-            return {"out_dir": str(out_dir), "export": str(export_dir), "initial": {}, "final": {}, "log_dir": None}
+            missing = missing_outputs(out_dir, export_name, resumed_step)
+            if not missing:
+                info(
+                    f"already finished: {resume_from} is at step {resumed_step} (trainer.max_steps={t.max_steps}); "
+                    "nothing was changed (raise trainer.max_steps to train on)"
+                )
+                export_dir = out_dir / export_name
+                return {"out_dir": str(out_dir), "export": str(export_dir), "initial": {}, "final": {}, "log_dir": None}
+            info(f"finished at step {resumed_step}; completing what its run did not write: {', '.join(missing)}")
         del saved
+    if accepted is not None:
+        accepted()
+    block_size = load_config(checkpoint_dir).block_size
+    max_seq_length = int(cfg.data.max_seq_length)
+    if max_seq_length > block_size:
+        info(
+            f"data.max_seq_length={max_seq_length} is above the model's context of {block_size} tokens "
+            f"({checkpoint_dir.name}): examples are cut to {block_size}"
+        )
+        max_seq_length = block_size
     tokenizer = Tokenizer(checkpoint_dir)
-    base = load_base(checkpoint_dir, max_seq_length=int(cfg.data.max_seq_length))
+    base = load_base(checkpoint_dir, max_seq_length=max_seq_length)
     built = task.build_model(base, cfg, precision_dtype(str(cfg.precision)))  # the method installed, or the task's own
     model = built.model
     if t.get("gradient_checkpointing"):
         enable_gradient_checkpointing(built.trunk)
 
     template = get_template(cfg.model.template, cfg.model.get("system_prompt"))
-    data = build_datamodule(cfg, tokenizer, template, task, out_dir)
+    data = build_datamodule(cfg, tokenizer, template, task, out_dir, max_seq_length)
     data.setup("fit")  # fail fast on bad data, before anything is written
     module = FineTuneModule(
         model,
@@ -205,6 +243,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         every_n_train_steps=t.save_every_n_steps,
     )
     final_checkpoint = FinalCheckpoint(ckpt_dir / "last.ckpt")
+    final_checkpoint.saved_step = resumed_step  # a resumed run's checkpoint is not written again at its step
     preemption = Preemption(final_checkpoint, requeue=bool(t.get("requeue", True)))
     logger = instantiate(cfg.logger)
     strategy = build_strategy(cfg.strategy)
@@ -259,12 +298,11 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         stopped = ConfigError(f"{e}; {where}")
         stopped.keep_output = True  # the folder holds what was trained before the failure
         raise stopped from None
-    if preemption.step is not None:
-        info(
-            f"preempted by {preemption.signal_name} at step {preemption.step}: checkpoint {ckpt_dir / 'last.ckpt'}; "
-            "run the same command to resume (resume=auto)"
-        )
-        raise SystemExit(PREEMPTED)
+    finally:
+        SIGNALS.deferred = False
+    SIGNALS.honour()  # a stop request noted in the loop: its step is checkpointed; the entry point exits 3
+    if export_step(export.target) != trainer.global_step:  # a finished run whose export was cut short
+        export.export(trainer, module)
     if t.validate_last:
         trainer.validate(module, datamodule=data, verbose=False)
     final = held_out(trainer)
@@ -283,7 +321,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "peak_memory_kind": peak_kind,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total_params": sum(p.numel() for p in model.parameters()),
-        "config_digest": identity_digest(identity),
+        "config_digest": identity_digest({k: v for k, v in identity.items() if k != "data"}),
     }
     if trainer.is_global_zero:
         write_json(out_dir / "metrics.json", metrics)
@@ -317,11 +355,22 @@ def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
     return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flat.items()}
 
 
+def _previous_identity(ckpt_dir: Path, resume: Any) -> dict[str, Any] | None:
+    """The identity the checkpoint to resume recorded (its data digests are reused for unchanged files), or None."""
+    try:
+        path = resume_checkpoint(resume, ckpt_dir)
+        return load_checkpoint(path).get("lit_peft_run") if path is not None else None
+    except Exception:  # a damaged checkpoint: resume_checkpoint says so below
+        return None
+
+
 def identity_digest(identity: dict[str, Any]) -> str:
     import hashlib
     import json
 
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    from lit_peft.resume import identity_key
+
+    return hashlib.sha256(json.dumps(identity_key(identity), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def launch_rank() -> int:

@@ -160,9 +160,13 @@ def _run_in_process(script: str, args: list[str], stdin: str | None) -> subproce
     import traceback
     import warnings
 
+    import signal
+
     path = str(ROOT / script)
     out, err = io.StringIO(), io.StringIO()
     saved = sys.argv, sys.stdin, os.getcwd(), list(logging.getLogger().handlers)
+    stop_signals = [getattr(signal, n) for n in ("SIGTERM", "SIGUSR1", "SIGHUP", "SIGINT")]
+    handlers = {s: signal.getsignal(s) for s in stop_signals}  # the entry point installs its own for its life
     sys.argv = [path, *args]
     sys.stdin = io.StringIO(stdin or "")
     os.chdir(ROOT)
@@ -186,6 +190,8 @@ def _run_in_process(script: str, args: list[str], stdin: str | None) -> subproce
     finally:
         sys.argv, sys.stdin = saved[0], saved[1]
         os.chdir(saved[2])
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
         root = logging.getLogger()
         for handler in root.handlers[:]:
             if handler not in saved[3]:
