@@ -83,7 +83,7 @@ class BlockTransform(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.factor().to(x.dtype)
-        return BlockFunction.apply(x.reshape(-1, self.nb, self.block), f, type(self)).view(x.shape)
+        return BlockFunction.apply(x.reshape(x.shape[:-1].numel(), self.nb, self.block), f, type(self)).view(x.shape)
 
     def blocks(self) -> torch.Tensor:
         """The dense blocks, (nb, block, block)."""
@@ -216,8 +216,14 @@ class TransformLinearFunction(torch.autograd.Function):
         low_rank: bool,
         *factors: torch.Tensor,
     ) -> torch.Tensor:
-        w = weight if quantized is None else dense_weight(quantized).to(x.dtype)  # (out, in)
         x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
+        if x2.shape[0] == 0:  # no tokens (e.g. the chunked head's probe): an empty output, zero gradients
+            ctx.empty, ctx.shape = True, x.shape
+            ctx.save_for_backward(*factors)
+            out = weight.shape[0] if quantized is None else quantized.out_features
+            return x.new_empty(*x.shape[:-1], out)
+        ctx.empty = False
+        w = weight if quantized is None else dense_weight(quantized).to(x.dtype)  # (out, in)
         y = x2.new_empty(x2.shape[0], w.shape[0])  # (tokens, out)
         has_input, has_output = plan[0].t_in is not None, plan[0].t_out is not None
         saved_in, saved_out = [None] * len(plan), [None] * len(plan)
@@ -291,6 +297,9 @@ class TransformLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if ctx.empty:  # no tokens: nothing flows back, the factors' gradients are zeros
+            grad_x = grad.new_zeros(ctx.shape) if ctx.needs_input_grad[0] else None
+            return grad_x, None, None, None, None, None, *(torch.zeros_like(f) for f in ctx.saved_tensors)
         plan, n = ctx.plan, len(ctx.plan)
         x2, weight, y, coefficients, *rest = ctx.saved_tensors
         factors, saved_in, saved_out = rest[: -2 * n], rest[-2 * n : -n], rest[-n:]
