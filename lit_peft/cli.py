@@ -121,7 +121,7 @@ def user_error_message(e: BaseException) -> str | None:
         message = classify(e)
         if message is not None:
             return message
-    if isinstance(e, ValueError):
+    if isinstance(e, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
         return one_line(str(e)) or type(e).__name__
     try:
         from hydra.errors import HydraException

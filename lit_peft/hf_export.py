@@ -8,23 +8,14 @@ SmolLM2, TinyLlama, Llama 2/3, Mistral), Qwen2 (q/k/v biases), Gemma, Gemma 2 an
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from litgpt import Config
 from safetensors.torch import save_file
 
-from lit_peft.io import atomic_path, unshared
+from lit_peft.io import TOKENIZER_FILES, atomic_path, checkpoint_files, copy_checkpoint_files, unshared
 from lit_peft.model import dtype_name, load_config, stored_dtype
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "generation_config.json",
-)
 
 
 def llama_hf_config(config: Config, torch_dtype: str = "float32", tie_word_embeddings: bool = False) -> dict:
@@ -106,6 +97,7 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, replace: bool = F
             "Face equivalent; use lit-peft's chat and eval on it, or export the original (un-rewired) checkpoint"
         )
     config = load_config(checkpoint_dir)
+    checkpoint_files(checkpoint_dir, TOKENIZER_FILES)  # a symlinked tokenizer file is refused before any work
     lit_weights = checkpoint_weights(checkpoint_dir)
     tied = tied_embeddings(lit_weights)
     # the weights keep their dtype
@@ -117,9 +109,7 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, replace: bool = F
         stage.mkdir()
         save_file(unshared(state), str(stage / "model.safetensors"), metadata={"format": "pt"})
         (stage / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        for name in TOKENIZER_FILES:
-            if (checkpoint_dir / name).is_file():
-                shutil.copy2(checkpoint_dir / name, stage / name)
+        copy_checkpoint_files(checkpoint_dir, stage, TOKENIZER_FILES)  # only these, never through a link
     return out_dir
 
 

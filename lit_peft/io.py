@@ -19,8 +19,11 @@ import pickle
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import time
+import types
+import typing
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -30,11 +33,32 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lit_peft.cqil import ARCH_FILE
+
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_META = "adapter_config.json"
 MERGE_RECORD = "lit_peft_merge.json"  # beside a merged checkpoint: provenance, dtype, template and system prompt
 MODEL_RECORD = "lit_peft.json"  # beside a method=full run's model: the run's metadata (as an adapter's)
 CHECKPOINT_MARKERS = ("lit_model.pth", "model_config.yaml")  # what a LitGPT checkpoint folder holds
+TOKENIZER_FILES = (  # what litgpt's Tokenizer (and transformers') reads from a checkpoint folder
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+# The files a new checkpoint folder takes from its source folder (`copy_checkpoint_files`): LitGPT's model config and
+# prompt style, the tokenizer files, the Hugging Face config and lit-peft's own records. Nothing else of the source is
+# copied (a .env, notes, stray files), and never a symbolic link: the copy is meant to be shared.
+CHECKPOINT_FILES = (
+    "model_config.yaml",
+    "prompt_style.yaml",
+    "config.json",
+    *TOKENIZER_FILES,
+    ARCH_FILE,
+    MERGE_RECORD,
+    MODEL_RECORD,
+)
 
 # ---------------------------------------------------------------- renames, staging folders and recovery
 
@@ -232,10 +256,41 @@ def atomic_path(path: str | Path, replace: bool = True) -> Iterator[Path]:
     tmp = staging_dir(path)
     try:
         target = tmp / path.name
-        yield target
-        publish(target, path, replace=replace)
+        try:
+            yield target
+            publish(target, path, replace=replace)
+        except Exception as e:
+            failure = write_failure(e, path)
+            if failure is None:
+                raise
+            raise failure from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+LOW_SPACE_BYTES = 64 << 20
+
+
+def write_failure(e: BaseException, path: Path) -> OSError | None:
+    """A failed write as an OSError that names `path` and what happened (no space left, read-only, ...), or None
+    when `e` is not a write failure. The serializers hide the cause: safetensors reports the OS error inside its own
+    message and torch's zip writer says only "file write failed", so a full file system is recognised by its free
+    space."""
+    if isinstance(e, OSError) and e.errno:
+        return e if e.filename else OSError(e.errno, e.strerror, str(path))
+    text = str(e)
+    code = re.search(r"\bcode: (\d+)", text)  # safetensors: IoError(Os { code: 28, kind: StorageFull, ... })
+    if type(e).__name__ == "SafetensorError" and code:
+        return OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path))
+    if not ("PytorchStreamWriter failed" in text or "write failed" in text or type(e).__name__ == "SafetensorError"):
+        return None
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(folder).free < LOW_SPACE_BYTES:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return OSError(errno.EIO, f"write failed ({' '.join(text.split())[:200]})", str(path))
 
 
 # ---------------------------------------------------------------- output folders that never touch their inputs
@@ -375,22 +430,123 @@ def save_adapter(out_dir: str | Path, weights: dict[str, torch.Tensor], meta: di
 
 
 def load_adapter(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read an adapter folder written by `save_adapter`: (weights, settings)."""
+    """Read an adapter folder written by `save_adapter`: (weights, settings), the settings checked as
+    `read_adapter_meta` checks them."""
     adapter_dir = recover(adapter_dir)
-    weights_path, meta_path = adapter_dir / ADAPTER_WEIGHTS, adapter_dir / ADAPTER_META
-    if not weights_path.is_file() or not meta_path.is_file():
-        raise FileNotFoundError(
-            f"not an adapter checkpoint: {adapter_dir} (expected {ADAPTER_WEIGHTS} and {ADAPTER_META})"
-        )
-    return load_safetensors(weights_path), with_system_prompt(read_json(meta_path))
+    meta = read_adapter_meta(adapter_dir)
+    return load_safetensors(adapter_dir / ADAPTER_WEIGHTS), meta
 
 
 def read_adapter_meta(adapter_dir: str | Path) -> dict[str, Any]:
-    """An adapter's adapter_config.json (with `system_prompt` filled in, see `with_system_prompt`)."""
-    path = recover(adapter_dir) / ADAPTER_META
+    """An adapter's adapter_config.json (with `system_prompt` filled in, see `with_system_prompt`).
+
+    The one place an adapter folder's settings are read (chat, eval, merge, the PEFT export and the Low-Rank Clone
+    fold all come here, through `load_adapter` or directly): the file's shape is checked once (`check_adapter_meta`)
+    and the weights file must be beside it; anything else is a one-line ValueError naming the file.
+    """
+    adapter_dir = recover(adapter_dir)
+    path, weights = adapter_dir / ADAPTER_META, adapter_dir / ADAPTER_WEIGHTS
     if not path.is_file():
-        raise FileNotFoundError(f"no adapter at {adapter_dir} ({ADAPTER_META} missing)")
-    return with_system_prompt(read_json(path))
+        if weights.is_file():
+            raise FileNotFoundError(
+                f"no adapter at {adapter_dir} ({ADAPTER_META} missing: {weights} alone does not say which method "
+                "and settings it holds)"
+            )
+        raise FileNotFoundError(
+            f"no adapter at {adapter_dir} (expected {ADAPTER_WEIGHTS} and {ADAPTER_META}; e.g. outputs/<run>/adapter)"
+        )
+    meta = check_adapter_meta(path, read_json(path))
+    if not weights.is_file():
+        raise ValueError(f"{path}: the adapter's weights file {weights} is missing (an incomplete adapter folder)")
+    return with_system_prompt(meta)
+
+
+# Top-level keys of adapter_config.json that readers use, with the JSON types each may hold.
+_ADAPTER_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "base_checkpoint": ((str, type(None)), "a folder path or null"),
+    "quantize": ((str, type(None)), "a quantization mode or null"),
+    "architecture": ((dict, type(None)), "an object or null"),
+    "template": ((str, type(None)), "a template name or null"),
+    "system_prompt": ((str, type(None)), "a string or null"),
+    "config": ((dict, type(None)), "an object (the run's resolved config) or null"),
+}
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value can be a settings field annotated `hint` (int, float, str, bool, tuple[str, ...], X | None);
+    a type not listed here is left to the settings' own checks."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, (list, tuple)) and all(_fits(v, typing.get_args(hint)[0]) for v in value)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_describe(typing.get_args(hint)[0]).split(' ', 1)[1]}s"
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(hint, str(hint))
+
+
+def check_adapter_meta(path: str | Path, meta: Any) -> dict[str, Any]:
+    """`meta` (read from `path`, an adapter_config.json) when it has the shape readers rely on: an object naming a
+    registered method with an object of that method's settings (or a Low-Rank Clone's `lrc` object instead), and the
+    other known keys of the right JSON types. Else a one-line ValueError naming the file and what is wrong."""
+    from lit_peft.methods import METHODS, build_settings
+
+    valid = ", ".join(sorted(METHODS))
+    if not isinstance(meta, dict):
+        raise ValueError(
+            f"{path} holds {_json_type(meta)}, not a JSON object; expected "
+            f'{{"method": <one of {valid}>, "settings": {{...}}, ...}} as finetune/run.py writes it'
+        )
+    for key, (kinds, what) in _ADAPTER_KEYS.items():
+        if key in meta and not isinstance(meta[key], kinds):
+            raise ValueError(f"{path}: {key!r} is {json.dumps(meta[key])[:80]}; expected {what}")
+    if "method" not in meta and "lrc" in meta:  # a Low-Rank Clone's projections (task=lrc), folded by convert_lrc.py
+        if not isinstance(meta["lrc"], dict):
+            raise ValueError(f"{path}: 'lrc' is {json.dumps(meta['lrc'])[:80]}; expected an object of LRC settings")
+        return meta
+    if "method" not in meta:
+        raise ValueError(f'{path} has no "method"; valid methods: {valid}')
+    method = meta["method"]
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"{path}: unknown method {json.dumps(method)[:80]}; valid methods: {valid}")
+    settings = meta.get("settings")
+    if not isinstance(settings, dict):
+        got = "missing" if "settings" not in meta else f"{json.dumps(settings)[:80]} ({_json_type(settings)})"
+        raise ValueError(f"{path}: 'settings' is {got}; expected an object of method {method}'s settings")
+    hints = typing.get_type_hints(METHODS[method].Settings)
+    for key, value in settings.items():
+        if key in hints and not _fits(value, hints[key]):
+            raise ValueError(
+                f"{path}: settings.{key}={json.dumps(value)[:80]} is not valid for method {method}; "
+                f"expected {_describe(hints[key])}"
+            )
+    try:
+        build_settings(method, settings)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {' '.join(str(e).split())}") from None
+    return meta
 
 
 def with_system_prompt(meta: dict[str, Any]) -> dict[str, Any]:
@@ -406,6 +562,63 @@ def with_system_prompt(meta: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
+def _link_refused(path: Path) -> ValueError:
+    try:
+        target = f" (to {os.readlink(path)})"
+    except OSError:
+        target = ""
+    return ValueError(
+        f"{path} is a symbolic link{target}; a checkpoint's files are copied only as regular files, never through a "
+        "link (it could lead out of the folder): replace the link with the file itself"
+    )
+
+
+def checkpoint_files(source_dir: str | Path, names: tuple[str, ...] | list[str] = CHECKPOINT_FILES) -> list[Path]:
+    """The files of `names` (default `CHECKPOINT_FILES`) that `source_dir` holds: what a copy of its checkpoint takes.
+
+    Anything else in the folder is never copied. A symbolic link under one of these names is refused in one line
+    (ValueError), whatever it points at: a copy never follows a link, which could carry a file from outside the
+    folder into one that is meant to be shared. Something that is neither a file nor a link (a folder) is left out.
+    """
+    source_dir = Path(source_dir)
+    found = []
+    for name in names:
+        path = source_dir / name
+        if path.is_symlink():
+            raise _link_refused(path)
+        if path.is_file():
+            found.append(path)
+    return found
+
+
+def copy_checkpoint_files(
+    source_dir: str | Path, dest_dir: str | Path, names: tuple[str, ...] | list[str] = CHECKPOINT_FILES
+) -> list[Path]:
+    """Copy `checkpoint_files(source_dir, names)` into the folder `dest_dir` (mode and times kept, as `shutil.copy2`);
+    returns the copies. Each file is opened without following a link (O_NOFOLLOW), so a file swapped for a link
+    meanwhile is refused too, and must be a regular file (not a FIFO or a device)."""
+    copies = []
+    for src in checkpoint_files(source_dir, names):
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        try:
+            fd = os.open(src, flags)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise _link_refused(src) from None
+            raise
+        with os.fdopen(fd, "rb") as fin:
+            st = os.fstat(fin.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"{src} is not a regular file; a checkpoint's files are copied only as regular files")
+            dst = Path(dest_dir) / src.name
+            with open(dst, "xb") as fout:  # a new file in a new folder: never through a link there either
+                shutil.copyfileobj(fin, fout, 1 << 20)
+        os.chmod(dst, stat.S_IMODE(st.st_mode))
+        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+        copies.append(dst)
+    return copies
+
+
 def save_lit_checkpoint(
     out_dir: str | Path,
     state_dict: dict[str, torch.Tensor],
@@ -415,7 +628,8 @@ def save_lit_checkpoint(
     records: dict[str, Any] | None = None,
     replace: bool = True,
 ) -> Path:
-    """Write a LitGPT checkpoint folder: lit_model.pth plus the config and tokenizer files of `source_dir`.
+    """Write a LitGPT checkpoint folder: lit_model.pth plus the config and tokenizer files of `source_dir` (only the
+    known ones, `CHECKPOINT_FILES`, never through a symbolic link: see `copy_checkpoint_files`).
 
     `architecture` (e.g. CQIL groups) is written to lit_peft_arch.json so that every loader rebuilds the same model;
     None keeps whatever `source_dir` had. `config` (a LitGPT Config) replaces the source's model config, for a model
@@ -423,17 +637,15 @@ def save_lit_checkpoint(
     are written into the same folder, inside the same atomic step, so the folder never exists without them.
     replace=False: an existing `out_dir` is never replaced (ValueError), even one made while this one was written.
     """
-    from lit_peft.cqil import ARCH_FILE
-
     out_dir, source_dir = Path(out_dir), Path(source_dir)
-    skip = {"lit_model.pth"} | ({"model_config.yaml", "config.json"} if config is not None else set())
+    skip = {"model_config.yaml", "config.json"} if config is not None else set()
     if records is not None:  # the source's own records describe other weights than these
         skip |= {MERGE_RECORD, MODEL_RECORD}
+    names = [n for n in CHECKPOINT_FILES if n not in skip]
+    checkpoint_files(source_dir, names)  # a link among them is refused before anything is written
     with atomic_path(out_dir, replace=replace) as tmp:
         tmp.mkdir()
-        for f in source_dir.iterdir():
-            if f.is_file() and f.name not in skip and not f.name.endswith((".safetensors", ".bin")):
-                shutil.copy2(f, tmp / f.name)
+        copy_checkpoint_files(source_dir, tmp, names)
         if config is not None:
             from litgpt.utils import save_config
 

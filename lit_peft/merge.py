@@ -3,6 +3,10 @@
 The merged folder's lit_peft_merge.json records where the weights came from (every adapter merged so far), the
 dtype they were written in, and the chat template and system prompt the adapter was trained with, so that chat and
 eval over the merged model use the same prompt format as over base + adapter.
+
+Of the base folder, only the known checkpoint files are copied (`lit_peft.io.CHECKPOINT_FILES`: model_config.yaml,
+prompt_style.yaml, config.json, the tokenizer files and lit-peft's records), never anything else in it (a .env, notes)
+and never through a symbolic link: a base whose known file is a link is refused in one line, before any work.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lit_peft.io import (
+    ADAPTER_META,
     ADAPTER_WEIGHTS,
     MERGE_RECORD,
     check_new_output,
+    checkpoint_files,
     read_adapter_meta,
     read_json,
     recover,
@@ -65,18 +71,28 @@ def merge_checkpoint(
         get_template(template)  # an unknown name is a one-line error, before anything is read
     if (adapter_dir / "lit_model.pth").is_file() and not (adapter_dir / ADAPTER_WEIGHTS).is_file():
         raise ValueError(f"{adapter_dir} is a whole model (method=full): there is nothing to merge, use it directly")
-    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        raise FileNotFoundError(f"no adapter at {adapter_dir} (expected {ADAPTER_WEIGHTS}; e.g. outputs/<run>/adapter)")
-    meta = read_adapter_meta(adapter_dir)
+    meta = read_adapter_meta(adapter_dir)  # checked there: an object with a known method and its settings, weights
+    if "method" not in meta:  # a Low-Rank Clone's projections (the reader accepts them for convert_lrc.py)
+        raise ValueError(
+            f"{adapter_dir} holds a Low-Rank Clone's projections, not an adapter: fold them into a model with "
+            f"`python scripts/convert_lrc.py --clone {adapter_dir} --out <folder>`"
+        )
     if not (base_dir or meta.get("base_checkpoint")):
-        raise ValueError(f"{adapter_dir / 'adapter_config.json'} names no base_checkpoint; pass --base <checkpoint>")
+        raise ValueError(f"{adapter_dir / ADAPTER_META} names no base_checkpoint; pass --base <checkpoint>")
     base_dir = Path(base_dir or meta["base_checkpoint"])
     check_new_output(out_dir, {"base checkpoint": base_dir, "adapter": adapter_dir}, overwrite, "merging")
     base_dir = check_checkpoint_dir(base_dir)
+    checkpoint_files(base_dir)  # only the known files are copied, never through a link: refused here, before work
     digest = adapter_digest(adapter_dir)
     record = base_dir / MERGE_RECORD
     previous = read_json(record) if record.is_file() else {"adapter_sha256": [], "adapters": []}
-    if digest in previous.get("adapter_sha256", []):
+    if not (
+        isinstance(previous, dict)
+        and isinstance(previous.get("adapter_sha256"), list)
+        and isinstance(previous.get("adapters"), list)
+    ):
+        raise ValueError(f"{record} is not a merge record (expected an object with adapter_sha256 and adapters lists)")
+    if digest in previous["adapter_sha256"]:
         raise ValueError(
             f"adapter {adapter_dir} is already merged into {base_dir}; a second merge is refused "
             f"(merge into the original base instead)"

@@ -8,6 +8,11 @@ checkpoint the adapter was trained on; the output folder must be new (or --overw
 The merged weights keep the base's dtype (a bf16 base gives a bf16 checkpoint; a 4-bit adapter's base is written
 in the precision it trained in) unless --dtype says otherwise. The merged folder's lit_peft_merge.json records the
 dtype and the template and system prompt the adapter was trained with, which chat/base.py and eval/run.py then use.
+
+Of the base folder only the checkpoint's own files are copied (model_config.yaml, prompt_style.yaml, config.json,
+tokenizer.json, tokenizer_config.json, tokenizer.model, special_tokens_map.json, generation_config.json and lit-peft's
+records), so the merged folder can be shared: nothing else in the base (a .env, notes) and never a symbolic link (a
+base whose checkpoint file is a link is refused; replace the link with the file).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from lit_peft.io import (
     recover,
     save_adapter,
 )
+from lit_peft.methods import METHODS
 from lit_peft.model import check_checkpoint_dir, install_method, load_base, trainable_state_dict
 
 
@@ -292,3 +293,99 @@ def test_a_checkpoint_tool_pointed_at_an_adapter_says_to_merge_it_first(tiny_che
         load_for_inference(adapter, None, tiny_checkpoint)  # chat/eval --checkpoint-dir <adapter>
     with pytest.raises(FileNotFoundError, match="model_config.yaml missing"):
         check_checkpoint_dir(tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------- adapter_config.json: checked once, for every reader
+
+
+def test_adapter_config_shape_is_checked_where_it_is_read(tiny_checkpoint, tmp_path):
+    adapter = lora_adapter(tiny_checkpoint, tmp_path / "adapter")
+    path = adapter / ADAPTER_META
+    good = json.loads(path.read_text())
+    valid = ", ".join(sorted(METHODS))
+    cases = [
+        ([good], rf"^{path} holds a list, not a JSON object; expected .*{valid}"),
+        (None, rf"^{path} holds null, not a JSON object"),
+        ({k: v for k, v in good.items() if k != "method"}, rf'^{path} has no "method"; valid methods: {valid}$'),
+        ({**good, "method": "LoRA"}, rf'^{path}: unknown method "LoRA"; valid methods: {valid}$'),
+        ({**good, "settings": None}, rf"^{path}: 'settings' is null \(null\); expected an object"),
+        ({**good, "settings": {**good["settings"], "dropout": "0.1"}}, rf'^{path}: settings.dropout="0.1" is not'),
+        ({**good, "settings": {**good["settings"], "r": True}}, rf"^{path}: settings.r=true is not valid .* integer$"),
+        ({**good, "settings": {**good["settings"], "targets": ["query", 1]}}, r"expected a list of strings$"),
+        ({**good, "settings": {**good["settings"], "targets": ["querry"]}}, rf"^{path}: unknown target 'querry'"),
+        ({**good, "template": 3}, rf"^{path}: 'template' is 3; expected a template name or null$"),
+        ({"lrc": [384]}, rf"^{path}: 'lrc' is \[384\]; expected an object of LRC settings$"),
+    ]
+    for meta, message in cases:
+        path.write_text(json.dumps(meta))
+        for read in (io.read_adapter_meta, load_adapter):
+            with pytest.raises(ValueError, match=message):
+                read(adapter)
+    # a Low-Rank Clone's export (task=lrc) has `lrc` settings instead of a method: read, for convert_lrc.py
+    path.write_text(json.dumps({"lrc": {"target_hidden_size": 16}, "base_checkpoint": str(tiny_checkpoint)}))
+    assert io.read_adapter_meta(adapter)["lrc"] == {"target_hidden_size": 16}
+    path.write_text(json.dumps(good))
+    assert io.read_adapter_meta(adapter)["method"] == "lora"
+    (adapter / ADAPTER_WEIGHTS).unlink()
+    with pytest.raises(
+        ValueError, match=rf"^{path}: the adapter's weights file {adapter / ADAPTER_WEIGHTS} is missing"
+    ):
+        load_adapter(adapter)
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"^no adapter at {adapter} \(expected {ADAPTER_WEIGHTS} and"):
+        io.read_adapter_meta(adapter)
+
+
+# ---------------------------------------------------------------- copies of a checkpoint: known files, never a link
+
+
+@pytest.fixture
+def littered_base(tiny_checkpoint, tmp_path):
+    """The tiny checkpoint with a symlink to a secret outside it, a .env and stray files beside its own."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_checkpoint, base)
+    (tmp_path / "secret").write_text("hunter2")
+    (base / "notes.txt").symlink_to("../secret")
+    (base / ".env").write_text("API_KEY=hunter2")
+    (base / "stray.json").write_text("{}")
+    (base / "prompt_style.yaml").write_text("class_path: litgpt.prompts.ChatML\n")
+    return base
+
+
+def test_a_checkpoint_copy_takes_only_the_known_files(littered_base, tmp_path):
+    from lit_peft.hf_export import export_hf
+
+    state = torch.load(littered_base / "lit_model.pth", weights_only=True)
+    out = io.save_lit_checkpoint(tmp_path / "copy", state, littered_base)
+    known = {p.name for p in littered_base.iterdir() if p.name in io.CHECKPOINT_FILES}
+    assert "prompt_style.yaml" in known and "tokenizer.json" in known
+    assert {p.name for p in out.iterdir()} == known | {"lit_model.pth"}
+    assert all((out / n).read_bytes() == (littered_base / n).read_bytes() for n in known)
+    hf = export_hf(littered_base, tmp_path / "hf")
+    tokenizer = {n for n in io.TOKENIZER_FILES if (littered_base / n).is_file()}
+    assert {p.name for p in hf.iterdir()} == tokenizer | {"model.safetensors", "config.json"}
+    for folder in (out, hf):
+        assert not any(p.is_symlink() or b"hunter2" in p.read_bytes() for p in folder.iterdir())
+
+
+def test_a_checkpoint_file_that_is_a_link_is_never_followed(littered_base, tmp_path, monkeypatch):
+    from lit_peft.hf_export import export_hf
+
+    link = littered_base / "tokenizer.json"
+    (tmp_path / "tokenizer.json").write_bytes(link.read_bytes())
+    link.unlink()
+    link.symlink_to(tmp_path / "tokenizer.json")
+    state = torch.load(littered_base / "lit_model.pth", weights_only=True)
+    message = rf"^{link} is a symbolic link \(to {tmp_path / 'tokenizer.json'}\); .* never through a link"
+    with pytest.raises(ValueError, match=message):
+        io.save_lit_checkpoint(tmp_path / "copy", state, littered_base)
+    with pytest.raises(ValueError, match=message):
+        export_hf(littered_base, tmp_path / "hf")
+    assert not (tmp_path / "copy").exists() and not (tmp_path / "hf").exists() and hidden(tmp_path) == []
+    # a file swapped for a link after the folder was listed: the copy opens it without following the link
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    monkeypatch.setattr(io, "checkpoint_files", lambda folder, names=(): [link])
+    with pytest.raises(ValueError, match=message):
+        io.copy_checkpoint_files(littered_base, dest)
+    assert list(dest.iterdir()) == []

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
 from conftest import run_cli
 from litgpt import GPT, Config
 
-from lit_peft.io import save_adapter
+from lit_peft.io import CHECKPOINT_FILES, save_adapter
 from lit_peft.methods import METHODS
 from lit_peft.model import install_method, load_adapter_into, load_base, trainable_state_dict
 
@@ -238,3 +239,118 @@ def test_overwrite_swaps_in_a_whole_merged_folder_with_its_record(tiny_checkpoin
     assert len(staged) == 1 and {"lit_model.pth", "lit_peft_merge.json", "model_config.yaml"} <= set(staged[0])
     assert not (out / "from-the-first-merge.txt").exists() and (out / "lit_peft_merge.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]
+
+
+# ---------------------------------------------------------------- what of the base folder the merged folder holds
+
+
+def test_merged_folder_holds_only_the_checkpoint_files_never_a_linked_secret(tiny_checkpoint, tmp_path):
+    """A merged folder is meant to be shared: of the base it takes the known checkpoint files (config, tokenizer,
+    records) and nothing else: not a symlink to a secret outside, not a .env, not a stray file."""
+    base = tmp_path / "ckpts" / "tiny-random"
+    shutil.copytree(tiny_checkpoint, base)
+    secret = tmp_path / "outside" / "secret"
+    secret.parent.mkdir()
+    secret.write_text("TOKEN=hunter2\n")
+    (base / "notes.txt").symlink_to(os.path.relpath(secret, base))
+    (base / ".env").write_text("API_KEY=hunter2\n")
+    (base / "stray.txt").write_text("a file nobody meant to share\n")
+    (base / "notes-dir").mkdir()
+    adapter, _ = trained_adapter(base, tmp_path, "lora")
+    out = tmp_path / "merged"
+    res = run_cli("scripts/merge.py", "--adapter", str(adapter), "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    copied = {p.name for p in base.iterdir() if p.name in CHECKPOINT_FILES}
+    assert copied >= {"model_config.yaml", "tokenizer.json", "tokenizer_config.json"}
+    assert {p.name for p in out.iterdir()} == copied | {"lit_model.pth", "lit_peft_merge.json"}
+    assert not any(p.is_symlink() for p in out.iterdir())
+    assert not any(b"hunter2" in p.read_bytes() for p in out.iterdir())
+    # the merged model still loads and chats
+    res = run_cli(
+        "chat/base.py", "--checkpoint-dir", str(out), "--temperature", "0", "--max-new-tokens", "4", stdin="hi\n"
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert len(res.stdout.splitlines()) == 1
+
+
+def test_a_base_whose_checkpoint_file_is_a_link_is_refused_in_one_line(tiny_checkpoint, tmp_path):
+    """A known file that is a symbolic link (wherever it points) is never followed: one line, nothing written,
+    before the model is loaded."""
+    base = tmp_path / "ckpts" / "tiny-random"
+    shutil.copytree(tiny_checkpoint, base)
+    elsewhere = tmp_path / "outside" / "tokenizer_config.json"
+    elsewhere.parent.mkdir()
+    shutil.move(base / "tokenizer_config.json", elsewhere)
+    (base / "tokenizer_config.json").symlink_to(elsewhere)
+    adapter, _ = trained_adapter(base, tmp_path, "lora")
+    out = tmp_path / "merged"
+    res = run_cli("scripts/merge.py", "--adapter", str(adapter), "--out", str(out))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.startswith(f"error: {base / 'tokenizer_config.json'} is a symbolic link (to {elsewhere});")
+    assert not out.exists() and not any(p.name.startswith(".merged") for p in tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- a hand-edited adapter_config.json, named in one line
+
+
+def _edit_meta(adapter, edit):
+    path = adapter / "adapter_config.json"
+    meta = json.loads(path.read_text())
+    path.write_text(json.dumps(edit(meta)))
+    return path
+
+
+def _drop(key):
+    return lambda m: {k: v for k, v in m.items() if k != key}
+
+
+def _settings(**changes):
+    return lambda m: {**m, "settings": {**m["settings"], **changes}}
+
+
+VALID_METHODS = ", ".join(sorted(METHODS))
+BAD_ADAPTER_CONFIGS = {
+    "a-list": (lambda m: [m], "holds a list, not a JSON object"),
+    "a-string": (lambda m: "lora", "holds a string, not a JSON object"),
+    "no-method": (_drop("method"), f'has no "method"; valid methods: {VALID_METHODS}'),
+    "unknown-method": (lambda m: {**m, "method": "loraa"}, f'unknown method "loraa"; valid methods: {VALID_METHODS}'),
+    "method-not-a-string": (lambda m: {**m, "method": ["lora"]}, 'unknown method ["lora"]; valid methods:'),
+    "no-settings": (_drop("settings"), "'settings' is missing; expected an object of method lora's settings"),
+    "settings-a-list": (lambda m: {**m, "settings": [8]}, "'settings' is [8] (a list); expected an object"),
+    "r-a-string": (_settings(r="8"), 'settings.r="8" is not valid for method lora; expected an integer'),
+    "alpha-a-string": (_settings(alpha="16"), 'settings.alpha="16" is not valid for method lora; expected a number'),
+    "targets-a-string": (
+        _settings(targets="query"),
+        'settings.targets="query" is not valid for method lora; expected a',
+    ),
+    "unknown-setting": (_settings(rank=8), "unknown setting 'rank' for this method; valid settings:"),
+    "bad-value": (_settings(r=0), "lora r must be a positive integer, got 0"),
+    "base-not-a-path": (lambda m: {**m, "base_checkpoint": 5}, "'base_checkpoint' is 5; expected a folder path"),
+    "config-a-list": (lambda m: {**m, "config": []}, "'config' is []; expected an object"),
+}
+
+
+@pytest.fixture
+def lora_adapter(tiny_checkpoint, tmp_path):
+    return trained_adapter(tiny_checkpoint, tmp_path, "lora")[0]
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ADAPTER_CONFIGS))
+def test_a_hand_edited_adapter_config_is_one_line_naming_it_and_nothing_is_merged(lora_adapter, tmp_path, case):
+    edit, message = BAD_ADAPTER_CONFIGS[case]
+    path = _edit_meta(lora_adapter, edit)
+    out = tmp_path / "merged"
+    res = run_cli("scripts/merge.py", "--adapter", str(lora_adapter), "--out", str(out))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.startswith(f"error: {path}") and message in res.stderr, res.stderr
+    assert not out.exists() and not any(p.name.startswith(".merged") for p in tmp_path.iterdir())
+
+
+def test_an_adapter_without_its_weights_is_one_line_naming_it(lora_adapter, tmp_path):
+    (lora_adapter / "adapter.safetensors").unlink()
+    out = tmp_path / "merged"
+    res = run_cli("scripts/merge.py", "--adapter", str(lora_adapter), "--out", str(out))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    expected = f"{lora_adapter / 'adapter.safetensors'} is missing"
+    assert res.stderr.startswith(f"error: {lora_adapter / 'adapter_config.json'}: ") and expected in res.stderr
+    assert not out.exists()
