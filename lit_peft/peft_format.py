@@ -18,13 +18,17 @@ layout each part is exactly one of q_proj/k_proj/v_proj. In the interleaved layo
 part's rows are spread over several of them: a Hugging Face module then gets the LoRAs of every part that owns some
 of its rows, stacked (rank k*r, B zero on the rows a part does not own), written with PEFT's `rank_pattern` and
 `alpha_pattern` so that alpha/rank stays the adapter's scaling. The mathematics is unchanged: W + s * B A per row.
+The import inverts this (`lora_from_peft`): such a stacked module gives each part its A and its B rows back, so that
+whatever `export_peft` writes imports as the adapter it came from (same settings, tensors and merged model).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import logging
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +48,7 @@ from lit_peft.io import (
     read_json,
     recover,
     save_adapter,
+    write_json,
 )
 
 log = logging.getLogger(__name__)
@@ -52,6 +57,10 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PICKLE_WEIGHTS = "adapter_model.bin"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the transformers model's own module names
+# Beside an export: the lit-peft LoRA settings it came from, so that an import gives back the very same settings where
+# the PEFT files alone allow several (the order of targets, `mlp` or its Linears, the qkv layout of a model with one
+# query group). Only a hint: an import uses it when it holds the PEFT weights exactly; PEFT and vLLM ignore the file.
+EXPORT_SETTINGS = "lit_peft_lora.json"
 TASK_TYPES = (None, "CAUSAL_LM")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -342,6 +351,7 @@ def export_peft(
     with atomic_path(out_dir, replace=False) as stage, quiet():
         # LoRA weights only (PEFT's default adds a copy of lm_head's base weight when lm_head is a target)
         peft_model.save_pretrained(str(stage), safe_serialization=True, save_embedding_layers=False)
+        write_json(stage / EXPORT_SETTINGS, {"method": "lora", "settings": settings.to_dict()})
         for f in stage.iterdir():  # safetensors writes 0600; adapters are meant to be shared
             f.chmod(0o644)
     return out_dir
@@ -470,18 +480,121 @@ def without_base_copies(
     return {k: v for k, v in state.items() if k not in copies}
 
 
+class NotExact(ValueError):
+    """The settings tried cannot hold the PEFT adapter exactly; the message says where."""
+
+
+def parts_reaching(config: Config, module: tuple[str, torch.Tensor], targets: tuple[str, ...], layout: str) -> int:
+    """How many LoRAs of `targets` reach a Hugging Face module (LitGPT Linear, its rows): the parts of q/k/v owning
+    some of its rows in `layout` (what `lit_to_peft_state` stacks there), else 1 if its Linear is targeted."""
+    from lit_peft.methods.base import MLP_LINEARS
+    from lit_peft.qkv import QKV_PARTS, qkv_rows
+
+    lit_name, rows = module
+    *_, parent, attr = ("", "", *lit_name.split("."))
+    if parent == "attn" and attr == "qkv":
+        layout_rows = qkv_rows(config, layout)
+        return sum(bool(torch.isin(rows, layout_rows[p]).any()) for p in QKV_PARTS if p in targets)
+    return int(
+        (parent == "attn" and attr == "proj" and "projection" in targets)
+        or (parent == "mlp" and attr in MLP_LINEARS and ("mlp" in targets or f"mlp.{attr}" in targets))
+        or (lit_name == "lm_head" and "head" in targets)
+    )
+
+
+def lora_from_peft(
+    config: Config,
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    values: dict[str, Any],
+    linear_rows: dict[str, dict[str, torch.Tensor]],
+) -> tuple[dict[str, torch.Tensor], Any, list[str]]:
+    """Our LoRA with settings `values` holding exactly the PEFT LoRAs `tensors` ({HF module: (A, B)}): (weights,
+    settings, the Linears or parts left with a zero LoRA). `NotExact` where these settings cannot.
+
+    The inverse of `lit_to_peft_state`: a Hugging Face module holds, stacked in part order, r rows of A for every part
+    owning some of its rows (that part's A, the same in every module it reaches) and B columns that are zero on the
+    rows the part does not own. A module the adapter lacks contributes B = 0 for its rows.
+    """
+    from lit_peft.methods import adapters, build_settings
+
+    method, settings = build_settings("lora", values)
+    model = meta_gpt(config)
+    method.apply(model, settings)
+    r = settings.r
+    dtype = next(iter(tensors.values()))[0].dtype
+    weights: dict[str, torch.Tensor] = {}
+    zero_filled, used = [], set()
+    for name, adapter in adapters(model):
+        lora_a = torch.zeros(len(adapter.part_sizes) * r, adapter.in_features, dtype=dtype)
+        lora_b = [torch.zeros(size, r, dtype=dtype) for size in adapter.part_sizes]
+        filled = [False] * len(lora_b)
+        positions = []  # per part: fused row -> row of the part's B, or -1
+        for own in adapter.rows.split(adapter.part_sizes):
+            position = torch.full((adapter.out_features,), -1, dtype=torch.long)
+            position[own] = torch.arange(len(own))
+            positions.append(position)
+        for hf_name, rows in linear_rows[name].items():
+            where = [position[rows] for position in positions]
+            reaching = [i for i, w in enumerate(where) if (w >= 0).any()]
+            if hf_name not in tensors or not reaching:
+                continue
+            a, b = tensors[hf_name]
+            if a.shape[0] != len(reaching) * r:
+                raise NotExact(f"{hf_name} has r={a.shape[0]}, not {len(reaching)} x {r}")
+            used.add(hf_name)
+            for j, i in enumerate(reaching):
+                a_j, b_j, own = a[j * r : (j + 1) * r], b[:, j * r : (j + 1) * r], where[i] >= 0
+                if b_j[~own].any():
+                    raise NotExact(f"{hf_name}'s LoRA {j} has B rows outside {name}:{adapter.part_names[i]}")
+                if filled[i] and not torch.equal(lora_a[i * r : (i + 1) * r], a_j.to(dtype)):
+                    raise NotExact(f"{name}:{adapter.part_names[i]} has a different A in {hf_name}")
+                lora_a[i * r : (i + 1) * r] = a_j
+                lora_b[i][where[i][own]] = b_j[own].to(dtype)
+                filled[i] = True
+        for i, part in enumerate(adapter.part_names):
+            weights[f"{name}.lora_B.{i}"] = lora_b[i]
+            if not filled[i]:
+                zero_filled.append(f"{name}:{part}" if part != "all" else name)
+        weights[f"{name}.lora_A"] = lora_a
+    outside = sorted(set(tensors) - used)
+    if outside:
+        raise NotExact(f"{outside[0]} is not among targets {list(settings.targets)}")
+    return weights, settings, zero_filled
+
+
+def export_hint(peft_dir: Path) -> tuple[tuple[str, ...], str] | None:
+    """(targets, qkv_layout) recorded by our export beside the PEFT files (`EXPORT_SETTINGS`), if readable."""
+    from lit_peft.qkv import QKV_LAYOUTS
+
+    path = peft_dir / EXPORT_SETTINGS
+    try:
+        settings = read_json(path)["settings"] if path.is_file() else None
+        if settings is None:
+            return None
+        targets, layout = settings["targets"], settings["qkv_layout"]
+        if isinstance(targets, list) and all(isinstance(t, str) for t in targets) and layout in QKV_LAYOUTS:
+            return tuple(targets), layout
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.debug("ignoring %s: %s", path, e)
+    return None
+
+
 def peft_to_lit(
     peft_dir: Path, base_dir: Path, config: Config, allow_pickle: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
     """A PEFT LoRA folder -> (our adapter weights, our LoRA settings dict, LitGPT Linears filled with a zero LoRA).
 
-    A LitGPT Linear of a targeted kind that the PEFT adapter leaves alone (another layer, `layers_to_transform`, one
-    of q/k/v only in some layers) gets B = 0: it computes exactly the base, as in PEFT.
+    The targets are exactly the Linears PEFT adapts (`mlp` where that is all of the MLP's, else e.g. `mlp.proj` for
+    down_proj). A LitGPT Linear of a targeted kind that the PEFT adapter leaves alone (another layer,
+    `layers_to_transform`, one of q/k/v only in some layers) gets B = 0: it computes exactly the base, as in PEFT.
+    Of the settings that hold the PEFT weights exactly (the concatenated layout, where each of q/k/v_proj is one part;
+    the interleaved one, where a module stacks the LoRAs of the parts reaching it, which is how PEFT's `rank_pattern`
+    comes out of `export_peft`; and the settings our export recorded beside the files) the one with the fewest
+    parameters is taken, the recorded one on a tie. A per-module r no such settings hold is refused in one line.
     """
     from peft.tuners.lora import Linear as LoraLinearPeft
 
-    from lit_peft.methods import TARGETS, adapters, build_settings
-    from lit_peft.methods.base import target_linears
+    from lit_peft.methods.base import MLP_TARGETS, target_linears
     from lit_peft.qkv import QKV_PARTS, qkv_rows
 
     lora_config = read_peft_config(peft_dir)
@@ -499,7 +612,7 @@ def peft_to_lit(
     layers = dict(lora_layers(peft_model))
     if not layers:
         raise ValueError(f"PEFT adapter {peft_dir} adapts no module of this model")
-    ranks, scalings = {}, {}
+    ranks, scalings, tensors = {}, {}, {}
     for hf_name, layer in layers.items():
         if not isinstance(layer, LoraLinearPeft):
             raise ValueError(
@@ -510,27 +623,18 @@ def peft_to_lit(
             variant = type(layer.lora_variant["default"]).__name__
             raise ValueError(f"PEFT adapter {peft_dir}: {hf_name} uses {variant}, which lit-peft cannot represent")
         ranks[hf_name], scalings[hf_name] = layer.r["default"], float(layer.scaling["default"])
-    if len(set(ranks.values())) > 1:
-        (m1, r1), (m2, r2) = sorted(ranks.items(), key=lambda kv: kv[1])[:: len(ranks) - 1]
-        raise ValueError(
-            f"PEFT adapter {peft_dir} has a different r per module (rank_pattern: {m1} r={r1}, {m2} r={r2}); "
-            "lit-peft's LoRA has one r for all modules"
-        )
-    if max(scalings.values()) - min(scalings.values()) > 1e-6 * max(map(abs, scalings.values())):
-        (m1, s1), (m2, s2) = sorted(scalings.items(), key=lambda kv: kv[1])[:: len(scalings) - 1]
-        raise ValueError(
-            f"PEFT adapter {peft_dir} has a different alpha/r per module (alpha_pattern: {m1} {s1:g}, {m2} {s2:g}); "
-            "lit-peft's LoRA has one scaling for all modules"
-        )
-    r, scaling = next(iter(ranks.values())), next(iter(scalings.values()))
+        tensors[hf_name] = (layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach())
 
-    # Which lit-peft target and part each Hugging Face module is, from the converter's row map.
+    # Which lit-peft target each Hugging Face module is, from the converter's row map.
     modules = hf_modules(config)
+    linear_rows: dict[str, dict[str, torch.Tensor]] = {}  # LitGPT Linear -> {HF module: its rows}
+    for hf_name, (lit_name, rows) in modules.items():
+        linear_rows.setdefault(lit_name, {})[hf_name] = rows
     probe = meta_gpt(config)
-    kind = {n: t for t in TARGETS for n, _, _ in target_linears(probe, (t,), "concatenated")}
+    kinds = ("projection", *MLP_TARGETS, "head")
+    kind = {n: t for t in kinds for n, _, _ in target_linears(probe, (t,), "concatenated")}
     concat = qkv_rows(config, "concatenated")
-    source: dict[tuple[str, str], str] = {}  # (LitGPT Linear, part) -> HF module
-    targets = set()
+    found = set()
     for hf_name in layers:
         if hf_name not in modules:
             raise ValueError(f"PEFT adapter {peft_dir}: {hf_name} has no LitGPT counterpart")
@@ -539,35 +643,76 @@ def peft_to_lit(
         target = part or kind.get(lit_name)
         if target is None:
             raise ValueError(f"PEFT adapter {peft_dir}: {hf_name} is no Linear lit-peft's LoRA can target")
-        targets.add(target)
-        source[(lit_name, part or "all")] = hf_name
+        found.add(target)
 
-    values = {
-        "r": r,
-        "alpha": scaling * r,
-        "dropout": float(lora_config.lora_dropout),
-        "targets": [t for t in TARGETS if t in targets],
-        "qkv_layout": "concatenated",
-    }
-    method, settings = build_settings("lora", values)
-    model = meta_gpt(config)
-    method.apply(model, settings)
-    dtype = next(iter(layers.values())).lora_A["default"].weight.dtype
-    weights: dict[str, torch.Tensor] = {}
-    zero_filled = []
-    for name, adapter in adapters(model):
-        lora_a = torch.zeros(len(adapter.part_names) * r, adapter.in_features, dtype=dtype)
-        for i, (part, size) in enumerate(zip(adapter.part_names, adapter.part_sizes, strict=True)):
-            hf_name = source.get((name, part))
-            lora_b = torch.zeros(size, r, dtype=dtype)
-            if hf_name is None:
-                zero_filled.append(f"{name}:{part}" if part != "all" else name)
-            else:
-                layer = layers[hf_name]
-                lora_a[i * r : (i + 1) * r] = layer.lora_A["default"].weight.detach()
-                lora_b.copy_(layer.lora_B["default"].weight.detach())
-            weights[f"{name}.lora_B.{i}"] = lora_b
-        weights[f"{name}.lora_A"] = lora_a
+    # Exactly the Linears PEFT adapts: `mlp` only where every MLP Linear of the model is one of them.
+    parts = [p for p in QKV_PARTS if p in found]
+    mlp = [t for t in MLP_TARGETS if t in kind.values()]
+    others = [t for t in kinds if t in found]
+    if mlp and set(mlp) <= found:
+        others = [t for t in others if t not in mlp]
+        others.insert(int("projection" in found), "mlp")
+    # Settings that may hold the adapter: the ones our own export recorded beside it, the concatenated layout (each of
+    # q/k/v_proj one part), and the interleaved layout with each set of parts (an export of such an adapter).
+    candidates = [c for c in [export_hint(peft_dir)] if c is not None]
+    candidates.append((tuple(parts + others), "concatenated"))
+    if parts:
+        subsets = (s for n in range(1, len(QKV_PARTS) + 1) for s in itertools.combinations(QKV_PARTS, n))
+        candidates += [((*subset, *others), "interleaved") for subset in subsets]
+
+    def different_ranks() -> ValueError:
+        (m1, r1), (m2, r2) = sorted(ranks.items(), key=lambda kv: kv[1])[:: len(ranks) - 1]
+        return ValueError(
+            f"PEFT adapter {peft_dir} has a different r per module (rank_pattern: {m1} r={r1}, {m2} r={r2}); "
+            "lit-peft's LoRA has one r for all modules"
+        )
+
+    first = next(iter(layers))
+    shaped = []  # (targets, layout, r) of the candidates whose ranks fit: r rows of A for every LoRA reaching a module
+    for targets, layout in candidates:
+        reach = {m: parts_reaching(config, modules[m], targets, layout) for m in layers}
+        r = ranks[first] // max(reach[first], 1)
+        if all(reach[m] > 0 and ranks[m] == reach[m] * r for m in layers):
+            shaped.append((targets, layout, r))
+    if not shaped:
+        raise different_ranks()
+    if max(scalings.values()) - min(scalings.values()) > 1e-6 * max(map(abs, scalings.values())):
+        (m1, s1), (m2, s2) = sorted(scalings.items(), key=lambda kv: kv[1])[:: len(scalings) - 1]
+        raise ValueError(
+            f"PEFT adapter {peft_dir} has a different alpha/r per module (alpha_pattern: {m1} {s1:g}, {m2} {s2:g}); "
+            "lit-peft's LoRA has one scaling for all modules"
+        )
+    scaling = next(iter(scalings.values()))
+
+    def alpha_for(r: int) -> float:
+        """alpha = scaling * r: the config's own lora_alpha where that is it (no rounding), else to 12 digits."""
+        alpha, rslora = float(lora_config.lora_alpha), lora_config.use_rslora
+        if not rslora and lora_config.r == r and math.isclose(alpha / r, scaling, rel_tol=1e-9):
+            return alpha
+        return float(f"{scaling * r:.12g}")
+
+    best, reason = None, None
+    for targets, layout, r in shaped:
+        values = {
+            "r": r,
+            "alpha": alpha_for(r),
+            "dropout": float(lora_config.lora_dropout),
+            "targets": list(targets),
+            "qkv_layout": layout,
+        }
+        try:
+            fitted = lora_from_peft(config, tensors, values, linear_rows)
+        except ValueError as e:  # NotExact, or recorded settings this model refuses
+            reason = reason or (one_line(e) if layout == "concatenated" else None)
+            continue
+        size = sum(v.numel() for v in fitted[0].values())
+        if best is None or size < best[0]:  # the fewest parameters: the adapter itself, not one padded with zeros
+            best = (size, *fitted)
+    if best is None:
+        if len(set(ranks.values())) > 1:
+            raise different_ranks()
+        raise ValueError(f"PEFT adapter {peft_dir} cannot be represented by lit-peft's LoRA ({reason})")
+    _, weights, settings, zero_filled = best
     return weights, settings.to_dict(), zero_filled
 
 

@@ -6,7 +6,8 @@ export of the base (scripts/convert_lit_checkpoint.py).
 
 The module names are Hugging Face Llama's (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head).
 The base defaults to the checkpoint the adapter was trained on; the output folder must be new. Only method=lora
-exports; other methods are merged instead (scripts/merge.py, then scripts/convert_lit_checkpoint.py).
+exports; other methods are merged instead (scripts/merge.py, then scripts/convert_lit_checkpoint.py). Beside PEFT's
+files, lit_peft_lora.json records the adapter's settings, so that scripts/import_peft.py gives back the same adapter.
 """
 
 from __future__ import annotations

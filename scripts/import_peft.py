@@ -5,8 +5,11 @@ scripts/merge.py, chat/base.py and eval/run.py load over a LitGPT checkpoint.
 
 --model is the LitGPT checkpoint the adapter belongs to: a checkpoint folder or a conf/model/ name (e.g.
 smollm2-135m-instruct). By default it comes from the adapter's base_model_name_or_path, when that is a LitGPT
-checkpoint folder or the hub id of a conf/model/ entry. LoRA settings lit-peft cannot represent (DoRA, a different r
-or alpha per module, trained biases, modules_to_save, LoRA on embeddings, ...) are refused in one line.
+checkpoint folder or the hub id of a conf/model/ entry. The adapter holds exactly PEFT's modules (down_proj alone is
+target mlp.proj), and whatever export_peft.py wrote comes back as the adapter it came from (either qkv layout: an
+interleaved export's rank_pattern is its stacked q/k/v LoRAs). LoRA settings lit-peft cannot represent (DoRA, an r or
+alpha/r per module that one r cannot hold, trained biases, modules_to_save, LoRA on embeddings, ...) are refused in
+one line.
 """
 
 from __future__ import annotations

@@ -330,3 +330,66 @@ def test_block_size_is_checked_with_the_run_config_before_the_run(overrides, mes
     with pytest.raises(ValueError) as err:
         validate_config(composed(*overrides))
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------- one MLP Linear as a target
+
+
+def adapted_names(targets, **config):
+    with torch.device("meta"):
+        model = GPT(tiny_config(**config))
+    method, settings = build_settings("lora", {"targets": targets, "r": 2})
+    return method.apply(model, settings)
+
+
+def test_mlp_linears_are_targets_of_their_own_and_mlp_is_all_of_them():
+    """mlp.fc_1, mlp.fc_2, mlp.proj (LLaMA's gate_proj, up_proj, down_proj) each select one MLP Linear, as PEFT's
+    target_modules do; `mlp` stays the shorthand for all of them (GPT-NeoX's MLP has mlp.fc and mlp.proj)."""
+    layers = range(tiny_config().n_layer)
+    assert adapted_names(["query", "mlp.proj"]) == [
+        f"transformer.h.{i}.{n}" for i in layers for n in ("attn.qkv", "mlp.proj")
+    ]
+    every = [f"transformer.h.{i}.mlp.{n}" for i in layers for n in ("fc_1", "fc_2", "proj")]
+    assert adapted_names(["mlp"]) == adapted_names(["mlp.fc_1", "mlp.fc_2", "mlp.proj"]) == every
+    assert adapted_names(["mlp", "mlp.fc_2"]) == every
+    assert adapted_names(["mlp.fc"], mlp_class_name="GptNeoxMLP") == [f"transformer.h.{i}.mlp.fc" for i in layers]
+    with pytest.raises(ValueError, match=r"^target mlp.fc matched no Linear in the model; its MLP Linears are "):
+        adapted_names(["query", "mlp.fc"])
+    with pytest.raises(ValueError) as err:
+        build_settings("lora", {"targets": ["query", "mlp.down"]})
+    assert str(err.value) == (
+        "unknown target 'mlp.down'; valid targets: query, key, value, projection, mlp, head, mlp.fc_1, mlp.fc_2, "
+        "mlp.fc, mlp.proj"
+    )
+
+
+def test_a_run_config_targeting_down_proj_alone_is_accepted_and_merges_exactly(tiny_checkpoint, tmp_path):
+    from omegaconf import OmegaConf
+    from test_cli import composed
+
+    from lit_peft.io import save_adapter
+    from lit_peft.merge import merge_checkpoint
+    from lit_peft.model import install_method, load_base
+    from lit_peft.validate import validate_config
+
+    cfg = composed("model=tiny-random", "method=lora", "method.targets=[query,mlp.proj]")
+    validate_config(cfg)
+    values = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k not in ("name", "lr")}
+    model = load_base(tiny_checkpoint)
+    _, settings = install_method(model, "lora", values)
+    model.eval()  # the conf's dropout off
+    assert settings.targets == ("query", "mlp.proj")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) * 0.1)
+    meta = {"method": "lora", "settings": settings.to_dict(), "base_checkpoint": str(tiny_checkpoint)}
+    adapter = save_adapter(tmp_path / "adapter", trainable_state_dict(model), meta)
+    merged = merge_checkpoint(adapter, tmp_path / "merged", dtype="float32")
+
+    base, plain = load_base(tiny_checkpoint).state_dict(), load_base(merged).eval()
+    idx = torch.randint(0, 259, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(idx), model(idx), rtol=0, atol=1e-5)
+    changed = {k for k, v in plain.state_dict().items() if not torch.equal(v, base[k])}
+    assert changed == {f"transformer.h.{i}.{n}.weight" for i in range(2) for n in ("attn.qkv", "mlp.proj")}

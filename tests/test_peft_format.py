@@ -109,22 +109,82 @@ def test_our_lora_exports_to_peft_with_the_same_logits(tiny_checkpoint, hf_expor
         assert (plain - ours).abs().max() > 1e-2  # the adapter matters
         torch.testing.assert_close(peft(IDX).logits, ours, rtol=0, atol=1e-4)
 
-    if layout == "concatenated":  # and back: the very same tensors
-        res = cli(
-            "scripts/import_peft.py",
-            "--adapter",
-            tmp_path / "peft",
-            "--out",
-            tmp_path / "back",
-            "--model",
-            tiny_checkpoint,
-        )
-        assert res.returncode == 0, res.stderr[-2000:]
-        original, again = (
-            load_file(str(adapter / "adapter.safetensors")),
-            load_file(str(tmp_path / "back" / "adapter.safetensors")),
-        )
-        assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
+    # and back, for both layouts: the very same settings and tensors
+    res = cli(
+        "scripts/import_peft.py", "--adapter", tmp_path / "peft", "--out", tmp_path / "back", "--model", tiny_checkpoint
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    original, again = (
+        load_file(str(adapter / "adapter.safetensors")),
+        load_file(str(tmp_path / "back" / "adapter.safetensors")),
+    )
+    assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
+    settings = json.loads((tmp_path / "back" / "adapter_config.json").read_text())["settings"]
+    assert settings == json.loads((adapter / "adapter_config.json").read_text())["settings"]
+
+
+TARGET_SETS = [
+    ALL_TARGETS,
+    ["query"],
+    ["key"],
+    ["value", "key"],
+    ["query", "value", "mlp.proj"],
+    ["mlp"],
+    ["head", "mlp.fc_2", "projection"],
+    ["mlp.fc_1", "mlp.fc_2", "mlp.proj"],
+]
+
+
+@pytest.mark.parametrize("targets", TARGET_SETS, ids=["-".join(t) for t in TARGET_SETS])
+@pytest.mark.parametrize("layout", ["concatenated", "interleaved"])
+def test_every_export_imports_back_as_the_same_adapter(tiny_checkpoint, tmp_path, layout, targets):
+    """Export -> import gives back our adapter: the same settings, weights and merged model, for every layout and
+    set of targets (an interleaved part reaching several of q/k/v is a stacked LoRA with PEFT's rank_pattern)."""
+    from safetensors.torch import load_file
+
+    from lit_peft.methods import merge_adapters
+    from lit_peft.peft_format import EXPORT_SETTINGS, export_peft, import_peft
+
+    adapter, model = lora_adapter(tiny_checkpoint, tmp_path / "adapter", layout, targets)
+    peft = export_peft(adapter, tmp_path / "peft")
+    config = json.loads((peft / "adapter_config.json").read_text())
+    exported = load_file(str(peft / "adapter_model.safetensors"))
+    assert all(v.abs().max() > 0 for k, v in exported.items() if k.endswith("lora_B.weight"))  # no zero LoRA
+    qkv = {"query", "key", "value"} & set(targets)
+    assert bool(config["rank_pattern"]) is (layout == "interleaved" and len(qkv) > 1)
+
+    original = load_file(str(adapter / "adapter.safetensors"))
+    meta = json.loads((adapter / "adapter_config.json").read_text())
+    back = import_peft(peft, tmp_path / "back", tiny_checkpoint)
+    again = load_file(str(back / "adapter.safetensors"))
+    imported = json.loads((back / "adapter_config.json").read_text())
+    assert imported["settings"] == meta["settings"] and imported["imported_from"]["zero_lora"] == []
+    assert original.keys() == again.keys()
+    for k in original:
+        torch.testing.assert_close(again[k], original[k], rtol=0, atol=1e-6)
+
+    reloaded = load_base(tiny_checkpoint).eval()
+    load_adapter_into(reloaded, back)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDX), model(IDX), rtol=0, atol=1e-6)
+        merge_adapters(reloaded), merge_adapters(model)
+    merged, expected = reloaded.state_dict(), model.state_dict()
+    assert merged.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(merged[k], expected[k], rtol=0, atol=1e-6)
+
+    # without the settings file our export writes beside it: the same adapter from the PEFT files alone (the layout
+    # shows wherever q/k/v are targeted: an interleaved part's rows fall into several of q/k/v_proj on this model)
+    (peft / EXPORT_SETTINGS).unlink()
+    plain = import_peft(peft, tmp_path / "plain", tiny_checkpoint)
+    assert load_file(str(plain / "adapter.safetensors")).keys() == original.keys()
+    settings = json.loads((plain / "adapter_config.json").read_text())["settings"]
+    assert settings["qkv_layout"] == (layout if qkv else "concatenated")
+    assert {**settings, "targets": None, "qkv_layout": None} == {
+        **meta["settings"],
+        "targets": None,
+        "qkv_layout": None,
+    }
 
 
 def peft_adapter(hf_dir, folder, **lora):
@@ -175,6 +235,55 @@ def test_a_peft_lora_imports_with_peft_logits(tiny_checkpoint, hf_export, tmp_pa
         if "layers_to_transform" in lora:  # scripts/merge.py reads it too
             merged = merge_checkpoint(tmp_path / "ours", tmp_path / "merged")
             torch.testing.assert_close(load_base(merged)(IDX), expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "lora, targets",
+    [
+        (
+            {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+            ["query", "value", "mlp.proj"],
+        ),
+        ({"r": 3, "lora_alpha": 5, "target_modules": ["gate_proj", "up_proj", "down_proj"]}, ["mlp"]),
+        # a rank_pattern our LoRA holds (every module at r=4, alpha/r kept): PEFT's config r is not the modules' r
+        (
+            {
+                "r": 2,
+                "lora_alpha": 4,
+                "target_modules": ["k_proj", "o_proj", "up_proj"],
+                "rank_pattern": {"k_proj": 4, "o_proj": 4, "up_proj": 4},
+                "alpha_pattern": {"k_proj": 8, "o_proj": 8, "up_proj": 8},
+            },
+            ["key", "projection", "mlp.fc_2"],
+        ),
+    ],
+    ids=["q-v-down", "mlp", "rank-pattern"],
+)
+def test_an_import_holds_exactly_the_modules_of_the_peft_adapter(tiny_checkpoint, hf_export, tmp_path, lora, targets):
+    """No widening to whole kinds: PEFT's trainable parameter count, and a re-export writes exactly PEFT's tensors."""
+    from safetensors.torch import load_file
+
+    from lit_peft.peft_format import export_peft, import_peft
+
+    folder, peft = peft_adapter(hf_export, tmp_path / "peft", **lora)
+    ours = import_peft(folder, tmp_path / "ours", tiny_checkpoint)
+    settings = json.loads((ours / "adapter_config.json").read_text())["settings"]
+    assert settings["targets"] == targets and settings["r"] == max([lora["r"], *lora.get("rank_pattern", {}).values()])
+    assert settings["alpha"] / settings["r"] == lora["lora_alpha"] / lora["r"]
+    model = load_base(tiny_checkpoint).eval()
+    load_adapter_into(model, ours)
+    trainable, _ = peft.get_nb_trainable_parameters()
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable
+    assert sum(v.numel() for v in load_file(str(ours / "adapter.safetensors")).values()) == trainable
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDX), peft(IDX).logits, rtol=0, atol=1e-4)
+
+    again = export_peft(ours, tmp_path / "again")
+    original = load_file(str(folder / "adapter_model.safetensors"))
+    exported = load_file(str(again / "adapter_model.safetensors"))
+    assert exported.keys() == original.keys()
+    for k in original:
+        torch.testing.assert_close(exported[k], original[k], rtol=0, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -22,6 +22,10 @@ from lit_peft.quantize import dense_weight, is_quantized
 TARGETS = ("query", "key", "value", "projection", "mlp", "head")
 # Attribute names of the MLP Linears across LitGPT's MLP classes (LLaMAMLP, GptNeoxMLP, GemmaMLP).
 MLP_LINEARS = ("fc_1", "fc_2", "fc", "proj")
+# One MLP Linear each, by its LitGPT name: LLaMA's gate_proj, up_proj, down_proj are mlp.fc_1, mlp.fc_2, mlp.proj;
+# GPT-NeoX's MLP has mlp.fc and mlp.proj. `mlp` is the shorthand for all of a model's MLP Linears.
+MLP_TARGETS = tuple(f"mlp.{attr}" for attr in MLP_LINEARS)
+VALID_TARGETS = TARGETS + MLP_TARGETS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,9 +124,11 @@ class MethodSettings:
     def __post_init__(self) -> None:
         targets = tuple(self.targets)
         object.__setattr__(self, "targets", targets)
-        bad = [t for t in targets if t not in TARGETS]
+        bad = [t for t in targets if t not in VALID_TARGETS]
         if bad or not targets:
-            raise ValueError(f"unknown target {bad[0] if bad else '(none)'!r}; valid targets: {', '.join(TARGETS)}")
+            raise ValueError(
+                f"unknown target {bad[0] if bad else '(none)'!r}; valid targets: {', '.join(VALID_TARGETS)}"
+            )
         if self.qkv_layout not in QKV_LAYOUTS:
             raise ValueError(f"unknown qkv_layout {self.qkv_layout!r}; valid: {', '.join(QKV_LAYOUTS)}")
 
@@ -154,6 +160,12 @@ class Method:
             adapted.append(name)
         if not adapted:
             raise ValueError(f"targets {list(settings.targets)} matched no Linear in the model")
+        for target in settings.targets:
+            if target in MLP_TARGETS and not any(name.endswith(f".{target}") for name in adapted):
+                have = [t for t in MLP_TARGETS if any(n.endswith(f".{t}") for n, _ in model.named_modules())]
+                raise ValueError(
+                    f"target {target} matched no Linear in the model; its MLP Linears are {', '.join(have) or 'none'}"
+                )
         return adapted
 
 
@@ -174,7 +186,7 @@ def target_linears(
             continue
         selected = (
             (parent_name == "attn" and attr == "proj" and "projection" in targets)
-            or (parent_name == "mlp" and attr in MLP_LINEARS and "mlp" in targets)
+            or (parent_name == "mlp" and attr in MLP_LINEARS and ("mlp" in targets or f"mlp.{attr}" in targets))
             or (name == "lm_head" and "head" in targets)
         )
         if selected:
