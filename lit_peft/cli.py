@@ -67,7 +67,7 @@ def _refused_pickle_message(e: BaseException) -> str | None:
     text = str(e)
     if not (isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in text):
         return None
-    found = re.search(r"(?:Unsupported global: GLOBAL|global|function) ([\w.]+)", text)
+    found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"(?:global|function) ([\w.]+)", text)
     what = f" (it calls {found.group(1)})" if found else ""
     path = _weight_file(e.__traceback__) or "a weight file"
     return f"{path} holds more than tensors{what}; refused: only tensors and plain containers are loaded"

@@ -351,6 +351,17 @@ def create_tiny_checkpoint(checkpoint_dir: str | Path, config: dict, seed: int =
 
 
 SOURCES = ("smollm2-gguf", "hub", "tiny")
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A model checkpoint folder: a relative path names a folder under the working directory when one is there, else
+    under the project (where conf/model/'s defaults live, and where chat/base.py and eval/run.py look), so a run from
+    another directory uses, and creates, the same checkpoint as every other script."""
+    path = Path(path).expanduser()
+    if path.is_absolute() or path.exists() or not (PROJECT_ROOT / "conf").is_dir():
+        return path
+    return PROJECT_ROOT / path
 
 
 def prepare_checkpoint(model_cfg, force: bool = False) -> Path:
@@ -360,7 +371,7 @@ def prepare_checkpoint(model_cfg, force: bool = False) -> Path:
     downloaded explicitly (`python scripts/download.py model=<name>`), since training never reaches for the network.
     `force` makes it again; the existing folder is replaced only once the new one is complete.
     """
-    checkpoint_dir = recover(Path(model_cfg["checkpoint_dir"]).expanduser())
+    checkpoint_dir = recover(resolve_checkpoint_dir(model_cfg["checkpoint_dir"]))
     if not force and (checkpoint_dir / "lit_model.pth").is_file() and (checkpoint_dir / "model_config.yaml").is_file():
         return checkpoint_dir
     source = model_cfg.get("source", "hub")

@@ -156,8 +156,12 @@ def job_folder_exclusions(overrides: list[str], path_keys: list[str]) -> list[st
     keys = list(path_keys)
     for o in OverridesParser.create().parse_overrides(overrides):
         key = o.key_or_group
-        if not o.is_sweep_override() and not key.startswith(("hydra.", "hydra/")) and key not in keys:
+        if key.startswith(("hydra.", "hydra/")) or key in keys:
+            continue
+        if not o.is_sweep_override():
             keys.append(key)
+        elif o.is_discrete_sweep() and any("/" in str(v) for v in o.sweep_string_iterator()):
+            keys.append(key)  # a value with '/' would nest the job's folder; the job number tells the jobs apart
     if not keys:
         return []
     quoted = ",".join("'" + k.replace("\\", "\\\\").replace("'", "\\'") + "'" for k in keys)
@@ -182,10 +186,18 @@ def last_scalar(log_dir: str | os.PathLike, tags: tuple[str, ...]) -> float | No
     """The last value logged under the first of `tags` found in the TensorBoard events under log_dir."""
     if not Path(log_dir).is_dir():
         return None
+    import logging
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    acc.Reload()
+    tb_log = logging.getLogger("tensorboard")
+    level = tb_log.level
+    tb_log.setLevel(logging.WARNING)  # its reader logs "No path found after ..." at INFO for a folder it finished
+    try:
+        acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+        acc.Reload()
+    finally:
+        tb_log.setLevel(level)
     have = set(acc.Tags().get("scalars", []))
     for tag in tags:
         if tag in have:

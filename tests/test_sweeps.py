@@ -274,6 +274,9 @@ def test_job_folders_leave_out_paths_and_what_every_job_shares():
         override == "hydra.job.config.override_dirname.exclude_keys=['data.path','model.checkpoint_dir','model','x.y']"
     )
     assert job_folder_exclusions(["a=1", "hydra.job.config.override_dirname.exclude_keys=[a]"], paths) == []
+    # a swept value holding '/' would split the job's folder: that key is left out (the job number tells them apart)
+    (override,) = job_folder_exclusions(["model.template=a/b,c", "method=lora,ether"], paths)
+    assert override.endswith("'model.template']") and "'method'" not in override
     keys = set(composed().hydra.job.config.override_dirname.exclude_keys)  # a swept path is left out too
     assert {"data.path", "data.cache_dir", "model.checkpoint_dir", "task.teacher_checkpoint", "out_dir"} <= keys
 
