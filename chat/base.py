@@ -62,6 +62,20 @@ def parse_args(argv: list[str] | None):
     return parser.parse_args(argv)
 
 
+def undecodable(line: str, number: int) -> str | None:
+    """What is wrong with stdin line `number` if it holds bytes its encoding cannot decode (read with the
+    surrogateescape handler, each such byte is a lone surrogate, which no tokenizer takes); None if nothing."""
+    bad = next((i for i, ch in enumerate(line) if "\udc80" <= ch <= "\udcff"), None)
+    if bad is None:
+        return None
+    encoding = getattr(sys.stdin, "encoding", None) or "utf-8"
+    offset = len(line[:bad].encode(encoding, "surrogateescape"))
+    return (
+        f"stdin line {number} is not valid {encoding} text (byte 0x{ord(line[bad]) - 0xDC00:02x} at byte {offset} "
+        "of the line); chat reads UTF-8 text: convert it (e.g. iconv -f latin1 -t utf-8)"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import torch
@@ -98,14 +112,27 @@ def main(argv: list[str] | None = None) -> None:
         ids for ids in (encode_text(tokenizer, s) for s in template.stop_strings(eos)) if len(ids) == 1
     ) or ([tokenizer.eos_id],)
     interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes arrive as escapes that undecodable() names
+        sys.stdin.reconfigure(errors="surrogateescape")
     history: list[dict[str, str]] = []
+    number = 0  # stdin's line number, for errors
     try:
         while True:
             if interactive:
                 print(">> ", end="", flush=True)
-            line = sys.stdin.readline()
+            try:
+                line = sys.stdin.readline()
+            except UnicodeDecodeError as e:  # a stdin that cannot be reconfigured
+                fail.exit(f"stdin line {number + 1} is not valid {e.encoding} text ({e.reason}); chat reads UTF-8")
+            number += 1
             if not line or (interactive and not line.strip()):
                 break
+            problem = undecodable(line, number)
+            if problem is not None:
+                if not interactive:
+                    fail.exit(problem)
+                print(f"error: {problem}; type it again", file=sys.stderr)
+                continue
             history.append({"role": "user", "content": line.rstrip("\n")})
             text = "".join(t for t, _ in template.segments(history, bos, eos)) + template.generation_prompt()
             prompt = torch.tensor(encode_text(tokenizer, text), dtype=torch.long)

@@ -137,15 +137,20 @@ def train(cfg: DictConfig, accepted: Callable[[], None] | None = None, defaults:
     (a key a checkpoint predates is equal to unset when it is at its default).
     """
     out_dir = Path(cfg.out_dir)
-    lock_run_folder(out_dir)
+    owner = launch_rank() == 0  # the other ranks of a run (its DDP/FSDP processes) write into rank 0's folder
+    if owner:
+        lock_run_folder(out_dir)
     try:
         with run_logging(out_dir, verbose=bool(cfg.get("verbose", False)), rank=launch_rank()):
-            return _train(cfg, accepted, defaults)
+            return _train(cfg, accepted if owner else None, defaults, owner)
     finally:
-        release_run_folder(out_dir)
+        if owner:
+            release_run_folder(out_dir)
 
 
-def _train(cfg: DictConfig, accepted: Callable[[], None] | None, defaults: dict | None) -> dict[str, Any]:
+def _train(
+    cfg: DictConfig, accepted: Callable[[], None] | None, defaults: dict | None, owner: bool = True
+) -> dict[str, Any]:
     started = time.perf_counter()
     out_dir = Path(cfg.out_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -159,9 +164,10 @@ def _train(cfg: DictConfig, accepted: Callable[[], None] | None, defaults: dict 
     config = OmegaConf.to_container(cfg, resolve=True)
     previous = _previous_identity(ckpt_dir, cfg.get("resume"))
     identity = run_identity(config, checkpoint_dir, data_fingerprint(config.get("data") or {}, previous))
-    note = claim(out_dir, cfg.get("resume"), bool(cfg.get("overwrite", False)), identity_digest(identity))
-    if note:
-        info(note)
+    if owner:  # rank 0 decides for the run's folder; the other ranks follow
+        note = claim(out_dir, cfg.get("resume"), bool(cfg.get("overwrite", False)), identity_digest(identity))
+        if note:
+            info(note)
     resume_from = resume_checkpoint(cfg.get("resume"), ckpt_dir)
     check_resume_strategy(resume_from, cfg.strategy)  # a sharded checkpoint needs strategy=fsdp
     resumed_step = None

@@ -128,6 +128,7 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 RULES: dict[str, Rule] = {
     "seed": integer(0, 2**32 - 1),
     "verbose": BOOL,
+    "overwrite": BOOL,
     "precision": one_of(*PRECISIONS),
     "quantize": NULL | TEXT,
     "trainer": MAPPING,
@@ -169,6 +170,7 @@ RULES: dict[str, Rule] = {
     "data.max_seq_length": integer(2),
     "data.val_size": integer(1) | fraction(hi_open=True),
     "data.val_split": one_of("auto", "document", "block"),
+    "data.split_seed": integer(0, 2**32 - 1),
     "data.max_examples": NULL | integer(1),
     "data.num_workers": integer(0),
     "data.shuffle": BOOL,
@@ -181,6 +183,7 @@ RULES: dict[str, Rule] = {
     "data.synthetic.num_examples": integer(1),
     "model": MAPPING,
     "model.checkpoint_dir": PATH,
+    "model.source": one_of("smollm2-gguf", "hub", "tiny"),  # lit_peft.hub.SOURCES
     "model.template": TEXT,
     "model.system_prompt": NULL | TEXT,
     "model.repo_id": NULL | TEXT,
@@ -342,7 +345,9 @@ def _constructor_kwargs(owner: str, cls: type, values: dict[str, Any]) -> None:
 def _n_layer(model: Mapping[str, Any]) -> int | None:
     if isinstance(model.get("config"), Mapping) and "n_layer" in model["config"]:
         return int(model["config"]["n_layer"])
-    path = Path(str(model.get("checkpoint_dir", ""))) / "model_config.yaml"
+    from lit_peft.hub import resolve_checkpoint_dir
+
+    path = resolve_checkpoint_dir(str(model.get("checkpoint_dir", ""))) / "model_config.yaml"
     if path.is_file():
         value = OmegaConf.load(path).get("n_layer")
         return int(value) if value is not None else None
@@ -370,8 +375,10 @@ def check_devices(cfg: DictConfig) -> None:
             raise ConfigError("strategy=deepspeed needs DeepSpeed: pip install -e '.[deepspeed]' (or strategy=ddp)")
     on_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and cuda > 0)
     if accelerator == "cpu" or (accelerator == "auto" and not cuda and not mps):
-        if not (_is_int(devices) and devices > 0) and devices not in ("auto", -1):
-            raise ConfigError(f"trainer.devices={show(devices)}: on CPU, devices is a process count (an integer >= 1)")
+        if not (_is_int(devices) and devices > 0) and devices != "auto":
+            raise ConfigError(
+                f"trainer.devices={show(devices)}: on CPU, devices is a process count (an integer >= 1) or auto"
+            )
     elif on_cuda:
         if isinstance(devices, str) and devices != "auto":
             devices = [int(d) for d in devices.split(",")]

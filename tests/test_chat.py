@@ -131,6 +131,52 @@ def test_chat_renders_the_adapters_system_prompt_and_a_merged_model_keeps_it(tin
     assert res.stdout.rstrip("\n").split("\n") == with_system
 
 
+def _valid_methods() -> str:
+    from lit_peft.methods import METHODS
+
+    return ", ".join(sorted(METHODS))
+
+
+HAND_EDITED = {  # adapter_config.json as a user might leave it -> what the one error line says
+    "a-list": (lambda m: [m], "holds a list, not a JSON object"),
+    "no-method": (lambda m: {k: v for k, v in m.items() if k != "method"}, 'has no "method"; valid methods: '),
+    "unknown-method": (lambda m: {**m, "method": "qlora"}, 'unknown method "qlora"; valid methods: '),
+    "settings-a-string": (lambda m: {**m, "settings": "r=4"}, "'settings' is \"r=4\" (a string); expected an object"),
+    "r-a-string": (
+        lambda m: {**m, "settings": {**m["settings"], "r": "4"}},
+        'settings.r="4" is not valid for method lora; expected an integer',
+    ),
+    "architecture-a-list": (lambda m: {**m, "architecture": ["cqil"]}, "'architecture' is [\"cqil\"]; expected an"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HAND_EDITED))
+def test_chat_with_a_hand_edited_adapter_config_is_one_line_naming_it(tiny_checkpoint, tmp_path, case):
+    import json
+
+    adapter = _adapter(tiny_checkpoint, tmp_path / "adapter")
+    path = adapter / "adapter_config.json"
+    edit, message = HAND_EDITED[case]
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    res = run_cli("chat/base.py", "--adapter", str(adapter), "--temperature", "0", stdin="hi\n")
+    assert res.returncode == 2 and res.stdout == "", res.stderr
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.startswith(f"error: {path}") and message in res.stderr, res.stderr
+    if "valid methods" in message:
+        assert res.stderr.rstrip().endswith(_valid_methods())
+
+
+def test_chat_with_an_adapter_missing_its_weights_is_one_line_naming_them(tiny_checkpoint, tmp_path):
+    adapter = _adapter(tiny_checkpoint, tmp_path / "adapter")
+    (adapter / "adapter.safetensors").unlink()
+    res = run_cli("chat/base.py", "--adapter", str(adapter), stdin="hi\n")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr == (
+        f"error: {adapter / 'adapter_config.json'}: the adapter's weights file {adapter / 'adapter.safetensors'} "
+        "is missing (an incomplete adapter folder)\n"
+    )
+
+
 def test_chat_keeps_a_bf16_checkpoint_in_bf16_and_rejects_a_bad_dtype(tiny_checkpoint, tmp_path):
     from lit_peft.io import save_lit_checkpoint
 
@@ -175,3 +221,53 @@ def test_a_reply_stops_at_eos_or_the_templates_end_of_turn(name, eos, expected):
         )
     )
     assert f"b{expected[-1]}" in text
+
+
+# ---------------------------------------------------------------- stdin that is not UTF-8
+
+HINT = "; chat reads UTF-8 text: convert it (e.g. iconv -f latin1 -t utf-8)\n"
+
+
+@pytest.mark.parametrize(
+    ("stdin", "replies", "error"),
+    [  # as a stdin read with errors="surrogateescape" gives them: an undecodable byte b is the character U+DC00+b
+        ("caf\udce9\n", 0, "stdin line 1 is not valid utf-8 text (byte 0xe9 at byte 3 of the line)"),
+        ("hello\n\udcff\udcfe\n", 1, "stdin line 2 is not valid utf-8 text (byte 0xff at byte 0 of the line)"),
+        ("hello\nné \udcc3", 1, "stdin line 2 is not valid utf-8 text (byte 0xc3 at byte 4 of the line)"),
+    ],
+)
+def test_undecodable_stdin_is_one_line_naming_the_line_and_byte(tiny_checkpoint, stdin, replies, error):
+    args = ["--checkpoint-dir", str(tiny_checkpoint), "--temperature", "0", "--max-new-tokens", "4"]
+    res = run_cli("chat/base.py", *args, stdin=stdin)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stdout.count("\n") == replies  # the turns before the bad line were answered
+    assert res.stderr.splitlines()[-1] + "\n" == f"error: {error}{HINT}"
+    assert "Traceback" not in res.stderr
+
+
+def test_undecodable_bytes_on_a_real_stdin_are_one_line_and_utf8_text_is_fine(tiny_checkpoint):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    def chat(data: bytes) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(ROOT / "chat/base.py"), "--checkpoint-dir", str(tiny_checkpoint)]
+            + ["--temperature", "0", "--max-new-tokens", "4"],
+            input=data,
+            capture_output=True,
+            timeout=600,
+            env={**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONWARNINGS": "ignore"},  # a strict UTF-8 stdin
+        )
+
+    res = chat(b"hello there\ncaf\xe9 au lait\n")  # Latin-1
+    assert res.returncode == 2, res.stderr.decode(errors="replace")[-2000:]
+    assert res.stdout.decode().count("\n") == 1
+    stderr = res.stderr.decode().splitlines()
+    assert stderr[-1] + "\n" == f"error: stdin line 2 is not valid utf-8 text (byte 0xe9 at byte 3 of the line){HINT}"
+    assert "Traceback" not in res.stderr.decode()
+    res = chat("café ✓\r\nnaïve\n".encode())
+    assert res.returncode == 0, res.stderr.decode(errors="replace")[-2000:]
+    assert res.stdout.decode().count("\n") == 2

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
-from conftest import shared_data
+from conftest import TINY_RUN, run_cli, shared_data
 from litgpt import Tokenizer
 
-from lit_peft.data.formats import DataError, load_records
+from lit_peft.data.formats import DataError, get_format, load_records
 from lit_peft.data.module import SFTDataModule, record_loader
 from lit_peft.data.synthetic import synthetic_records
 from lit_peft.data.templates import get_template, instruction_messages
@@ -267,3 +268,177 @@ def test_empty_replies_are_skipped_not_trained_as_a_bare_end_token(tokenizer, ca
     for ex in examples:
         assert targets_text(tokenizer, ex) != "<|im_end|>"  # every target has reply text before the end token
     assert "skipped 2 of 12 records that cannot be used (2 empty assistant turn)" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- a bad local file: one line naming the file and where
+
+ALPACA_LINE = b'{"instruction": "Say a.", "output": "a"}\n'
+FILE_PROBLEMS = {  # file name -> (its bytes, what the error says after "<file>: ")
+    "latin1.jsonl": (
+        ALPACA_LINE + b'{"instruction": "caf\xe9", "output": "b"}\n',
+        r"line 2 \(byte 61\): not valid UTF-8 \(byte 0xe9: invalid continuation byte\)",
+    ),
+    "latin1.json": (b'[{"instruction": "a", "output": "b"},\n {"instruction": "\xe9", "output": "b"}]\n', r"line 2 \("),
+    "latin1.csv": (b"instruction,output\nSay a.,a\ncaf\xe9,b\n", r"line 3 \(byte 31\): not valid UTF-8 \(byte 0xe9"),
+    "truncated.jsonl": (
+        ALPACA_LINE + b'{"instruction": "caf\xc3',
+        r"line 2 \(byte 61\): not valid UTF-8 \(byte 0xc3: unexpected end of data\)",
+    ),
+    "malformed.jsonl": (
+        ALPACA_LINE * 2 + b'{"instruction": "a", "output": }\n' + ALPACA_LINE,
+        "line 3: invalid JSON: ",
+    ),
+    "unquoted.jsonl": (ALPACA_LINE + b"{instruction: 'a'}\n", "line 2: invalid JSON: Expecting property name"),
+    "list-line.jsonl": (ALPACA_LINE + b"[1, 2]\n", r"line 2 is a JSON list, expected a record"),
+    "malformed.json": (b'[{"instruction": "a", "output": "b"},\n {"instruction": "a" "output": "b"}]', "line 2 column"),
+    "empty.jsonl": (b"", "the file is empty; expected one JSON record per line"),
+    "empty.json": (b"", "the file is empty; expected a JSON list of records"),
+    "empty.csv": (b"", "the file is empty; expected a header line"),
+    "empty.parquet": (b"", "the file is empty; expected a Parquet table"),
+    "blank.jsonl": (b"\n \n\n", "the file holds only blank lines"),
+    "header-only.csv": (b"instruction,output\n", "the file holds a header line and no records"),
+    "corrupt.jsonl.gz": (b"\x1f\x8b\x08\x00junk", "cannot be decompressed"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FILE_PROBLEMS))
+def test_a_bad_local_file_is_one_line_naming_the_file_and_the_line(tmp_path, name):
+    content, message = FILE_PROBLEMS[name]
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as info:
+        load_records(str(path))
+    assert str(info.value).startswith(f"{path}: "), str(info.value)
+    assert re.search(message, str(info.value)), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_invalid_utf8_in_a_compressed_file_and_in_a_folder_is_named_too(tmp_path):
+    import gzip
+
+    path = tmp_path / "d.jsonl.gz"
+    path.write_bytes(gzip.compress(ALPACA_LINE + b'{"instruction": "caf\xe9", "output": "b"}\n'))
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: line 2 \(byte 61 of the decompressed data\)"):
+        load_records(str(path))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.jsonl").write_bytes(ALPACA_LINE * 3)
+    (folder / "b.jsonl").write_bytes(ALPACA_LINE + b"{oops\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(folder / 'b.jsonl'))}: line 2: invalid JSON"):
+        load_records(str(folder))
+
+
+def test_a_malformed_jsonl_through_the_entry_point_is_one_line_on_stderr(tiny_checkpoint, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(ALPACA_LINE * 3 + b'{"instruction": "a", "output": \n' + ALPACA_LINE * 8)
+    out = tmp_path / "run"
+    res = run_cli(
+        "finetune/run.py",
+        *TINY_RUN,
+        f"model.checkpoint_dir={tiny_checkpoint}",
+        f"out_dir={out}",
+        "data=alpaca",
+        f"data.path={path}",
+        "data.val_size=2",
+    )
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert res.stderr == f"error: {path}: line 4: invalid JSON: Expecting value (column 32): " + (
+        '\'{"instruction": "a", "output":\'\n'
+    )
+    assert "Failed to load JSON" not in res.stdout and "Generating train split" not in res.stdout
+
+
+# ---------------------------------------------------------------- numbers in text fields are their text
+
+
+def test_numbers_in_text_fields_are_their_text_and_wrong_shapes_stay_refused(tmp_path, tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    csv = tmp_path / "numbers.csv"  # a CSV column is read as text: 007 and 1.50 keep their digits
+    csv.write_text("instruction,input,output\nAdd 3 and 4.,,7\nPad 7.,,007\nHalve 3.,,1.50\nZero.,,0\n")
+    assert [r["output"] for r in load_records(str(csv))] == ["7", "007", "1.50", "0"]
+    dm = make_module(tokenizer, lambda: load_records(str(csv)), val_size=1)
+    dm.setup()
+    assert sorted(targets_text(tokenizer, x).removesuffix("<|im_end|>") for x in dm.train + dm.val) == sorted(
+        ["7", "007", "1.50", "0"]
+    )
+    jsonl = tmp_path / "numbers.jsonl"  # JSON numbers: str(value)
+    jsonl.write_text(
+        "".join(json.dumps({"instruction": f"Say {i}.", "output": v}) + "\n" for i, v in enumerate([1, 20, -3]))
+    )
+    parquet = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"instruction": ["One.", "Two.", "Three."], "output": [1, 2, 3]}), parquet)
+    alpaca = get_format("alpaca")
+    assert [alpaca(r, "x", i)[-1]["content"] for i, r in enumerate(load_records(str(jsonl)))] == ["1", "20", "-3"]
+    jsonl.write_text("".join(json.dumps({"instruction": "Halve 5.", "output": v}) + "\n" for v in [2.5, 0.125]))
+    assert [alpaca(r, "x", i)[-1]["content"] for i, r in enumerate(load_records(str(jsonl)))] == ["2.5", "0.125"]
+    assert [alpaca(r, "x", i)[-1]["content"] for i, r in enumerate(load_records(str(parquet)))] == ["1", "2", "3"]
+    messages = get_format("messages")
+    assert messages({"messages": [{"role": "user", "content": 2}]}, "x", 0)[0]["content"] == "2"
+    for bad, kind in (([1, 2], "list"), ({"a": 1}, "dict"), (True, "bool")):
+        with pytest.raises(DataError, match=f"x: record 0 field 'output' is {kind}, expected a string"):
+            alpaca({"instruction": "a", "output": bad}, "x", 0)
+    with pytest.raises(DataError, match=r"field 'messages\[0\].content' is list"):
+        messages({"messages": [{"role": "user", "content": ["a"]}]}, "x", 0)
+
+
+# ---------------------------------------------------------------- records with no reply to learn
+
+
+@pytest.mark.parametrize(
+    "fmt, record",
+    [
+        ("messages", {"messages": [{"role": "system", "content": "Be brief."}]}),
+        ("messages", {"messages": [{"role": "system", "content": "A."}, {"role": "system", "content": "B."}]}),
+        ("messages", {"messages": []}),
+        ("sharegpt", {"conversations": [{"from": "system", "value": "Be brief."}]}),
+    ],
+)
+def test_conversations_without_an_assistant_reply_are_skipped_and_counted_not_blamed_on_length(
+    tokenizer, capsys, fmt, record
+):
+    dm = make_module(tokenizer, lambda: [record] * 6, record_format=fmt, source="d.jsonl", max_seq_length=1024)
+    with pytest.raises(DataError) as info:
+        dm.setup()
+    message = str(info.value)
+    assert message.startswith(
+        "d.jsonl: none of 6 records gives a training example (a reply to learn): 6 cannot be used "
+        "(6 no user or assistant turn; e.g. d.jsonl: record "
+    ), message
+    assert "max_seq_length" not in message
+
+    turns = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
+    good = (
+        {"messages": turns}
+        if fmt == "messages"
+        else {"conversations": [{"from": t["role"], "value": t["content"]} for t in turns]}
+    )
+    dm = make_module(tokenizer, lambda: [record] * 2 + [good] * 6, record_format=fmt, source="d.jsonl", val_size=3)
+    dm.setup()
+    assert len(dm.train) + len(dm.val) == 6
+    assert "skipped 2 of 8 records that cannot be used (2 no user or assistant turn)" in capsys.readouterr().out
+
+
+def test_skipped_and_too_long_records_are_both_named_when_none_is_left(tokenizer):
+    records = [{"instruction": "x" * 300, "output": "y"}] * 3 + [{"instruction": "a", "output": ""}] * 2
+    dm = make_module(tokenizer, lambda: records, max_seq_length=16, source="d.json")
+    with pytest.raises(DataError) as info:
+        dm.setup()
+    assert str(info.value).startswith("d.json: none of 5 records gives a training example (a reply to learn): 2 ")
+    assert str(info.value).endswith("the other 3 keep no target token within max_seq_length=16")
+
+
+# ---------------------------------------------------------------- data.split_seed
+
+
+@pytest.mark.parametrize("value", ["abc", -1, 1.5, True, 2**32])
+def test_a_bad_split_seed_names_the_key(value):
+    from omegaconf import OmegaConf
+
+    from lit_peft.validate import check_rules, show
+
+    with pytest.raises(ValueError) as info:
+        check_rules(OmegaConf.create({"data": {"split_seed": value}}))
+    assert str(info.value) == (f"data.split_seed={show(value)} is not valid; expected an integer in [0, {2**32 - 1}]")
+    check_rules(OmegaConf.create({"data": {"split_seed": 7}}))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -144,6 +145,77 @@ def test_dpo_full_finetuning_precomputes_the_reference_and_keeps_it_on_resume(ti
     again = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert again["global_step"] == 6
     torch.testing.assert_close(again["task_state"]["reference_table"], table)  # not recomputed from trained weights
+
+
+def identical_pairs(n_pairs: int, identical: set[int]) -> list[dict]:
+    """Flat pairs; those in `identical` have the same reply on both sides (or the same but for outer whitespace)."""
+    rows = []
+    for i in range(n_pairs):
+        chosen = f"{i}!"
+        rejected = (chosen if i % 2 else f"  {chosen}\n") if i in identical else f"No {i}."
+        rows.append({"prompt": f"Say {i}.", "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def preference_module(checkpoint, rows):
+    from litgpt import Tokenizer
+
+    from lit_peft.data.preference import PreferenceDataModule
+    from lit_peft.data.templates import get_template
+
+    return PreferenceDataModule(
+        Tokenizer(checkpoint), get_template("chatml"), lambda: rows, "pairs", "p.jsonl", 96, 2, 2, 0
+    )
+
+
+def test_dpo_pairs_with_identical_replies_are_skipped_and_counted_in_the_held_out_line(tiny_checkpoint, capsys):
+    dm = preference_module(tiny_checkpoint, identical_pairs(12, {1, 4, 7}))
+    dm.setup()
+    assert len(dm.train) + len(dm.val) == 9
+    assert all(not torch.equal(x["chosen"]["input_ids"], x["rejected"]["input_ids"]) for x in dm.all_examples())
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("skipped 3 of 12 records that cannot be used (3 identical replies), e.g. p.jsonl: record")
+    assert out[-1] == (
+        f"held-out set: {len(dm.val)} examples from 2 records (data.val_size=2, data.split_seed=0); training: "
+        f"{len(dm.train)} examples; skipped 3 pairs whose chosen and rejected replies are identical"
+    )
+    dm = preference_module(tiny_checkpoint, identical_pairs(6, {0}))  # one: singular
+    dm.setup()
+    assert capsys.readouterr().out.rstrip().endswith("; skipped 1 pair whose chosen and rejected replies are identical")
+    dm = preference_module(tiny_checkpoint, identical_pairs(6, set()))  # none: the line as it was
+    dm.setup()
+    assert capsys.readouterr().out.rstrip().endswith(f"training: {len(dm.train)} examples")
+
+    dm = preference_module(tiny_checkpoint, identical_pairs(5, set(range(5))))
+    with pytest.raises(ValueError) as info:
+        dm.setup()
+    assert str(info.value).startswith(
+        "p.jsonl: none of 5 records gives a training example (a reply to learn): 5 cannot be used (5 identical replies;"
+    )
+
+
+def test_dpo_run_skips_identical_pairs_and_keeps_the_datasets_progress_bar_off_the_console(tiny_checkpoint, tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in identical_pairs(16, {2, 5})))
+    out = tmp_path / "dpo"
+    res = finetune(tiny_checkpoint, out, "task=dpo", "data=pairs", f"data.path={path}", "data.val_size=4")
+    assert res.returncode == 0, res.stderr[-3000:]
+    held_out = [line for line in res.stdout.splitlines() if line.startswith("held-out set:")]
+    assert len(held_out) == 1, res.stdout
+    counts = re.fullmatch(
+        r"held-out set: (\d+) examples from 4 records \(data.val_size=4, data.split_seed=0\); training: (\d+) "
+        r"examples; skipped 2 pairs whose chosen and rejected replies are identical",
+        held_out[0],
+    )
+    assert counts and int(counts[1]) + int(counts[2]) == 14, held_out[0]
+    assert "Generating train split" not in res.stdout + res.stderr  # datasets' bar goes to run.log
+    assert "Generating train split" in (out / "run.log").read_text()
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in identical_pairs(8, set(range(8)))))
+    res = finetune(tiny_checkpoint, tmp_path / "none", "task=dpo", "data=pairs", f"data.path={path}", "data.val_size=2")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-3000:]
+    assert res.stderr.startswith(f"error: {path}: none of 8 records gives a training example"), res.stderr
+    assert "8 identical replies" in res.stderr
 
 
 def test_full_dpo_on_two_ddp_ranks_starts_at_log2_with_the_single_process_reference(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -277,3 +278,62 @@ def test_sentencepiece_tokenizers_join_with_eos_and_key_the_cache(tmp_path):
     a, b = module(one, path, tmp_path), module(two, path, tmp_path)
     assert a.token_file() != b.token_file() and all_tokens(a) != all_tokens(b)
     assert isinstance(a.val, text.DocumentBlocks) and rows(a.val) == rows(module(one, path).val)
+
+
+# ---------------------------------------------------------------- a bad corpus file: one line naming the file and where
+
+
+def latin1_txt(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(b"".join(b"line %d of a long document\n" % i for i in range(40)) + b"caf\xe9 au lait\nmore\n")
+    return path
+
+
+TEXT_PROBLEMS = {  # file name -> (its bytes, what the error says after "<file>: ")
+    "latin1.jsonl": (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', r"line 2 \(byte 28\): not valid UTF-8 \(byte 0xe9"),
+    "latin1.csv": (b"text\nok\ncaf\xe9\n", r"line 3 \(byte 11\): not valid UTF-8"),
+    "malformed.jsonl": (
+        b'{"text": "ok"}\n{"text": "a"\n{"text": "b"}\n',
+        "line 2: invalid JSON: Expecting ',' delimiter",
+    ),
+    "empty.jsonl": (b"", "the file is empty; expected one JSON record per line"),
+    "empty.txt": (b"", "the file is empty; expected text"),
+    "latin1.txt": (b"ok\n\xff\n", r"line 2 \(byte 3\): not valid UTF-8 \(byte 0xff: invalid start byte\)"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TEXT_PROBLEMS))
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_bad_corpus_file_is_one_line_naming_the_file_and_the_line(tokenizer, tmp_path, name, streaming):
+    content, message = TEXT_PROBLEMS[name]
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError) as info:
+        module(tokenizer, path, tmp_path if streaming else None)
+    assert str(info.value).startswith(f"{path}: "), str(info.value)
+    assert re.search(message, str(info.value)), str(info.value)
+
+
+def test_invalid_utf8_deep_in_a_txt_file_and_in_a_folder_names_the_file_and_line(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(text, "TEXT_CHUNK_CHARS", 64)  # the bad byte lies chunks into the file
+    path = latin1_txt(tmp_path)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: line 41 \(byte 1073\): not valid UTF-8"):
+        list(iter_documents(str(path)))
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("fine text\n")
+    (folder / "b.txt").write_bytes(b"")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(folder / 'b.txt'))}: the file is empty"):
+        list(iter_documents(str(folder)))
+
+
+def test_numbers_in_the_text_field_are_their_text(tmp_path):
+    path = tmp_path / "numbers.jsonl"
+    path.write_text("".join(json.dumps({"text": v}) + "\n" for v in [1, 22, 333]))
+    assert ["".join(d) for d in iter_documents(str(path))] == ["1", "22", "333"]
+    csv = tmp_path / "numbers.csv"
+    csv.write_text("text\n007\n1.50\n")
+    assert ["".join(d) for d in iter_documents(str(csv))] == ["007", "1.50"]
+    path.write_text(json.dumps({"text": ["a", "list"]}) + "\n")
+    with pytest.raises(DataError, match=r"numbers.jsonl: record 0 field 'text' is list, expected text"):
+        list(iter_documents(str(path)))

@@ -45,6 +45,9 @@ def check_conversation(messages: list[Message], source: str, index: int, last: s
     with `last` (an assistant reply for SFT, the user's turn for a preference prompt); no user or assistant turn empty.
     """
     where = f"{source}: record {index}"
+    if all(m["role"] == "system" for m in messages):
+        what = "only system turns" if messages else "no turns"
+        raise SkipRecord(f"{where}: has no user or assistant turn ({what})", "no user or assistant turn")
     turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
     for j, m in enumerate(turns, start=len(messages) - len(turns)):
         if m["role"] == "system":
@@ -54,8 +57,6 @@ def check_conversation(messages: list[Message], source: str, index: int, last: s
         if not m["content"].strip():
             raise SkipRecord(f"{where}: turn {j} ({m['role']}) is empty", f"empty {m['role']} turn")
     roles = [m["role"] for m in turns]
-    if not roles:
-        raise SkipRecord(f"{where}: has no user or assistant turn", "no turns")
     for j, role in enumerate(roles):
         expected = "user" if j % 2 == 0 else "assistant"
         if role != expected:
@@ -70,13 +71,29 @@ def check_conversation(messages: list[Message], source: str, index: int, last: s
     return messages
 
 
+IDENTICAL_PAIR = "identical replies"  # the reason a preference pair whose two replies are the same is skipped for
+
+
 def check_preference(pair: Preference, source: str, index: int) -> Preference:
-    """check_conversation's rule for a preference pair: the prompt ends with the user's turn, both replies non-empty."""
+    """check_conversation's rule for a preference pair: the prompt ends with the user's turn, both replies non-empty
+    and not identical (a pair whose replies are the same teaches nothing: it is skipped and counted)."""
     check_conversation(pair.prompt, source, index, last="user")
     for name in ("chosen", "rejected"):
         if not getattr(pair, name).strip():
             raise SkipRecord(f"{source}: record {index}: the {name} reply is empty", "empty reply")
+    if pair.chosen.strip() == pair.rejected.strip():  # DPO's loss has no gradient for such a pair
+        raise SkipRecord(f"{source}: record {index}: the chosen and rejected replies are identical", IDENTICAL_PAIR)
     return pair
+
+
+def as_text(value: Any) -> str | None:
+    """A text field's value as text: a string, or a number as its text (a JSON 42 or 1.5 is the text "42", "1.5");
+    None for anything else (a list, a mapping, true/false), which is refused."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return None
 
 
 def _field(record: Mapping[str, Any], name: str, source: str, index: int, required: bool = True) -> str:
@@ -85,15 +102,16 @@ def _field(record: Mapping[str, Any], name: str, source: str, index: int, requir
         if required:
             raise DataError(f"{source}: record {index} has no field {name!r} (fields: {', '.join(sorted(record))})")
         return ""
-    if not isinstance(value, str):
-        raise DataError(f"{source}: record {index} field {name!r} is {type(value).__name__}, expected a string")
-    return value
+    return _text(value, source, index, name)
 
 
 def _text(value: Any, source: str, index: int, field: str) -> str:
-    if not isinstance(value, str):
-        raise DataError(f"{source}: record {index} field {field!r} is {type(value).__name__}, expected a string")
-    return value
+    text = as_text(value)
+    if text is None:
+        raise DataError(
+            f"{source}: record {index} field {field!r} is {type(value).__name__}, expected a string (or a number)"
+        )
+    return text
 
 
 def _list(record: Mapping[str, Any], name: str, source: str, index: int, required: bool = True) -> list:
@@ -351,8 +369,11 @@ def load_records(path: str, split: str = "train", columns: Mapping[str, str] | N
     """
     import datasets
 
+    from lit_peft.data.files import file_error, load_local, quiet_datasets
+
     local = Path(path).expanduser()
     hub = False
+    files: list[Path] = []  # the local files read, which a failure is looked for in
     try:
         if local.is_file():
             builder = LOCAL_EXTENSIONS.get(data_suffix(local))
@@ -361,14 +382,18 @@ def load_records(path: str, split: str = "train", columns: Mapping[str, str] | N
                     f"{path}: unsupported file type {data_suffix(local)!r}; valid: {', '.join(LOCAL_EXTENSIONS)} "
                     f"(optionally .gz/.bz2/.xz/.zst compressed)"
                 )
-            ds = datasets.load_dataset(builder, data_files=str(local), split="train")
+            files = [local]
+            ds = load_local(builder, local)
         elif local.is_dir():
-            ds = datasets.load_dataset(str(local), split=split)
+            files = sorted(p for p in local.rglob("*") if p.is_file() and data_suffix(p) in LOCAL_EXTENSIONS)
+            with quiet_datasets():  # its progress bars go to run.log
+                ds = datasets.load_dataset(str(local), split=split)
         elif path.startswith((".", "/", "~")) or data_suffix(local) in LOCAL_EXTENSIONS:
             raise DataError(f"data file not found: {path}")
         else:
             hub = True
-            ds = datasets.load_dataset(path, split=split)
+            with quiet_datasets():
+                ds = datasets.load_dataset(path, split=split)
     except DataError:
         raise
     except Exception as e:  # datasets wraps JSON parse errors in its own types
@@ -377,7 +402,7 @@ def load_records(path: str, split: str = "train", columns: Mapping[str, str] | N
                 f"could not load data set {path!r} from the hub ({type(e).__name__}: {_first_line(e)}); "
                 "offline, or a misspelled name? pass data.path=<local file>"
             ) from e
-        raise DataError(f"{path}: could not read data set: {_first_line(e)}") from e
+        raise file_error(files, e, path) from e
     if columns:
         missing = {ours: theirs for ours, theirs in columns.items() if theirs not in ds.column_names}
         if missing:
@@ -386,7 +411,12 @@ def load_records(path: str, split: str = "train", columns: Mapping[str, str] | N
                 f"{path}: data.columns names a column the file does not have ({bad}); "
                 f"the file's fields: {', '.join(ds.column_names)}"
             )
-    records = ds.to_list()
+    try:
+        records = ds.to_list()
+    except Exception as e:  # invalid UTF-8 in a JSON file surfaces only here, when the rows are decoded
+        raise file_error(files, e, path) from e
+    if not records:
+        raise DataError(f"{path}: holds no records")
     if columns:
         records = [{**r, **{ours: r[theirs] for ours, theirs in columns.items()}} for r in records]
     return records

@@ -123,6 +123,7 @@ class SFTDataModule(SplitDataModule):
         self.micro_batch_size, self.val_size, self.seed = micro_batch_size, val_size, seed
         self.max_examples, self.num_workers, self.shuffle = max_examples, num_workers, shuffle
         self.split_seed = split_seed
+        self.skipped: Counter = Counter()  # records skipped by encode_records, per reason
         self.train: list[dict[str, torch.Tensor]] = []
         self.val: list[dict[str, torch.Tensor]] = []
 
@@ -166,10 +167,19 @@ class SFTDataModule(SplitDataModule):
                 examples.append(example)
         report_skipped(skipped, len(indices))
         self.report_lengths(stats, len(indices))
-        if not examples:
+        self.skipped = Counter(getattr(e, "reason", "unusable") for e in skipped)
+        if not examples and not skipped:
             raise DataError(
                 f"{self.source}: none of {len(indices)} records gives an example with a target token within "
                 f"max_seq_length={self.max_seq_length}"
+            )
+        if not examples:  # say what became of them, not blame max_seq_length for records that cannot be used
+            counts = ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common())
+            rest = len(indices) - len(skipped)
+            too_long = f"; the other {rest} keep no target token within max_seq_length={self.max_seq_length}"
+            raise DataError(
+                f"{self.source}: none of {len(indices)} records gives a training example (a reply to learn): "
+                f"{len(skipped)} cannot be used ({counts}; e.g. {skipped[0]}){too_long if rest else ''}"
             )
         return examples
 
@@ -196,8 +206,12 @@ class SFTDataModule(SplitDataModule):
             )
         info(
             f"held-out set: {len(self.val)} examples from {n_val} records (data.val_size={self.val_size}, "
-            f"data.split_seed={self.split_seed}); training: {len(self.train)} examples"
+            f"data.split_seed={self.split_seed}); training: {len(self.train)} examples{self.skipped_note()}"
         )
+
+    def skipped_note(self) -> str:
+        """What the held-out line adds about skipped records (a subclass names the skips that matter to it)."""
+        return ""
 
     def collate_fn(self) -> Callable:
         pad_id = self.tokenizer.eos_id if self.tokenizer.eos_id is not None else 0

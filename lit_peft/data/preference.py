@@ -18,7 +18,7 @@ import torch
 from litgpt import Tokenizer
 
 from lit_peft.console import info
-from lit_peft.data.formats import PREFERENCE_FORMATS, Preference, check_preference
+from lit_peft.data.formats import IDENTICAL_PAIR, PREFERENCE_FORMATS, Preference, check_preference
 from lit_peft.data.module import SFTDataModule
 from lit_peft.data.templates import Message, Template
 from lit_peft.data.tokenize import IGNORE_INDEX, collate, encode_marked, special_strings
@@ -138,6 +138,10 @@ class PreferenceDataModule(SFTDataModule):
                 f"{self.source}: cut {stats['cut_prompt']} of {total} pairs' shared prompts from the left and "
                 f"{stats['cut_reply']} pairs' replies from the right at {length}"
             )
+
+    def skipped_note(self) -> str:
+        n = self.skipped[IDENTICAL_PAIR]
+        return f"; skipped {n} pair{'s' * (n != 1)} whose chosen and rejected replies are identical" if n else ""
 
     def setup(self, stage: str | None = None) -> None:
         if self.train:

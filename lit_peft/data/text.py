@@ -34,7 +34,8 @@ from litgpt import Tokenizer
 from torch.utils.data import Dataset, Subset
 
 from lit_peft.console import info
-from lit_peft.data.formats import COMPRESSIONS, LOCAL_EXTENSIONS, DataError, data_suffix
+from lit_peft.data.files import empty_file_error, file_error, load_local, local_rows, quiet_datasets
+from lit_peft.data.formats import COMPRESSIONS, LOCAL_EXTENSIONS, DataError, as_text, data_suffix
 from lit_peft.data.module import SplitDataModule, split_sizes
 from lit_peft.data.tokenize import collate, encode_plain
 from lit_peft.io import atomic_path
@@ -131,14 +132,16 @@ def iter_documents(
                 if value:
                     yield value
             else:
-                if not isinstance(value, str):
+                text = as_text(value)  # a number is its text
+                if text is None:
                     raise DataError(f"{source}: record {i} field {field!r} is {type(value).__name__}, expected text")
-                if value.strip():
-                    yield [value]
+                if text.strip():
+                    yield [text]
 
     if files is None:  # a hub data set
         try:
-            ds = datasets.load_dataset(path, split=split, streaming=streaming)
+            with quiet_datasets():
+                ds = datasets.load_dataset(path, split=split, streaming=streaming)
         except Exception as e:
             raise _hub_error(path, e) from e
         yield from records(path, ds)
@@ -150,12 +153,15 @@ def iter_documents(
                 raise DataError(f"{file}: data.format=tokens needs records with {field!r}, not a .txt file")
             if file.suffix in COMPRESSIONS:
                 raise DataError(f"{file}: compressed .txt is not supported; decompress it or use {{text}} JSONL")
-            yield from _txt_documents(file, separator)
+            if file.stat().st_size == 0:
+                raise empty_file_error(file)
+            try:
+                yield from _txt_documents(file, separator)
+            except UnicodeDecodeError as e:  # names the file, the line and the byte
+                raise file_error([file], e, str(file)) from e
         else:
-            ds = datasets.load_dataset(
-                LOCAL_EXTENSIONS[suffix], data_files=str(file), split="train", streaming=streaming
-            )
-            yield from records(str(file), ds)
+            ds = load_local(LOCAL_EXTENSIONS[suffix], file, streaming=streaming)
+            yield from records(str(file), local_rows(ds, [file], str(file)))
 
 
 def source_fingerprint(path: str, split: str = "train") -> list[Any]:
