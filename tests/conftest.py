@@ -157,10 +157,9 @@ def _run_in_process(script: str, args: list[str], stdin: str | None) -> subproce
     import io
     import logging
     import runpy
+    import signal
     import traceback
     import warnings
-
-    import signal
 
     path = str(ROOT / script)
     out, err = io.StringIO(), io.StringIO()
