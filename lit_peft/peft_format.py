@@ -45,6 +45,7 @@ from lit_peft.io import (
     load_adapter,
     load_safetensors,
     load_weights,
+    read_adapter_meta,
     read_json,
     recover,
     save_adapter,
@@ -205,7 +206,7 @@ def read_lora_adapter(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor],
         raise FileNotFoundError(
             f"no adapter at {adapter_dir} (expected {ADAPTER_WEIGHTS} and {ADAPTER_META}; e.g. outputs/<run>/adapter)"
         )
-    meta = read_json(adapter_dir / ADAPTER_META)
+    meta = read_adapter_meta(adapter_dir)  # the one reader: the file's shape is checked there
     if "lrc" in meta:
         raise ValueError(f"{adapter_dir} holds a Low-Rank Clone's projections, not a LoRA adapter")
     method = meta.get("method")

@@ -175,14 +175,18 @@ def test_hydra_composition_errors_are_one_line(argv, message):
     assert one_error(stderr).startswith(message)
 
 
-def test_preflight_pins_the_run_folder_and_remembers_it(tmp_path):
+def test_preflight_pins_the_run_folder_and_remembers_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the dated default folder is claimed (created) here
     outputs = cli.OutputFolders()
     argv = cli.hydra_preflight(["model=tiny-random"], CONF, "config", validate_config, outputs)
-    pinned = argv[-1]
+    assert argv[-1] == "hydra.output_subdir=null"  # the run writes .hydra/ once its settings are accepted
+    pinned = argv[-2]
     assert pinned.startswith("hydra.run.dir=outputs/") and pinned.endswith("_lora")
-    assert outputs.created(pinned.partition("=")[2])
+    assert outputs.created(pinned.partition("=")[2]) and Path(pinned.partition("=")[2]).is_dir()
+    again = cli.hydra_preflight(["model=tiny-random"], CONF, "config", validate_config, cli.OutputFolders())[-2]
+    assert again != pinned  # a second run in the same second gets its own folder (`-2`), or a later second's
     sweep = cli.hydra_preflight(["-m", "method=lora,oft"], CONF, "config", validate_config, cli.OutputFolders())
-    assert sweep[-1].startswith("hydra.sweep.dir=multirun/")
+    assert sweep[-2].startswith("hydra.sweep.dir=multirun/")
     assert cli.hydra_preflight(["--help"], CONF, "config", validate_config) == ["--help"]  # Hydra answers it
 
 

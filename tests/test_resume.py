@@ -266,4 +266,8 @@ def test_a_signal_checkpoints_and_stops_without_a_validation_pass(tmp_path):
     assert preemption.signal_name == "SIGTERM" and preemption.step == 3 and trainer.global_step == 3
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 3
     assert Signalled.validations == 0
-    assert signal.getsignal(signal.SIGTERM) is not preemption._handler  # the previous handler is back
+    from lit_peft.signals import SIGNALS
+
+    assert SIGNALS.received == "SIGTERM" and not SIGNALS.deferred  # noted in the loop, honoured at the step's end
+    assert signal.getsignal(signal.SIGTERM) is not SIGNALS.handler  # Lightning put back what was there before fit
+    SIGNALS.reset()
