@@ -402,6 +402,12 @@ class Preemption(L.Callback):
 
         SIGNALS.deferred = False
 
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        from lit_peft.signals import SIGNALS
+
+        SIGNALS.deferred = False  # after on_train_end (the final checkpoint and export ran deferred); a request
+        # noted meanwhile is honoured by the caller (lit_peft.train: SIGNALS.honour() after fit)
+
 
 def requeue_slurm_job() -> bool:
     """Under SLURM, requeue this job (the requeued job runs the same command, which resumes); True if asked."""
