@@ -171,6 +171,7 @@ def _train(
     resume_from = resume_checkpoint(cfg.get("resume"), ckpt_dir)
     check_resume_strategy(resume_from, cfg.strategy)  # a sharded checkpoint needs strategy=fsdp
     resumed_step = None
+    reexport = False
     record = RunRecord(started)
     export_name = task.export_name(cfg.method.name)
     if resume_from is not None:
@@ -188,6 +189,8 @@ def _train(
                 export_dir = out_dir / export_name
                 return {"out_dir": str(out_dir), "export": str(export_dir), "initial": {}, "final": {}, "log_dir": None}
             info(f"finished at step {resumed_step}; completing what its run did not write: {', '.join(missing)}")
+            reexport = export_step(out_dir / export_name) != resumed_step  # decided before anything is written,
+            # so every rank takes the same decision (the export is collective)
         del saved
     if accepted is not None:
         accepted()
@@ -307,7 +310,7 @@ def _train(
     finally:
         SIGNALS.deferred = False
     SIGNALS.honour()  # a stop request noted in the loop: its step is checkpointed; the entry point exits 3
-    if export_step(export.target) != trainer.global_step:  # a finished run whose export was cut short
+    if reexport:  # a finished run whose export at its last step was cut short
         export.export(trainer, module)
     if t.validate_last:
         trainer.validate(module, datamodule=data, verbose=False)

@@ -423,3 +423,18 @@ def test_a_relative_default_checkpoint_means_the_projects_from_any_directory(tmp
     (tmp_path / "checkpoints" / "mine").mkdir(parents=True)
     assert resolve_checkpoint_dir("checkpoints/mine") == Path("checkpoints/mine")  # one here is the user's
     assert resolve_checkpoint_dir(tmp_path / "x") == tmp_path / "x"
+
+
+def test_a_finished_run_killed_before_its_last_export_gets_it_from_the_same_command(tiny_checkpoint, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    assert finetune(tiny_checkpoint, out).returncode == 0
+    exported = (out / "adapter" / "adapter.safetensors").read_bytes()
+    shutil.rmtree(out / "adapter")  # what a SIGKILL between the last checkpoint and the export leaves
+    (out / "metrics.json").unlink()
+    res = finetune(tiny_checkpoint, out)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "completing what its run did not write: adapter/ at step 4, metrics.json" in res.stdout + res.stderr
+    assert (out / "adapter" / "adapter.safetensors").read_bytes() == exported  # the checkpoint's weights
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 4
