@@ -114,7 +114,7 @@ def test_optuna_search_minimizes_the_final_held_out_loss(tiny_checkpoint, tmp_pa
     assert f"optim.lr={best.best_params['optim.lr']}" in overrides
 
 
-def test_preflight_checks_a_search_space_at_both_ends(tmp_path, capsys):
+def test_preflight_checks_a_search_space_at_both_ends(tmp_path, capsys, monkeypatch):
     from lit_peft import cli
     from lit_peft.validate import STAGES
 
@@ -129,8 +129,9 @@ def test_preflight_checks_a_search_space_at_both_ends(tmp_path, capsys):
     err = preflight("-m", "optim.lr=interval(1e-4,1e-2)", "model=tiny-random")
     assert "the basic sweeper sweeps lists of values only" in err
     good = ["-m", "hydra/sweeper=optuna", "optim.lr=tag(log,interval(1e-4,1e-2))", "method.r=tag(int,interval(2,8))"]
+    monkeypatch.chdir(tmp_path)  # the sweep's dated folder is claimed (created) in the working directory
     argv = cli.hydra_preflight([*good, "model=tiny-random"], CONF, "config", STAGES, cli.OutputFolders())
-    assert argv[-1].startswith("hydra.sweep.dir=")
+    assert argv[-2].startswith("hydra.sweep.dir=") and argv[-1] == "hydra.output_subdir=null"
 
 
 # --------------------------------------------------------------------------- parallel local jobs: GPU slots
