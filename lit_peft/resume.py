@@ -92,11 +92,18 @@ def damaged(path: Path) -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
-def resume_checkpoint(resume: Any, ckpt_dir: Path) -> Path | None:
-    """The checkpoint to resume from, or None to start afresh; ResumeError (one line) when it cannot be used."""
+def checkpoint_path(resume: Any, ckpt_dir: Path) -> Path | None:
+    """The checkpoint `resume` names (last.ckpt for auto/true), whether or not it exists; None for resume=false."""
     if resume in (None, False, "false", "no"):
         return None
-    path = ckpt_dir / "last.ckpt" if resume in (True, "true", "last", "auto") else Path(str(resume))
+    return ckpt_dir / "last.ckpt" if resume in (True, "true", "last", "auto") else Path(str(resume))
+
+
+def resume_checkpoint(resume: Any, ckpt_dir: Path) -> Path | None:
+    """The checkpoint to resume from, or None to start afresh; ResumeError (one line) when it cannot be used."""
+    path = checkpoint_path(resume, ckpt_dir)
+    if path is None:
+        return None
     if not (path.is_file() or is_sharded_checkpoint(path)):
         if resume == "auto":
             return None

@@ -32,6 +32,7 @@ from lit_peft.resume import (
     RunIdentity,
     RunRecord,
     check_identity,
+    checkpoint_path,
     data_fingerprint,
     export_step,
     finished,
@@ -162,7 +163,8 @@ def _train(
     checkpoint_dir = prepare_checkpoint(cfg.model)
     ckpt_dir = out_dir / "checkpoints"
     config = OmegaConf.to_container(cfg, resolve=True)
-    previous = _previous_identity(ckpt_dir, cfg.get("resume"))
+    peeked = _peek_checkpoint(ckpt_dir, cfg.get("resume"))  # read once: its identity, then its contents to resume
+    previous = peeked[1].get("lit_peft_run") if peeked else None
     identity = run_identity(config, checkpoint_dir, data_fingerprint(config.get("data") or {}, previous))
     if owner:  # rank 0 decides for the run's folder; the other ranks follow
         note = claim(out_dir, cfg.get("resume"), bool(cfg.get("overwrite", False)), identity_digest(identity))
@@ -175,7 +177,7 @@ def _train(
     record = RunRecord(started)
     export_name = task.export_name(cfg.method.name)
     if resume_from is not None:
-        saved = load_checkpoint(resume_from)
+        saved = peeked[1] if peeked and peeked[0] == resume_from else load_checkpoint(resume_from)
         resumed_step = int(saved.get("global_step", 0))
         record = RunRecord(started, saved)
         check_identity(saved.get("lit_peft_run"), identity, resume_from, defaults)
@@ -364,12 +366,15 @@ def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
     return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flat.items()}
 
 
-def _previous_identity(ckpt_dir: Path, resume: Any) -> dict[str, Any] | None:
-    """The identity the checkpoint to resume recorded (its data digests are reused for unchanged files), or None."""
+def _peek_checkpoint(ckpt_dir: Path, resume: Any) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint `resume` names and its contents (memory-mapped), before resume_checkpoint checks it is whole;
+    None when there is none or it cannot be read (resume_checkpoint then says why)."""
+    path = checkpoint_path(resume, ckpt_dir)
+    if path is None or not path.exists():
+        return None
     try:
-        path = resume_checkpoint(resume, ckpt_dir)
-        return load_checkpoint(path).get("lit_peft_run") if path is not None else None
-    except Exception:  # a damaged checkpoint: resume_checkpoint says so below
+        return path, load_checkpoint(path)
+    except Exception:
         return None
 
 
