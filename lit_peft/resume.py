@@ -368,8 +368,8 @@ class Preemption(L.Callback):
 
     stopped: str | None = None  # "<signal> at step N" once a run in this process stopped for a signal (sweep records)
 
-    def __init__(self, final: FinalCheckpoint, requeue: bool = True) -> None:
-        self.final, self.requeue = final, requeue
+    def __init__(self, final: FinalCheckpoint) -> None:
+        self.final = final
         self.signal_name: str | None = None
         self.step: int | None = None
 
@@ -377,7 +377,7 @@ class Preemption(L.Callback):
     def _ours() -> None:
         from lit_peft.signals import SIGNALS
 
-        SIGNALS.reinstall()  # over the handlers Lightning registered for this stage (it restores ours at teardown)
+        SIGNALS.install()  # over the handlers Lightning registered for this stage (it restores ours at teardown)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._ours()

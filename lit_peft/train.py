@@ -255,7 +255,7 @@ def _train(
     )
     final_checkpoint = FinalCheckpoint(ckpt_dir / "last.ckpt")
     final_checkpoint.saved_step = resumed_step  # a resumed run's checkpoint is not written again at its step
-    preemption = Preemption(final_checkpoint, requeue=bool(t.get("requeue", True)))
+    preemption = Preemption(final_checkpoint)
     logger = instantiate(cfg.logger)
     strategy = build_strategy(cfg.strategy)
     precision = precision_plugin(str(cfg.precision), strategy)  # keeps adapters float32 under -true half precision

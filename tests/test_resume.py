@@ -250,7 +250,7 @@ def test_a_signal_checkpoints_and_stops_without_a_validation_pass(tmp_path):
             return super().validation_step(batch, batch_idx)
 
     final = FinalCheckpoint(tmp_path / "last.ckpt")
-    preemption = Preemption(final, requeue=False)
+    preemption = Preemption(final)
     trainer = L.Trainer(
         max_steps=10,
         val_check_interval=8,
