@@ -56,7 +56,6 @@ class _Policy:
                 signal.signal(sig, self.handler)
         self.installed = True
 
-
     def reset(self) -> None:
         """A new job starts (a sweep runs several in one process): no request pending, not deferred."""
         self.received, self.deferred = None, False
