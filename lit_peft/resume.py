@@ -209,13 +209,14 @@ def run_identity(config: dict[str, Any], checkpoint_dir: Path, data: dict[str, A
     }
 
 
+def may_change(key: str) -> bool:
+    """Whether a resumed run may change this flattened setting (it or a node above it is in RESUMABLE_CHANGES)."""
+    return any(key == c or key.startswith(f"{c}.") for c in RESUMABLE_CHANGES)
+
+
 def comparable_config(config: dict[str, Any]) -> dict[str, str]:
     """The flattened config's settings that change a run's result (all but RESUMABLE_CHANGES), as reprs."""
-    keep = {
-        k: v
-        for k, v in flatten(config).items()
-        if not any(k == c or k.startswith(f"{c}.") for c in RESUMABLE_CHANGES) and not k.startswith("hydra")
-    }
+    keep = {k: v for k, v in flatten(config).items() if not may_change(k) and not k.startswith("hydra")}
     return {k: repr(v) for k, v in keep.items()}
 
 
@@ -253,10 +254,9 @@ def check_identity(
     if not saved:
         return  # written before identities were recorded
     before, now, defaults = saved.get("config", {}), current["config"], defaults or {}
-    ignored = set(RESUMABLE_CHANGES)
 
     def differs(k: str) -> bool:
-        if any(k == c or k.startswith(f"{c}.") for c in ignored):
+        if may_change(k):
             return False  # a checkpoint written when this key was still compared
         if k not in before:
             return k not in defaults or defaults[k] != now.get(k)
