@@ -596,10 +596,11 @@ def hydra_preflight(
             else:
                 out_dirs.setdefault(os.path.abspath(str(raw)) if isinstance(raw, str) else repr(raw), []).append(i)
             jobs.append(job)
-    for job in jobs:
-        check_output_folder("out_dir", job.get("out_dir"))
-    if folder:
-        check_output_folder("hydra.sweep.dir" if multirun else "hydra.run.dir", folder)
+    with fail.on_user_error():
+        for job in jobs:
+            check_output_folder("out_dir", job.get("out_dir"))
+        if folder:
+            check_output_folder("hydra.sweep.dir" if multirun else "hydra.run.dir", folder)
     shared = next(((d, js) for d, js in out_dirs.items() if len(js) > 1), None)
     if multirun and shared:
         fail.exit(
@@ -627,33 +628,27 @@ def hydra_preflight(
 
 def check_output_folder(key: str, value: Any) -> None:
     """An output folder setting must name a folder this process can create or write: not empty, not a file, not on a
-    read-only file system. One-line ValueError otherwise (checked before Hydra creates anything)."""
+    read-only file system. ValueError (one line) otherwise: the preflight checks it before Hydra creates anything."""
     if value is None:
         return
     if not isinstance(value, str) or not value.strip():
-        raise_exit(f"{key}={value!r} is empty; give the folder to write the run into, e.g. {key}=runs/my-run")
+        raise ValueError(f"{key}={value!r} is empty; give the folder to write the run into, e.g. {key}=runs/my-run")
     path = Path(value).expanduser()
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if existing == path and not path.is_dir():
-        raise_exit(f"{key}={value}: a file is in the way; expected a folder (a new or an existing one)")
+        raise ValueError(f"{key}={value}: a file is in the way; expected a folder (a new or an existing one)")
     if existing != path and not existing.is_dir():
-        raise_exit(f"{key}={value}: {existing} is a file, not a folder")
+        raise ValueError(f"{key}={value}: {existing} is a file, not a folder")
     try:
         read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
     except OSError:
         read_only = False
     if read_only:
-        raise_exit(f"{key}={value}: {existing} is on a read-only file system; choose a writable folder")
+        raise ValueError(f"{key}={value}: {existing} is on a read-only file system; choose a writable folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise_exit(f"{key}={value}: {existing} is not writable (permission denied); choose a writable folder")
-
-
-def raise_exit(message: str) -> NoReturn:
-    if os.environ.get("LIT_PEFT_DEBUG"):
-        raise ValueError(message)
-    fail.exit(message)
+        raise ValueError(f"{key}={value}: {existing} is not writable (permission denied); choose a writable folder")
 
 
 def claim_new_folder(folder: str) -> str:
