@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> Path:
     if args.eval is None and (args.limit is not None or args.data_dir is not None):
         p.error("--limit and --data-dir apply to --eval; add --eval TASKS")
 
-    from lit_peft.report import ReportError, check_folder, write_report
+    from lit_peft.sweeps.jobs import ReportError, check_folder
+    from lit_peft.sweeps.report import write_report
 
     try:
         for folder in args.folders:

@@ -97,7 +97,7 @@ def test_logging_is_put_back_after_a_run_and_a_user_error_lands_in_run_log(tmp_p
     log = (tmp_path / "run.log").read_text()
     assert "inside" in log and "error: " in log
 
-    from lit_peft.report import _error_in_log
+    from lit_peft.sweeps.jobs import _error_in_log
 
     assert _error_in_log(tmp_path)
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY_RUN, run_cli
 
-from lit_peft.report import PLOT_DPI, PLOTS, write_report, write_run_metrics
+from lit_peft.sweeps.jobs import PLOT_DPI, PLOTS, write_run_metrics
+from lit_peft.sweeps.report import write_report
 
 SWEEP_RUN = [*TINY_RUN, "hydra.sweep.subdir=${hydra.job.num}"]
 SFT_DATA = ["data.val_size=8", "data.synthetic.num_examples=48"]
@@ -314,7 +315,7 @@ def test_bad_input_is_one_line(tmp_path, make, extra, message):
 def test_a_preempted_job_is_recorded_as_preempted_not_killed(sweep, tmp_path, monkeypatch):
     """A job stopped by SIGTERM/SIGUSR1 exits 3 after its checkpoint: the sweep record says so and how to resume."""
     from lit_peft.resume import Preemption
-    from lit_peft.sweep_callback import SweepReport
+    from lit_peft.sweeps.callback import SweepReport
 
     source, _ = sweep
     folder = tmp_path / "preempted"

@@ -7,7 +7,7 @@ In a `-m` sweep it appends to `<sweep dir>/jobs.jsonl` (one JSON object a line, 
 - `end`: a job ended, with its `status` (ok / failed), its one-line `error`, num, overrides and out_dir;
 - `sweep_end`: the sweep process is done.
 
-and refreshes `report.md`, `report.csv` and the plots (lit_peft/report.py) after every job and at the end.
+and refreshes `report.md`, `report.csv` and the plots (lit_peft/sweeps/report.py) after every job and at the end.
 
 How a failed job ends depends on what it raised, in hydra-core 1.3.2's basic launcher:
 
@@ -171,7 +171,7 @@ class SweepReport(Callback):
 
     @staticmethod
     def _append(sweep: Path, record: dict[str, Any]) -> None:
-        from lit_peft.report import append_record
+        from lit_peft.sweeps.jobs import append_record
 
         try:
             append_record(sweep, record)
@@ -195,7 +195,7 @@ class SweepReport(Callback):
     def _write_report(self) -> Path | None:
         if self._sweep_dir is None or not self._sweep_dir.is_dir():
             return None
-        from lit_peft.report import write_report
+        from lit_peft.sweeps.report import write_report
 
         try:
             return write_report([self._sweep_dir], plots=self.plots, log=lambda *_: None)

@@ -1,0 +1,425 @@
+"""What a sweep's jobs wrote, read back: job folders, `jobs.jsonl` records, metrics.json and TensorBoard scalars.
+
+See lit_peft/sweeps/report.py for what the report reads and how.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.json"
+JOBS_FILE = "jobs.jsonl"
+REPORT_MD, REPORT_CSV = "report.md", "report.csv"
+# name: (width, height) in inches at PLOT_DPI: 1200 x 450, 800 x 500 and 800 x 450 pixels
+PLOTS = {"loss_curves.png": (12.0, 4.5), "loss_vs_params.png": (8.0, 5.0), "step_time.png": (8.0, 4.5)}
+PLOT_DPI = 100
+STALE_AFTER_S = 15 * 60  # a job without a process record that wrote nothing for this long counts as killed
+EVAL_DIR = "eval"
+
+RUN_METRICS_KEYS = {
+    "status": "'ok' for a run that finished (the only value train.py writes today)",
+    "initial": "held-out metrics before training, {'val/loss': ..., 'val/ppl': ..., 'val/<task metric>': ...}",
+    "final": "held-out metrics after the last step, same keys",
+    "held_out_examples": "size of the held-out set (examples, or pairs for DPO)",
+    "steps": "optimizer steps taken (the trainer's global step)",
+    "tokens": "real (non-padding) tokens trained on, all ranks",
+    "wall_time_s": "seconds from the start of train() to the end of the run",
+    "peak_memory_bytes": "peak memory of the run",
+    "peak_memory_kind": "'cuda_max_allocated' (torch.cuda.max_memory_allocated) or 'cpu_max_rss' (peak resident)",
+    "trainable_params": "parameters the optimizer updates",
+    "total_params": "all parameters of the trained model (frozen base included)",
+    "config_digest": "digest of the run's resolved settings (the resume identity)",
+    "method": "method name (lora, ether, ..., full)",
+    "task": "task name (sft, dpo, distill, lrc, pretrain)",
+}
+
+# Metric names before the `train/...`, `val/...` scheme, and the ones the table reads itself (not task metrics).
+ALIASES = {"train_loss": "train/loss", "lr": "train/lr", "tokens_per_sec": "train/tokens_per_sec"}
+IGNORED_TAGS = {"epoch", "hp_metric"}
+CORE_TRAIN = {
+    "train/loss",
+    "train/lr",
+    "train/tokens_per_sec",
+    "train/step_time_s",
+    "train/peak_memory_bytes",
+    "train/grad_norm",
+    "train/target_tokens",
+    "train/pairs",
+    "train/sequences",
+    "train/positions",
+    "train/nonfinite_skipped",
+}
+CORE_VAL = ("val/loss", "val/ppl")
+STATUSES = ("ok", "failed", "running", "preempted", "killed", "pending", "not run")
+
+
+class ReportError(ValueError):
+    """A folder given to the report that is neither a sweep nor a run (a user error: one line, exit 2)."""
+
+
+# ---------------------------------------------------------------------------------------------- what runs write
+
+
+def write_run_metrics(out_dir: str | Path, **fields: Any) -> Path:
+    """Write `<out_dir>/metrics.json` atomically at the end of a run; returns its path.
+
+    The keys the report reads are documented in `RUN_METRICS_KEYS` (status defaults to 'ok'); other keys are kept.
+    Numbers must be plain Python/JSON numbers (call float()/int() on tensors first).
+    """
+    from lit_peft.io import write_json
+
+    data = {"status": "ok", **fields}
+    for name in ("initial", "final"):
+        if name in data and data[name] is not None:
+            data[name] = {canonical(str(k)): float(v) for k, v in dict(data[name]).items()}
+    path = Path(out_dir) / METRICS_FILE
+    write_json(path, data)
+    return path
+
+
+def canonical(tag: str) -> str:
+    """A metric name in the `train/...`, `val/...` scheme (older runs logged val_loss, train_loss, lr)."""
+    if tag in ALIASES:
+        return ALIASES[tag]
+    if tag.startswith("val_"):
+        return "val/" + tag[4:]
+    return tag
+
+
+@dataclass
+class Point:
+    step: int
+    wall_time: float
+    value: float
+
+
+def read_scalars(folder: Path) -> dict[str, list[Point]]:
+    """Every scalar of every tensorboard event file under `folder` (names in the canonical scheme), in write order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    dirs = sorted({p.parent for p in folder.rglob("events.out.tfevents.*") if not _hidden(p, folder)})
+    out: dict[str, list[Point]] = {}
+    quiet = logging.getLogger("tensorboard")  # its INFO lines per event file would land in a job's run.log
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        for d in dirs:
+            acc = EventAccumulator(str(d), size_guidance={"scalars": 0})  # 0: keep every point, not a sample
+            acc.Reload()
+            for tag in acc.Tags().get("scalars", []):
+                if tag in IGNORED_TAGS:
+                    continue
+                points = out.setdefault(canonical(tag), [])
+                points.extend(Point(int(e.step), float(e.wall_time), float(e.value)) for e in acc.Scalars(tag))
+    finally:
+        quiet.setLevel(level)
+    for points in out.values():
+        points.sort(key=lambda p: p.wall_time)
+    return out
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts[:-1])
+
+
+# ------------------------------------------------------------------------------------------------ jobs and sweeps
+
+
+@dataclass
+class Job:
+    name: str
+    folder: Path | None
+    num: int | None = None
+    overrides: list[str] = field(default_factory=list)
+    status: str = ""
+    error: str = ""
+    method: str | None = None
+    task: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    scalars: dict[str, list[Point]] = field(default_factory=dict)
+    evals: dict[str, tuple[float, float | None, int | None, str]] = field(default_factory=dict)  # acc, se, n, se from
+    eval_error: str = ""
+    row: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def override_map(self) -> dict[str, str]:
+        pairs = (o.lstrip("+~").partition("=") for o in self.overrides)
+        return {k: v for k, _, v in pairs if k and k != "out_dir" and not k.startswith("hydra.")}
+
+
+def is_run_dir(folder: Path) -> bool:
+    return (
+        (folder / ".hydra" / "config.yaml").is_file()
+        or (folder / METRICS_FILE).is_file()
+        or (folder / "tensorboard").is_dir()
+    )
+
+
+def run_dirs(sweep: Path, max_depth: int = 8) -> list[Path]:
+    """Job folders under a sweep folder (nested ones too: path-valued overrides make nested folder names)."""
+    found: list[Path] = []
+    for root, dirs, _ in os.walk(sweep):
+        here = Path(root)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != EVAL_DIR)
+        if here != sweep and is_run_dir(here):
+            found.append(here)
+            dirs[:] = []
+        elif len(here.relative_to(sweep).parts) >= max_depth:
+            dirs[:] = []
+    return found
+
+
+def read_records(sweep: Path) -> list[dict[str, Any]]:
+    path = sweep / JOBS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def append_record(sweep: str | Path, record: dict[str, Any]) -> None:
+    """One line of `<sweep>/jobs.jsonl`, appended in a single write (concurrent jobs append whole lines)."""
+    line = (json.dumps(record, default=str) + "\n").encode()
+    fd = os.open(Path(sweep) / JOBS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def _host() -> str:
+    return socket.gethostname()
+
+
+def process_alive(pid: Any, host: Any) -> bool | None:
+    """Whether process `pid` on `host` runs; None when that cannot be told from here (another host)."""
+    from lit_peft.io import pid_alive
+
+    if not isinstance(pid, int) or host != _host():
+        return None
+    return pid_alive(pid)
+
+
+def _key(path: Any) -> str:
+    return os.path.realpath(str(path))
+
+
+def _newest_write(folder: Path) -> float | None:
+    newest = None
+    for root, _, files in os.walk(folder):
+        for f in files:
+            try:
+                mtime = os.stat(os.path.join(root, f)).st_mtime
+            except OSError:
+                continue
+            newest = mtime if newest is None else max(newest, mtime)
+    return newest
+
+
+def _error_in_log(folder: Path) -> str:
+    """The last `error: ...` line a run logged (run.log), without the prefix."""
+    log = folder / "run.log"
+    if not log.is_file():
+        return ""
+    # a bare line, or one with run.log's "<time> ERROR lit_peft: " prefix
+    errors = [m.group(1) for m in re.finditer(r"(?:^|: )error: (.*)$", log.read_text(errors="replace"), re.M)]
+    return errors[-1] if errors else ""
+
+
+def _read_yaml_list(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
+    from omegaconf import OmegaConf
+
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception:
+        return []
+    return [str(o) for o in loaded] if isinstance(loaded, list) else []
+
+
+def _config_names(folder: Path) -> tuple[str | None, str | None]:
+    path = folder / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return None, None
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return None, None
+    name = lambda node: (cfg.get(node) or {}).get("name") if isinstance(cfg.get(node), dict) else None  # noqa: E731
+    return name("method"), name("task")
+
+
+def load_job(job: Job, now: float, stale_after_s: float, record: dict[str, Any] | None = None) -> Job:
+    """Fill in a job's metrics, scalars and status from its folder (and its jobs.jsonl record, if any)."""
+    start, end = (record or {}).get("start"), (record or {}).get("end")
+    folder = job.folder
+    if folder is not None and folder.is_dir():
+        if not job.overrides:
+            job.overrides = _read_yaml_list(folder / ".hydra" / "overrides.yaml")
+        job.method, job.task = _config_names(folder)
+        mpath = folder / METRICS_FILE
+        if mpath.is_file():
+            try:
+                loaded = json.loads(mpath.read_text())
+                job.metrics = loaded if isinstance(loaded, dict) else {}
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                job.error = f"{mpath} is unreadable ({type(e).__name__}: {e})"
+        try:
+            job.scalars = read_scalars(folder)
+        except Exception as e:  # a damaged event file is a note on the row, never a crash of the report
+            job.error = job.error or f"tensorboard events unreadable: {type(e).__name__}: {e}"
+    for rec in (start, end):
+        if rec:
+            job.method = job.method or rec.get("method")
+            job.task = job.task or rec.get("task")
+            job.overrides = job.overrides or list(rec.get("overrides") or [])
+            job.num = rec.get("num", job.num)
+    job.method = job.metrics.get("method") or job.method
+    job.task = job.metrics.get("task") or job.task
+
+    if job.metrics and job.metrics.get("status", "ok") == "ok":
+        job.status = "ok"
+    elif job.metrics:
+        job.status, job.error = "failed", job.error or str(job.metrics.get("error") or job.metrics.get("status"))
+    elif end:
+        job.status = str(end.get("status") or "failed")
+        job.error = str(end.get("error") or job.error or "")
+    elif start:
+        alive = process_alive(start.get("pid"), start.get("host"))
+        if alive is None:
+            alive = _recent(folder, now, stale_after_s)
+        job.status = "running" if alive else "killed"
+    elif folder is not None and folder.is_dir():
+        logged = _error_in_log(folder)
+        if logged:
+            job.status, job.error = "failed", logged
+        else:
+            job.status = "running" if _recent(folder, now, stale_after_s) else "killed"
+    else:
+        job.status = "killed"
+    return job
+
+
+def _recent(folder: Path | None, now: float, stale_after_s: float) -> bool:
+    newest = _newest_write(folder) if folder is not None and folder.is_dir() else None
+    return newest is not None and now - newest < stale_after_s
+
+
+def collect(folders: Sequence[Path], report_dir: Path, stale_after_s: float = STALE_AFTER_S) -> list[Job]:
+    """The jobs of the given sweep and run folders, each loaded (see `load_job`), in sweep order."""
+    now = time.time()
+    jobs: list[Job] = []
+    seen: set[str] = set()
+
+    several = len(folders) > 1
+    names: set[str] = set()
+
+    def name_of(folder: Path, base: Path) -> str:
+        """The folder relative to the report's folder; with several inputs, prefixed by the input's name."""
+        rel = os.path.relpath(folder, report_dir)
+        if rel.startswith("..") or rel == ".":
+            rel = os.path.relpath(folder, base)
+            rel = folder.name if rel.startswith("..") or rel == "." else rel
+            if several and _key(base) != _key(folder):
+                rel = f"{base.name}/{rel}"
+        name, i = rel, 1
+        while name in names:
+            i += 1
+            name = f"{rel} ({i})"
+        names.add(name)
+        return name
+
+    for given in folders:
+        given = Path(given)
+        if is_run_dir(given):
+            if _key(given) not in seen:
+                seen.add(_key(given))
+                name = name_of(given, given.parent)
+                jobs.append(load_job(Job(name=name, folder=given), now, stale_after_s))
+            continue
+        records = read_records(given)
+        by_dir: dict[str, dict[str, Any]] = {}
+        planned: list[dict[str, Any]] = []
+        sweep_alive = False
+        for rec in records:
+            event = rec.get("event")
+            if event == "sweep":
+                planned = [j for j in rec.get("jobs") or [] if isinstance(j, dict)]
+                sweep_alive = bool(process_alive(rec.get("pid"), rec.get("host")))
+            elif event == "sweep_end":
+                sweep_alive = False
+            elif event in ("start", "end") and rec.get("out_dir"):
+                entry = by_dir.setdefault(_key(rec["out_dir"]), {})
+                if event == "start":
+                    entry.clear()  # a job run again (same folder) starts over
+                entry[event] = rec
+        found = {_key(f): f for f in run_dirs(given)}
+        order: list[tuple[float, str]] = []
+        for key, entry in by_dir.items():
+            rec = entry.get("start") or entry.get("end")
+            order.append((float(rec.get("num", 1e9)), key))
+        for key in found:
+            if key not in by_dir:
+                order.append((1e9, key))
+        started_nums = set()
+        for _, key in sorted(order, key=lambda t: (t[0], t[1])):
+            if key in seen:
+                continue
+            seen.add(key)
+            entry = by_dir.get(key, {})
+            folder = found.get(key) or (Path(key) if Path(key).is_dir() else None)
+            rec = entry.get("start") or entry.get("end") or {}
+            if "num" in rec:
+                started_nums.add(rec["num"])
+            path = folder or Path(key)
+            job = Job(name=name_of(path, given), folder=folder, num=rec.get("num"))
+            jobs.append(load_job(job, now, stale_after_s, entry))
+        for plan in planned:
+            if plan.get("num") in started_nums:
+                continue
+            status = "pending" if sweep_alive else "not run"
+            job = Job(
+                name=name_of(given / f"#{plan.get('num')}", given),
+                folder=None,
+                num=plan.get("num"),
+                overrides=list(plan.get("overrides") or []),
+                status=status,
+            )
+            job.method, job.task = job.override_map.get("method"), job.override_map.get("task")
+            jobs.append(job)
+    return jobs
+
+
+def check_folder(folder: Path) -> None:
+    """A sweep folder or a run folder, else ReportError naming what was expected."""
+    if not folder.exists():
+        raise ReportError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise ReportError(f"{folder} is a file, not a sweep or run folder")
+    if is_run_dir(folder) or (folder / "multirun.yaml").is_file() or (folder / JOBS_FILE).is_file():
+        return
+    if run_dirs(folder, max_depth=3):
+        return
+    raise ReportError(
+        f"{folder} is not a sweep folder (no multirun.yaml, {JOBS_FILE} or job folders) nor a run folder "
+        f"(no .hydra/config.yaml, tensorboard/ or {METRICS_FILE}); give the folder `finetune/run.py -m` wrote"
+    )

@@ -1,0 +1,69 @@
+"""One report per sweep: a table (report.md, report.csv) and plots of what every job of a sweep wrote.
+
+    python scripts/report.py multirun/2026-12-01/12-00-00 [more sweep or run folders] [--eval TASKS --limit N]
+
+Every number is read from what a job wrote, never recomputed or guessed:
+
+- `<job>/metrics.json`, written at the end of each run (`write_run_metrics`, keys in `RUN_METRICS_KEYS`): trainable
+  and total parameters, optimizer steps, tokens seen, wall time, peak memory, held-out metrics before and after;
+- the job's tensorboard events (`EventAccumulator`): the curves of the plots, the median step time and tokens/s, and
+  every number above that a killed or still running job has not written to metrics.json yet (parameters, steps,
+  peak memory, the latest held-out metrics); metric names of both schemes (`val_loss`, `val/loss`) are read;
+- `<sweep>/jobs.jsonl`, kept by the Hydra callback (`lit_peft.sweeps.callback.SweepReport`): each job's start and end,
+  with the one-line error of a failed job (whose folder a failed run removes) and the jobs a sweep never started;
+- `<job>/.hydra/overrides.yaml`: the overrides that differ between jobs become columns.
+
+A job's status is ok (metrics.json, or the callback saw it finish), failed (with its one-line error), running (its
+process is alive, or for a job without a record: something written in the last `stale_after_s` seconds), killed
+(neither), pending or not run (a planned job of a sweep that is still running or has stopped). Runs of different
+kinds (SFT, DPO, distillation, Low-Rank Clone) share one table: a metric a job did not log is an empty cell.
+
+`--eval TASKS --limit N` runs eval/run.py on every ok job's adapter (`<job>/adapter`) or trained model
+(`<job>/model`) and adds accuracy columns (value ± standard error); results are cached in
+`<job>/eval/<tasks>-<limit>.json`, so a second report does not evaluate again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from lit_peft.sweeps.evals import evaluate_jobs
+from lit_peft.sweeps.jobs import REPORT_CSV, REPORT_MD, STALE_AFTER_S, ReportError, check_folder, collect
+from lit_peft.sweeps.plots import plot_all
+from lit_peft.sweeps.table import csv_text, fill_rows, markdown
+
+
+def write_report(
+    folders: Sequence[str | Path],
+    out_dir: str | Path | None = None,
+    eval_tasks: str | None = None,
+    limit: float | int | None = None,
+    data_dir: str | Path | None = None,
+    eval_args: Sequence[str] = (),
+    stale_after_s: float = STALE_AFTER_S,
+    plots: bool = True,
+    log=print,
+) -> Path:
+    """Write report.md, report.csv and the plots into `out_dir` (default: the first folder); returns report.md."""
+    from lit_peft.io import atomic_path
+
+    folders = [Path(f) for f in folders]
+    if not folders:
+        raise ReportError("give at least one sweep or run folder")
+    for f in folders:
+        check_folder(f)
+    report_dir = Path(out_dir) if out_dir is not None else folders[0]
+    jobs = collect(folders, report_dir, stale_after_s)
+    if eval_tasks:
+        evaluate_jobs(jobs, eval_tasks, limit, Path(data_dir) if data_dir else None, eval_args, log=log)
+    differing, _, _ = fill_rows(jobs)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(report_dir / REPORT_CSV) as tmp:
+        tmp.write_text(csv_text(jobs))
+    if plots:
+        plot_all(jobs, differing, report_dir)
+    md = report_dir / REPORT_MD
+    with atomic_path(md) as tmp:
+        tmp.write_text(markdown(jobs, differing, folders, report_dir))
+    return md
