@@ -29,9 +29,11 @@ from lit_peft.cli import (  # noqa: E402
     check_group_choices,
     fail,
     hydra_preflight,
+    release_sweep_folders,
     run_dir_follows_out_dir,
     write_hydra_record,
 )
+from lit_peft.sweeps.callback import job_outcome  # noqa: E402
 
 
 def _run_folders(cfg: DictConfig) -> tuple[str | None, str | None]:
@@ -63,7 +65,7 @@ def _sweep_job_devices(cfg: DictConfig) -> None:
 
 def _failed_trial_goes_on() -> bool:
     """An optuna search that tolerates failed trials (max_failure_rate > 0) records a failed job as a failed trial:
-    the job must raise an Exception (Hydra's JobReturn holds it), not exit the process."""
+    the job raises an Exception (Hydra's JobReturn holds it, the callback records its message)."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
@@ -107,7 +109,12 @@ def preempted_line(p: Preempted, out_dir: str | None, given_out_dir: bool) -> st
     """What a stopped run says: the signal, what it saved, and the command that resumes it."""
     from lit_peft.resume import Preemption
 
-    again = "run the same command" + ("" if given_out_dir or out_dir is None else f" with out_dir={out_dir}")
+    if _in_sweep():  # the same sweep command continues this sweep's folder (lit_peft.sweeps.folder)
+        from hydra.core.hydra_config import HydraConfig
+
+        again = f"run the same sweep command (it continues {HydraConfig.get().sweep.dir})"
+    else:
+        again = "run the same command" + ("" if given_out_dir or out_dir is None else f" with out_dir={out_dir}")
     last = Path(out_dir) / "checkpoints" / "last.ckpt" if out_dir else None
     if last is not None and last.exists():
         from lit_peft.resume import load_checkpoint
@@ -124,10 +131,18 @@ def preempted_line(p: Preempted, out_dir: str | None, given_out_dir: bool) -> st
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="config")
 def main(cfg: DictConfig) -> float:
-    """One run; returns its final held-out loss (the last train loss without one; +inf when nothing was measured)."""
+    """One run; returns its final held-out loss (the last train loss without one; +inf when nothing was measured).
+
+    In a `-m` sweep a job that fails (a non-finite loss, a bad data file, out of memory) is a failed job, not a failed
+    sweep: its one-line error is recorded for the report (lit_peft.sweeps.callback) and it returns +inf, the worst
+    value for a minimizing search, so the other jobs run; the sweep exits 1 at its end. (An optuna search with
+    max_failure_rate > 0 gets a failed trial instead, with the error.) A stop request always ends the process (3)."""
     from lit_peft.launch import final_loss
 
     SIGNALS.install()  # also in a sweep's worker process, which did not run this script's top
+    if _in_worker() and SIGNALS.received:  # the sweep is stopping: this worker starts no new job
+        job_outcome("preempted", f"not started: the sweep was stopped by {SIGNALS.received}")
+        return float("inf")
     SIGNALS.reset()
     _sweep_job_devices(cfg)
     out_dir, _ = _run_folders(cfg)
@@ -140,18 +155,55 @@ def main(cfg: DictConfig) -> float:
 
             result = train(cfg, accepted=lambda: write_hydra_record(cfg.out_dir, cfg), defaults=_defaults())
     except Preempted as p:
-        print(preempted_line(p, out_dir, _given_out_dir()), flush=True)
+        line = preempted_line(p, out_dir, _given_out_dir())
+        print(line, flush=True)
+        job_outcome("preempted", line)
+        if _in_worker():  # the launching process passed the request on and ends the sweep (exit 3) once all stop
+            return float("inf")
         if bool(cfg.trainer.get("requeue", True)):
             from lit_peft.resume import requeue_slurm_job
 
             requeue_slurm_job()
         raise SystemExit(PREEMPTED) from None
     except SystemExit as e:
-        if e.code == 2 and _failed_trial_goes_on():  # the one-line error is printed; the search goes on
-            raise FailedTrial(f"the job failed (exit status {e.code}; its error is printed above)") from None
-        raise
+        if not _in_sweep() or e.code in (0, PREEMPTED):
+            raise
+        return _failed_job(fail.last_message or f"the job exited with status {e.code}")
+    except Exception as e:  # a crash of one job (a bug, out of memory): its traceback is printed, the sweep goes on
+        if not _in_sweep():
+            raise
+        import traceback
+
+        traceback.print_exc()
+        from lit_peft.cli import one_line
+
+        return _failed_job(f"{type(e).__name__}: {one_line(str(e))}")
     OUTPUTS.keep(*_run_folders(cfg))  # train() logged the summary block: paths of the export, checkpoint and logs
     return final_loss(result)
+
+
+def _in_worker() -> bool:
+    """A sweep job in a process other than the launching one (a joblib worker, a submitit job)."""
+    import os
+
+    from lit_peft.launch import SWEEP_PID
+
+    return _in_sweep() and os.environ.get(SWEEP_PID) not in (None, str(os.getpid()))
+
+
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _failed_job(error: str) -> float:
+    """A sweep job that failed: recorded with its error; +inf for the sweeper (or a failed optuna trial)."""
+    job_outcome("failed", error)
+    if _failed_trial_goes_on():
+        raise FailedTrial(error)
+    return float("inf")
 
 
 if __name__ == "__main__":
@@ -171,8 +223,19 @@ if __name__ == "__main__":
         path_keys = OmegaConf.select(OmegaConf.load(ROOT / "conf" / "config.yaml"), EXCLUDE_KEYS, default=[])
         argv = [*argv, *job_folder_exclusions(_split_argv(argv)[1], list(path_keys))]
     sys.argv = [sys.argv[0], *argv]
+    from lit_peft import sweeps
+    from lit_peft.launch import stop_children
+
     try:
         main()
-    except Preempted as p:  # before a job started or between the jobs of a sweep
+    except Preempted as p:  # before a job started, between the jobs of a sweep, or while its workers ran them
+        stop_children(p.signal_name)  # parallel jobs (joblib workers) checkpoint their step and end with the sweep
         print(f"preempted by {p.signal_name} outside a run: nothing of a run was lost; run the same command again")
         sys.exit(PREEMPTED)
+    except SystemExit as e:
+        if e.code == PREEMPTED:
+            stop_children(SIGNALS.received or "SIGTERM")
+        raise
+    finally:
+        release_sweep_folders()
+    sys.exit(sweeps.callback.SWEEP_EXIT)  # 1 when a job of the sweep failed (every job ran; see its report)

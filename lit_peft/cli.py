@@ -136,9 +136,12 @@ def user_error_message(e: BaseException) -> str | None:
 
 
 class fail:  # noqa: N801 - a namespace of two helpers
+    last_message: str | None = None  # the last `error:` line printed (a sweep records it as the job's error)
+
     @staticmethod
     def exit(message: str, code: int = 2) -> NoReturn:
-        print(f"error: {one_line(message)}", file=sys.stderr)
+        fail.last_message = one_line(message)
+        print(f"error: {fail.last_message}", file=sys.stderr)
         sys.exit(code)
 
     @staticmethod
@@ -271,7 +274,15 @@ def run_dir_follows_out_dir(argv: list[str]) -> list[str]:
 # ------------------------------------------------------------------------------ output folders this run created
 
 
-HYDRA_FILES = {".hydra", "run.log", "multirun.yaml", ".lit-peft.lock", ".lit-peft-run.json"}
+HYDRA_FILES = {
+    ".hydra",
+    "run.log",
+    "multirun.yaml",
+    ".lit-peft.lock",
+    ".lit-peft-run.json",
+    ".lit-peft-sweep.lock",
+    ".lit-peft-sweep.json",
+}
 
 
 class OutputFolders:
@@ -618,12 +629,62 @@ def hydra_preflight(
                     raise
                 fail.exit(message)
     GlobalHydra.instance().clear()
+    if multirun and folder and run_job:
+        with fail.on_user_error():
+            folder, claim, pinned = _sweep_folder(folder, claim, overrides, pinned, outputs)
     if folder and claim:  # checked: now take the folder, or a new one when another run took it in the same second
-        unique = claim_new_folder(folder)
-        pinned = [f"{'hydra.sweep.dir' if multirun else 'hydra.run.dir'}={_quote(unique)}"]
+        folder = claim_new_folder(folder)
+        pinned = [f"{'hydra.sweep.dir' if multirun else 'hydra.run.dir'}={_quote(folder)}"]
+    if multirun and folder and run_job:
+        with fail.on_user_error():
+            _own_sweep_folder(Path(folder), overrides)
     if run_job and not any(_override_key(o) == "hydra.output_subdir" for o in overrides):
         pinned.append("hydra.output_subdir=null")  # the run writes .hydra/ itself once its settings are accepted
     return [*argv, *pinned]
+
+
+_SWEEP_LOCKS: list[Any] = []  # the launching process's sweep-folder locks, held until it exits
+
+
+def _sweep_folder(
+    folder: str, claim: bool, overrides: list[str], pinned: list[str], outputs: OutputFolders
+) -> tuple[str, bool, list[str]]:
+    """A `-m` sweep's folder: the newest unfinished sweep of the same command when the folder is the dated default
+    (lit_peft.sweeps.folder.resumable; not with resume=false), else the given one, refused when it holds another
+    command's sweep. Returns (folder, claim a new dated folder, pinned overrides)."""
+    from lit_peft.sweeps import folder as sweeps
+
+    command = sweeps.sweep_command(overrides)
+    if not claim:
+        sweeps.check_reuse(Path(folder), command)
+        return folder, claim, pinned
+    fresh = any(_override_key(o) == "resume" and o.partition("=")[2].lower() in ("false", "no") for o in overrides)
+    found = None if fresh else sweeps.resumable(folder, command)
+    if found is None:
+        return folder, claim, pinned
+    done, planned = sweeps.progress(found)
+    of = f" of {planned}" if planned is not None else ""
+    print(
+        f"resuming the unfinished sweep {found} of this command ({done}{of} jobs finished): finished jobs are kept, "
+        "stopped ones continue from their checkpoints; resume=false starts a new sweep",
+        flush=True,
+    )
+    outputs.remember(found)
+    return str(found), False, [f"hydra.sweep.dir={_quote(str(found))}"]
+
+
+def _own_sweep_folder(sweep: Path, overrides: list[str]) -> None:
+    """Lock the sweep folder for this process's life and record its command (lit_peft.sweeps.folder)."""
+    from lit_peft.sweeps import folder as sweeps
+
+    _SWEEP_LOCKS.append(sweeps.lock(sweep))
+    sweeps.record_command(sweep, sweeps.sweep_command(overrides))
+
+
+def release_sweep_folders() -> None:
+    """Give up this process's sweep-folder locks (its sweep ended; the kernel also drops them when it exits)."""
+    while _SWEEP_LOCKS:
+        _SWEEP_LOCKS.pop().release()
 
 
 def check_output_folder(key: str, value: Any) -> None:

@@ -86,17 +86,21 @@ def holds_run_results(path: str | os.PathLike) -> bool:
 
 
 class RunFolderLock:
-    """An exclusive flock on `<folder>/.lit-peft.lock`, held until `release` or the process's end."""
+    """An exclusive flock on `<folder>/.lit-peft.lock` (or `name`), held until `release` or the process's end; `what`
+    and `by` name the setting and the owner in the refusal (`out_dir ... is in use by another run`)."""
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(
+        self, folder: str | os.PathLike, name: str = LOCK_FILE, what: str = "out_dir", by: str = "run"
+    ) -> None:
         self.folder = Path(folder)
+        self.name, self.what, self.by = name, what, by
         self._file: IO[str] | None = None
 
     def acquire(self) -> RunFolderLock:
         if self._file is not None:
             return self
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / LOCK_FILE
+        path = self.folder / self.name
         f = open(path, "a+")  # noqa: SIM115 - held open: the lock lives with it
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -105,8 +109,8 @@ class RunFolderLock:
             owner = f.read().strip() or "another process"
             f.close()
             raise FolderInUse(
-                f"out_dir {self.folder} is in use by another run ({owner}); wait for it to end or choose another "
-                "out_dir"
+                f"{self.what} {self.folder} is in use by another {self.by} ({owner}); wait for it to end or choose "
+                f"another {self.what}"
             ) from None
         f.seek(0)
         f.truncate()
@@ -130,8 +134,13 @@ _HELD: dict[Path, RunFolderLock] = {}
 
 def locked_by_another(folder: str | os.PathLike) -> bool:
     """Whether another process holds the folder's run lock (this process's own lock does not count)."""
-    path = Path(folder) / LOCK_FILE
-    if holds_lock(folder) or not path.is_file():
+    return not holds_lock(folder) and lock_is_held(folder)
+
+
+def lock_is_held(folder: str | os.PathLike, name: str = LOCK_FILE) -> bool:
+    """Whether a process holds `<folder>/<name>`'s flock (a lock file left by a process that ended is free)."""
+    path = Path(folder) / name
+    if not path.is_file():
         return False
     try:
         with open(path) as f:

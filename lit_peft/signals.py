@@ -7,16 +7,21 @@ exits, so what happens does not depend on which library happens to be running:
 - inside the training loop (`deferred`, entered by `lit_peft.resume.Preemption` when training starts) the request is
   only noted; the loop finishes the optimizer step, writes its checkpoint and stops (a second Ctrl-C stops at once);
 - everywhere else (loading the model, data, the validation before or after training, the export, between the jobs
-  of a sweep) the handler raises `Preempted` at once.
+  of a sweep) the handler raises `Preempted` at once;
+- in the launching process of a sweep whose jobs run in other processes (joblib workers, submitit's local jobs:
+  `forwarding`) the request is passed on to them as SIGTERM and noted; each running job checkpoints its step, the
+  workers start no new job, and the sweep ends with status 3 once they are done (lit_peft.sweeps.callback).
 
 Either way the process ends with exit status 3 (`PREEMPTED`) and one line saying what was saved and that the same
 command resumes (finetune/run.py), never with status 0: a scheduler requeues it. Lightning's own SIGTERM handling
 (which turns SIGTERM during validation into exit 0) is kept out by re-installing these handlers whenever a trainer
-starts a stage (`reinstall`). Only the standard library is imported here: `install` runs before anything heavy.
+starts a stage (`reinstall`). Only the standard library is imported at the top (`install` runs before anything
+heavy); psutil only when a parallel sweep passes a request on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 
@@ -37,9 +42,14 @@ class _Policy:
         self.received: str | None = None  # the first stop request not yet honoured
         self.deferred = False
         self.installed = False
+        self.forwarding = False  # the launching process of a parallel sweep (lit_peft.sweeps.callback)
 
     def handler(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
+        if self.forwarding:  # a sweep whose jobs run in worker processes: they stop, this process waits for them
+            self.received = self.received or name
+            _signal_children(signal.SIGTERM)  # SIGTERM, not a second SIGINT: that would stop a worker at once
+            return
         if self.deferred and not (name == "SIGINT" and self.received == "SIGINT"):
             self.received = self.received or name
             return
@@ -68,6 +78,21 @@ class _Policy:
         self.deferred = False
         if self.received is not None:
             raise Preempted(self.received)
+
+
+def _signal_children(sig: int) -> None:
+    """Send `sig` to this process's children (a parallel sweep's workers), from a signal handler: no waiting."""
+    import os
+
+    try:
+        import psutil
+
+        children = [c.pid for c in psutil.Process().children(recursive=True)]
+    except Exception:  # psutil missing or the process table unreadable: nothing to pass on
+        return
+    for pid in children:
+        with contextlib.suppress(OSError):
+            os.kill(pid, sig)
 
 
 SIGNALS = _Policy()

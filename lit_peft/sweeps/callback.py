@@ -35,6 +35,22 @@ from omegaconf import DictConfig, OmegaConf
 
 REPORT_FILES = ("jobs.jsonl", "report.md", "report.csv", "loss_curves.png", "loss_vs_params.png", "step_time.png")
 
+_ACTIVE: SweepReport | None = None  # the callback of the job running in this process (a sweep job's own outcome)
+SWEEP_EXIT = 0  # the launching process's exit status once the sweep ran every job: 1 when a job failed
+
+
+def job_outcome(status: str, error: str) -> None:
+    """What finetune/run.py's job says of itself: `failed` (the job returns, the sweep goes on) is recorded when Hydra
+    ends the job; `preempted` (the process exits 3) is recorded now, with the report, as nothing else runs after it."""
+    if _ACTIVE is None:
+        return
+    if status == "preempted":
+        _ACTIVE._end(status, error)
+        _ACTIVE._restore_stderr()
+        _ACTIVE._write_report()
+    else:
+        _ACTIVE._outcome = (status, error)
+
 
 class _StderrTail:
     """sys.stderr, passed through unchanged, remembering its last lines (to find a job's `error: ...` line)."""
@@ -92,15 +108,28 @@ class SweepReport(Callback):
         self._tail: _StderrTail | None = None
         self._sweep_dir: Path | None = None
         self._registered = False
+        self._outcome: tuple[str, str] | None = None
 
     # ------------------------------------------------------------------------------------------- Hydra's hooks
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global SWEEP_EXIT
+        from lit_peft.signals import SIGNALS
+
+        SWEEP_EXIT = 0
+        # jobs in other processes (joblib workers, submitit): a stop request is passed on to them, and waited for
+        SIGNALS.forwarding = not str(_select(config, "hydra.launcher._target_") or "").endswith("BasicLauncher")
         if not self.enabled:
             return
         sweep = self._sweep(config)
         sweep.mkdir(parents=True, exist_ok=True)
-        record: dict[str, Any] = {"event": "sweep", "pid": os.getpid(), "host": _host(), "time": time.time()}
+        record: dict[str, Any] = {
+            "event": "sweep",
+            "pid": os.getpid(),
+            "host": _host(),
+            "time": time.time(),
+            "sweep_dir": str(sweep),  # where job folders were (a moved or copied sweep maps its relative paths)
+        }
         try:
             planned = planned_jobs(config)
         except Exception:  # the plan is a courtesy (rows for jobs that never ran): never fail the sweep on it
@@ -112,13 +141,16 @@ class SweepReport(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not self.enabled or not _multirun(config):
             return
+        global _ACTIVE
         sweep = self._sweep(config)
         sweep.mkdir(parents=True, exist_ok=True)
+        self._outcome = None
+        _ACTIVE = self
         self._current = {
             "event": "start",
             "num": _select(config, "hydra.job.num"),
             "overrides": list(_select(config, "hydra.overrides.task") or []),
-            "out_dir": str(_select(config, "hydra.runtime.output_dir") or ""),
+            "out_dir": _relative(str(_select(config, "hydra.runtime.output_dir") or ""), sweep),
             "method": _select(config, "method.name"),
             "task": _select(config, "task.name"),
             "pid": os.getpid(),
@@ -144,24 +176,43 @@ class SweepReport(Callback):
             status, error = "failed", _error_line(job_return._return_value)
         elif job_return.status != JobStatus.COMPLETED:
             status = "killed"
-        else:  # a task function may report a failure it handled itself: {"status": "failed", "error": ...}
-            value = job_return._return_value
-            if isinstance(value, dict) and value.get("status") == "failed":
-                status = "failed"
-                error = str(value.get("error") or (self._tail.error_line() if self._tail is not None else ""))
+        elif self._outcome is not None:  # the job failed and returned (finetune/run.py: +inf), the sweep goes on
+            status, error = self._outcome
+            error = error or (self._tail.error_line() if self._tail is not None else "")
+        self._outcome = None
         self._end(status, error)
         self._restore_stderr()
         self._write_report()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global SWEEP_EXIT
+        from lit_peft.signals import PREEMPTED, SIGNALS
+
+        stopped = SIGNALS.received if SIGNALS.forwarding else None  # its workers stopped their jobs
+        SIGNALS.forwarding = False
         if not self.enabled:
+            SWEEP_EXIT = PREEMPTED if stopped is not None else 0
             return
         sweep = self._sweep(config)
-        self._append(sweep, {"event": "sweep_end", "pid": os.getpid(), "host": _host(), "time": time.time()})
+        record = {"event": "sweep_end", "pid": os.getpid(), "host": _host(), "time": time.time()}
+        self._append(sweep, {**record, "complete": stopped is None})
         self._sweep_dir = sweep
         md = self._write_report()
-        if md is not None:
-            print(f"sweep report: {md}", flush=True)
+        counts, failed = _outcomes(sweep)
+        summary = ", ".join(f"{n} {status}" for status, n in counts.items())
+        where = f"; report: {md}" if md is not None else ""
+        if stopped is not None:
+            print(
+                f"sweep preempted by {stopped}: {summary or 'no jobs'}{where}; run the same sweep command to resume "
+                f"(it continues {sweep})",
+                flush=True,
+            )
+            SWEEP_EXIT = PREEMPTED
+            return
+        print(f"sweep done: {summary or 'no jobs'}{where}", flush=True)
+        for line in failed:
+            print(f"  failed: {line}", flush=True)
+        SWEEP_EXIT = 1 if failed else 0
 
     # -------------------------------------------------------------------------------------------------- helpers
 
@@ -246,6 +297,36 @@ def _host() -> str:
     import socket
 
     return socket.gethostname()
+
+
+def _relative(out_dir: str, sweep: Path) -> str:
+    """A job folder relative to its sweep folder (records stay right when the sweep is moved or copied)."""
+    if not out_dir:
+        return out_dir
+    path = os.path.abspath(out_dir)
+    rel = os.path.relpath(path, sweep)
+    return path if rel.startswith("..") else rel
+
+
+def _outcomes(sweep: Path) -> tuple[dict[str, int], list[str]]:
+    """The last status of each job this sweep ran (from the newest `sweep` record on) and a line per failed job."""
+    from lit_peft.sweeps.jobs import read_records
+
+    last: dict[Any, dict[str, Any]] = {}
+    for rec in read_records(sweep):
+        if rec.get("event") == "sweep":
+            last = {}
+        elif rec.get("event") == "end":
+            last[rec.get("num")] = rec
+    counts: dict[str, int] = {}
+    failed = []
+    for num, rec in sorted(last.items(), key=lambda kv: (kv[0] is None, kv[0] if kv[0] is not None else 0)):
+        status = str(rec.get("status") or "failed")
+        counts[status] = counts.get(status, 0) + 1
+        if status == "failed":
+            where = Path(str(rec.get("out_dir") or f"job {num}")).name  # its folder names what differs
+            failed.append(f"{where}: {rec.get('error') or 'see its run.log'}")
+    return counts, failed
 
 
 def _error_line(error: Any) -> str:

@@ -1,0 +1,235 @@
+"""A sweep's bookkeeping cannot mix or lose runs: one sweep per folder, the same command resumes its unfinished sweep in
+place, a stop request at any moment ends in checkpoints and a non-zero exit (workers included), and a diverged job is
+a failed row while the other jobs run. Real sweeps of finetune/run.py on the tiny model, as a user starts them."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TINY_RUN
+
+from lit_peft import cli
+from lit_peft.sweeps import folder as sweeps
+from lit_peft.validate import STAGES
+
+CONF = ROOT / "conf"
+FAST = [*TINY_RUN, "trainer.validate_first=false", "hydra.callbacks.sweep_report.plots=false"]
+
+
+def launch(cwd: Path, tiny: Path, *overrides: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "finetune" / "run.py"), "-m", *FAST, f"model.checkpoint_dir={tiny}", *overrides],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
+    )
+
+
+def finish(proc: subprocess.Popen, stop_at: str | None = None, timeout: float = 300) -> tuple[int, str]:
+    """Read the sweep's output to its end; SIGTERM it when a line holding `stop_at` appears."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if stop_at is not None and stop_at in line:
+            proc.send_signal(signal.SIGTERM)
+            stop_at = None
+    return proc.wait(timeout=timeout), "".join(lines)
+
+
+def records(sweep: Path) -> list[dict]:
+    return [json.loads(line) for line in (sweep / "jobs.jsonl").read_text().splitlines()]
+
+
+def ends(sweep: Path) -> dict[str, dict]:
+    """Each job folder's last `end` record."""
+    return {r["out_dir"]: r for r in records(sweep) if r["event"] == "end"}
+
+
+def sweep_folders(cwd: Path) -> list[Path]:
+    return sorted(p.parent for p in cwd.glob(f"multirun/*/*/{sweeps.SWEEP_FILE}"))
+
+
+# ------------------------------------------------------------------------------------------------ one sweep per folder
+
+
+def test_two_sweeps_started_in_the_same_second_get_two_folders(tmp_path, monkeypatch):
+    import datetime
+
+    import hydra.core.utils
+
+    class Frozen(datetime.datetime):  # Hydra's `now` resolver reads this: both sweeps start in the same second
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 12, 1, 12, 0, 0)
+
+    monkeypatch.setattr(hydra.core.utils, "datetime", Frozen)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "_SWEEP_LOCKS", [])
+    argv = ["-m", "model=tiny-random", "method=lora,ether"]
+    try:
+        first = cli.hydra_preflight(argv, CONF, "config", STAGES, cli.OutputFolders())
+        second = cli.hydra_preflight(argv, CONF, "config", STAGES, cli.OutputFolders())
+    finally:
+        cli.release_sweep_folders()
+    dirs = [next(a for a in argv if a.startswith("hydra.sweep.dir=")).split("=", 1)[1] for argv in (first, second)]
+    assert dirs == ["multirun/2026-12-01/12-00-00", "multirun/2026-12-01/12-00-00-2"]  # each its own folder
+    assert all((tmp_path / d / sweeps.SWEEP_FILE).is_file() for d in dirs)
+
+
+def test_a_sweep_folder_in_use_or_holding_another_sweep_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_SWEEP_LOCKS", [])
+    folder = tmp_path / "sweep"
+    argv = ["-m", "model=tiny-random", "method=lora,ether", f"hydra.sweep.dir={folder}"]
+    try:
+        cli.hydra_preflight(argv, CONF, "config", STAGES)  # holds the folder's lock while it "runs"
+        with pytest.raises(SystemExit) as e:  # a second sweep into it, same command, same time
+            cli.hydra_preflight(argv, CONF, "config", STAGES, cli.OutputFolders())
+        assert e.value.code == 2
+        assert "is in use by another sweep" in capsys.readouterr().err
+    finally:
+        cli.release_sweep_folders()
+    (folder / "0_method=lora" / ".hydra").mkdir(parents=True)  # it ran a job
+    with pytest.raises(SystemExit) as e:  # another command into the same folder: its rows would mix
+        cli.hydra_preflight([*argv[:2], "method=lora,dora", argv[3]], CONF, "config", STAGES, cli.OutputFolders())
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "holds another sweep" in err and "method=lora,dora" in err
+    # the same command may come back to it (resume in place)
+    again = cli.hydra_preflight(argv, CONF, "config", STAGES, cli.OutputFolders())
+    cli.release_sweep_folders()
+    assert f"hydra.sweep.dir={folder}" in again
+
+
+# ------------------------------------------------------------------------------------------- failures and signals
+
+
+def test_a_diverged_job_is_a_failed_row_with_its_error_and_the_other_jobs_finish(tiny_checkpoint, tmp_path):
+    """joblib: the NaN job used to exit its worker and kill the pool (exit 2, jobs never run)."""
+    sweep = tmp_path / "sweep"
+    proc = launch(
+        tmp_path,
+        tiny_checkpoint,
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "optim.lr=1e12,1e-3,2e-3",
+        f"hydra.sweep.dir={sweep}",
+    )
+    code, out = finish(proc)
+    assert code == 1, out[-3000:]  # every job ran; one failed: not a success for a scheduler
+    done = ends(sweep)
+    assert {k: v["status"] for k, v in done.items()} == {
+        "0_optim.lr=1000000000000.0": "failed",
+        "1_optim.lr=0.001": "ok",
+        "2_optim.lr=0.002": "ok",
+    }
+    assert done["0_optim.lr=1000000000000.0"]["error"].startswith("non-finite")  # the `error:` line reached the row
+    assert "1 failed" in out and "0_optim.lr=1000000000000.0: non-finite" in out
+    assert [r.get("complete") for r in records(sweep) if r["event"] == "sweep_end"] == [True]
+    report = (sweep / "report.md").read_text()
+    assert "non-finite" in report
+
+
+def test_sigterm_after_training_stops_the_sweep_with_status_3_and_the_same_command_resumes_in_place(
+    tiny_checkpoint, tmp_path
+):
+    """During job 0's final validation (outside the training loop): exit 3 with its checkpoint, not exit 0; the
+    same command then continues that sweep folder (job 0 completed from its checkpoint, job 1 run)."""
+    args = ("optim.lr=1e-3,2e-3",)
+    code, out = finish(launch(tmp_path, tiny_checkpoint, *args), stop_at="`Trainer.fit` stopped")
+    assert code == 3, out[-3000:]
+    (sweep,) = sweep_folders(tmp_path)
+    assert "preempted by SIGTERM at step 4" in out and "run the same sweep command" in out
+    assert {k: v["status"] for k, v in ends(sweep).items()} == {"0_optim.lr=0.001": "preempted"}
+    assert (sweep / "0_optim.lr=0.001" / "checkpoints" / "last.ckpt").is_file()
+
+    code, out = finish(launch(tmp_path, tiny_checkpoint, *args))
+    assert code == 0, out[-3000:]
+    assert sweep_folders(tmp_path) == [sweep]  # no second sweep folder
+    assert f"resuming the unfinished sweep {sweep.relative_to(tmp_path)}" in out
+    assert "finished at step 4; completing what its run did not write" in out  # job 0 was not trained again
+    assert {k: v["status"] for k, v in ends(sweep).items()} == {"0_optim.lr=0.001": "ok", "1_optim.lr=0.002": "ok"}
+    assert sweeps.finished(sweep)
+    # once finished, the same command starts a new sweep
+    assert sweeps.resumable(str(sweep), sorted(sweeps.recorded_command(sweep))) is None
+
+
+def test_sigterm_as_a_job_starts_is_not_swallowed(tiny_checkpoint, tmp_path):
+    code, out = finish(
+        launch(tmp_path, tiny_checkpoint, "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={tmp_path / 's'}"),
+        stop_at="held-out set:",
+    )
+    assert code == 3, out[-3000:]
+    assert "preempted by SIGTERM before the first checkpoint" in out
+    assert "steps: 4" not in out  # it did not train on
+
+
+def test_sigterm_to_a_parallel_sweep_checkpoints_every_running_job_and_leaves_no_worker(tiny_checkpoint, tmp_path):
+    mark = f"lit-peft-test-{uuid.uuid4().hex}"
+    sweep = tmp_path / "sweep"
+    proc = launch(
+        tmp_path,
+        tiny_checkpoint,
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "optim.lr=1e-3,2e-3,3e-3,4e-3",
+        "trainer.max_steps=400",
+        "trainer.val_check_interval=null",
+        "trainer.save_every_n_steps=1000",
+        f"hydra.sweep.dir={sweep}",
+        env={"LIT_PEFT_TEST_MARK": mark},
+    )
+    code, out = finish(proc, stop_at="parameters:")
+    assert code == 3, out[-3000:]
+    assert "sweep preempted by SIGTERM" in out and "run the same sweep command" in out
+    status = {k: v["status"] for k, v in ends(sweep).items()}
+    assert "preempted" in status.values() and "failed" not in status.values()
+    for job, state in status.items():
+        if state == "preempted" and "not started" not in ends(sweep)[job]["error"]:
+            assert (sweep / job / "checkpoints" / "last.ckpt").is_file()  # its step was saved
+    assert [r.get("complete") for r in records(sweep) if r["event"] == "sweep_end"] == [False]
+    assert not _processes_marked(mark)  # no orphaned worker trains on
+
+
+def _processes_marked(mark: str) -> list[int]:
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("LIT_PEFT_TEST_MARK") == mark:
+                found.append(p.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_a_failed_optuna_trial_keeps_its_reason_and_the_study_goes_on(tiny_checkpoint, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = launch(
+        tmp_path,
+        tiny_checkpoint,
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=1",
+        "hydra.sweeper.sampler.seed=0",
+        "optim.lr=choice(1e12,1e-3)",
+        f"hydra.sweep.dir={sweep}",
+    )
+    code, out = finish(proc)
+    assert code == 1, out[-3000:]  # a job failed; the study still finished
+    from omegaconf import OmegaConf
+
+    best = OmegaConf.load(sweep / "optimization_results.yaml")  # default max_failure_rate=0: written all the same
+    assert math.isfinite(best.best_value) and best.best_params["optim.lr"] == 1e-3
+    failed = [r for r in records(sweep) if r["event"] == "end" and r["status"] == "failed"]
+    assert failed and all(r["error"].startswith("non-finite") for r in failed)
