@@ -13,8 +13,11 @@ smoothed beside it), final held-out loss against trainable parameters, and s/ste
 
 Everything is read from the jobs' metrics.json, tensorboard events and the sweep's jobs.jsonl (kept by the Hydra
 callback that also writes this report at the end of every `finetune/run.py -m` sweep); nothing is recomputed.
---eval runs eval/run.py on every ok job's adapter (or trained model) and adds accuracy columns (± standard error),
-cached per job in <job>/eval/<tasks>-<limit>.json.
+--eval runs eval/run.py on every ok job's adapter (or trained model) and adds a column for every metric lm-eval
+reports (acc, acc_norm, ...; ± standard error), cached per job in <job>/eval/<tasks>-<limit>.json and used again
+while the adapter's content, the tasks, the limit, the few-shot count, the data folder and lm-eval's version are the
+same; the report shows them without --eval too. The task names are checked before any job is evaluated (exit 2);
+if a job's evaluation fails, the report says so and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lit_peft.cli import ArgumentParser, existing_dir, fail, positive_float  # noqa: E402
+from lit_peft.cli import ArgumentParser, existing_dir, fail, non_negative_int, positive_float  # noqa: E402
 
 
 def limit_value(text: str) -> float | int:
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--eval", metavar="TASKS", help="evaluate every ok job on these lm-eval tasks (comma-separated)")
     p.add_argument("--limit", type=limit_value, help="items per evaluation task (with --eval)")
     p.add_argument("--data-dir", type=existing_dir, help="folder the local evaluation tasks read (../shared/data)")
+    p.add_argument("--num-fewshot", type=non_negative_int, help="few-shot examples per question (default: the task's)")
     p.add_argument(
         "--stale-after",
         type=positive_float,
@@ -59,9 +63,10 @@ def main(argv: list[str] | None = None) -> Path:
     args = p.parse_args(argv)
     if args.eval is not None and not [t for t in args.eval.split(",") if t.strip()]:
         p.error(f"--eval {args.eval!r} names no task; give comma-separated task names, e.g. local_arc_easy")
-    if args.eval is None and (args.limit is not None or args.data_dir is not None):
-        p.error("--limit and --data-dir apply to --eval; add --eval TASKS")
+    if args.eval is None and (args.limit is not None or args.data_dir is not None or args.num_fewshot is not None):
+        p.error("--limit, --data-dir and --num-fewshot apply to --eval; add --eval TASKS")
 
+    from lit_peft.sweeps.evals import EvalFailure, check_eval_tasks
     from lit_peft.sweeps.jobs import ReportError, check_folder
     from lit_peft.sweeps.report import write_report
 
@@ -70,17 +75,32 @@ def main(argv: list[str] | None = None) -> Path:
             check_folder(folder)
     except ReportError as e:
         fail.exit(str(e))
+    failures: list[str] = []
+
+    def log(line: str) -> None:
+        if isinstance(line, EvalFailure):
+            failures.append(line)
+            print(f"warning: {line}", file=sys.stderr, flush=True)
+        else:
+            print(line, flush=True)
+
     with fail.on_user_error():
+        if args.eval is not None:
+            check_eval_tasks(args.eval, args.data_dir)  # before any job is read or evaluated
         md = write_report(
             args.folders,
             out_dir=args.out,
             eval_tasks=args.eval,
             limit=args.limit,
             data_dir=args.data_dir,
+            eval_args=[] if args.num_fewshot is None else ["--num-fewshot", str(args.num_fewshot)],
             stale_after_s=args.stale_after * 60,
             plots=not args.no_plots,
+            log=log,
         )
     print(f"report: {md}\ntable: {md.with_suffix('.csv')}")
+    if failures:
+        fail.exit(f"the evaluation of {len(failures)} job(s) failed (listed in {md}): {failures[0]}", code=1)
     return md
 
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 METRICS_FILE = "metrics.json"
 JOBS_FILE = "jobs.jsonl"
@@ -134,10 +134,20 @@ def _hidden(path: Path, root: Path) -> bool:
 # ------------------------------------------------------------------------------------------------ jobs and sweeps
 
 
+class EvalValue(NamedTuple):
+    """One lm-eval metric of one task: its value, standard error and item count; `source` says where the standard
+    error came from: 'lm-eval', 'binomial' (sqrt(p(1-p)/(n-1)) where lm-eval reported none for a 0/1 metric) or ''."""
+
+    value: float
+    stderr: float | None
+    n: int | None
+    source: str
+
+
 @dataclass
 class Job:
     name: str
-    folder: Path | None
+    folder: Path | None  # absolute (resolved), or None for a job whose folder is gone or was never made
     num: int | None = None
     overrides: list[str] = field(default_factory=list)
     status: str = ""
@@ -146,7 +156,8 @@ class Job:
     task: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     scalars: dict[str, list[Point]] = field(default_factory=dict)
-    evals: dict[str, tuple[float, float | None, int | None, str]] = field(default_factory=dict)  # acc, se, n, se from
+    # task -> metric -> value (lm-eval's `<metric>,<filter>` keys; the filter left out where it is 'none')
+    evals: dict[str, dict[str, EvalValue]] = field(default_factory=dict)
     eval_error: str = ""
     row: dict[str, Any] = field(default_factory=dict)
 
@@ -194,10 +205,16 @@ def read_records(sweep: Path) -> list[dict[str, Any]]:
 
 
 def append_record(sweep: str | Path, record: dict[str, Any]) -> None:
-    """One line of `<sweep>/jobs.jsonl`, appended in a single write (concurrent jobs append whole lines)."""
+    """One line of `<sweep>/jobs.jsonl`, appended in a single write (concurrent jobs append whole lines).
+
+    After a line cut by a crash (the file does not end in a newline) the record starts on a line of its own.
+    """
     line = (json.dumps(record, default=str) + "\n").encode()
-    fd = os.open(Path(sweep) / JOBS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(Path(sweep) / JOBS_FILE, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
         os.write(fd, line)
     finally:
         os.close(fd)
@@ -303,20 +320,28 @@ def load_job(job: Job, now: float, stale_after_s: float, record: dict[str, Any] 
     elif end:
         job.status = str(end.get("status") or "failed")
         job.error = str(end.get("error") or job.error or "")
+        if job.status == "killed" or (job.status != "ok" and not job.error):
+            _failed_if_logged(job)  # e.g. a run stopped at a non-finite gradient that the callback saw as killed
     elif start:
         alive = process_alive(start.get("pid"), start.get("host"))
         if alive is None:
             alive = _recent(folder, now, stale_after_s)
         job.status = "running" if alive else "killed"
+        if not alive:
+            _failed_if_logged(job)
     elif folder is not None and folder.is_dir():
-        logged = _error_in_log(folder)
-        if logged:
-            job.status, job.error = "failed", logged
-        else:
-            job.status = "running" if _recent(folder, now, stale_after_s) else "killed"
+        job.status = "running" if _recent(folder, now, stale_after_s) else "killed"
+        _failed_if_logged(job)  # without a record, its error line is the one sign of how it ended
     else:
         job.status = "killed"
     return job
+
+
+def _failed_if_logged(job: Job) -> None:
+    """A job that ended without a result but logged `error: ...` in its run.log failed with that error."""
+    logged = _error_in_log(job.folder) if job.folder is not None and job.folder.is_dir() else ""
+    if logged:
+        job.status, job.error = "failed", logged
 
 
 def _recent(folder: Path | None, now: float, stale_after_s: float) -> bool:
@@ -324,11 +349,50 @@ def _recent(folder: Path | None, now: float, stale_after_s: float) -> bool:
     return newest is not None and now - newest < stale_after_s
 
 
+def _relative(path: Path, base: Path) -> Path | None:
+    """`path` relative to `base` when it lies inside it (as written, or once symbolic links are resolved)."""
+    for a, b in ((os.path.normpath(path), os.path.normpath(base)), (_key(path), _key(base))):
+        rel = os.path.relpath(a, b)
+        if rel != ".." and not rel.startswith(".." + os.sep):
+            return Path(rel)
+    return None
+
+
+def record_dir(out_dir: str, sweep: Path, origin: str | None, found: dict[str, Path]) -> Path:
+    """Where the job folder of a record's `out_dir` is now, inside `sweep` (resolved).
+
+    The callback writes `out_dir` relative to the sweep folder; older records hold absolute paths, of the folder the
+    sweep was written in. An absolute path outside `sweep` (the sweep was moved or copied) is mapped into it: by its
+    place under `origin` (the `sweep_dir` of the sweep record), else by the longest tail of it that names a job
+    folder found in `sweep`, else by its last part. Never the original place: a copy reports its own jobs.
+    """
+    path = Path(out_dir)
+    if not path.is_absolute():
+        return sweep / path
+    if _relative(path, sweep) is not None:
+        return Path(_key(path))
+    rel = _relative(path, Path(origin)) if origin else None
+    if rel is not None and str(rel) != ".":
+        return sweep / rel
+    parts = path.parts[1:]
+    for i in range(len(parts)):
+        candidate = sweep.joinpath(*parts[i:])
+        if _key(candidate) in found:
+            return candidate
+    return sweep / path.name
+
+
 def collect(folders: Sequence[Path], report_dir: Path, stale_after_s: float = STALE_AFTER_S) -> list[Job]:
-    """The jobs of the given sweep and run folders, each loaded (see `load_job`), in sweep order."""
+    """The jobs of the given sweep and run folders, each loaded (see `load_job`), in sweep order.
+
+    Each job's `folder` is absolute (resolved); ok jobs get the evaluation results cached for their current adapter.
+    """
+    from lit_peft.sweeps.evals import read_cached_evals
+
     now = time.time()
     jobs: list[Job] = []
     seen: set[str] = set()
+    report_dir = Path(report_dir).resolve()
 
     several = len(folders) > 1
     names: set[str] = set()
@@ -349,30 +413,31 @@ def collect(folders: Sequence[Path], report_dir: Path, stale_after_s: float = ST
         return name
 
     for given in folders:
-        given = Path(given)
+        given = Path(given).resolve()
         if is_run_dir(given):
             if _key(given) not in seen:
                 seen.add(_key(given))
                 name = name_of(given, given.parent)
                 jobs.append(load_job(Job(name=name, folder=given), now, stale_after_s))
             continue
-        records = read_records(given)
+        found = {_key(f): f for f in run_dirs(given)}
         by_dir: dict[str, dict[str, Any]] = {}
         planned: list[dict[str, Any]] = []
         sweep_alive = False
-        for rec in records:
+        origin: str | None = None
+        for rec in read_records(given):
             event = rec.get("event")
             if event == "sweep":
                 planned = [j for j in rec.get("jobs") or [] if isinstance(j, dict)]
                 sweep_alive = bool(process_alive(rec.get("pid"), rec.get("host")))
+                origin = str(rec["sweep_dir"]) if rec.get("sweep_dir") else None
             elif event == "sweep_end":
                 sweep_alive = False
             elif event in ("start", "end") and rec.get("out_dir"):
-                entry = by_dir.setdefault(_key(rec["out_dir"]), {})
+                entry = by_dir.setdefault(_key(record_dir(str(rec["out_dir"]), given, origin, found)), {})
                 if event == "start":
                     entry.clear()  # a job run again (same folder) starts over
                 entry[event] = rec
-        found = {_key(f): f for f in run_dirs(given)}
         order: list[tuple[float, str]] = []
         for key, entry in by_dir.items():
             rec = entry.get("start") or entry.get("end")
@@ -406,6 +471,9 @@ def collect(folders: Sequence[Path], report_dir: Path, stale_after_s: float = ST
             )
             job.method, job.task = job.override_map.get("method"), job.override_map.get("task")
             jobs.append(job)
+    for job in jobs:
+        if job.status == "ok" and job.folder is not None:
+            read_cached_evals(job)
     return jobs
 
 
