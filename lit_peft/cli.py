@@ -396,12 +396,14 @@ def _split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     return flags, overrides
 
 
-def _sweep_combinations(overrides: list[str]) -> list[list[str]]:
+def _sweep_combinations(overrides: list[str], defaults: dict[str, str] | None = None) -> list[list[str]]:
     """The overrides of each job of a `-m` sweep (as Hydra's basic sweeper splits them); many: one value at a time."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     lists: list[list[str]] = []
-    searched = any(_override_key(o) == "hydra/sweeper" and o.partition("=")[2] not in ("", "basic") for o in overrides)
+    searched = any(
+        _override_key(o) == "hydra/sweeper" and o.partition("=")[2] not in ("", "basic", "lit_peft") for o in overrides
+    )
     for o in OverridesParser.create().parse_overrides(overrides):
         if o.is_sweep_override():
             if searched and o.is_interval_sweep():  # a search space (hydra/sweeper=optuna): both ends are checked
@@ -413,13 +415,15 @@ def _sweep_combinations(overrides: list[str]) -> list[list[str]]:
                 lists.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
         else:
             lists.append([o.input_line])
+    from lit_peft.sweeps.sweeper import applicable  # as the sweeper runs them: method.nb only where a method has it
+
     if math.prod(len(v) for v in lists) <= MAX_SWEEP_COMBINATIONS:
-        return [list(c) for c in itertools.product(*lists)]
+        return applicable([list(c) for c in itertools.product(*lists)], default_choices=defaults)
     combos = []
     for i, values in enumerate(lists):
         for v in values:
             combos.append([v if j == i else other[0] for j, other in enumerate(lists)])
-    return combos
+    return applicable(combos, default_choices=defaults)
 
 
 def _override_key(override: str) -> str:
@@ -564,13 +568,14 @@ def hydra_preflight(
             return compose(config_name, overrides=ovr, return_hydra_config=True)
 
         try:
-            combos = _sweep_combinations(overrides) if multirun else [overrides]
-        except Exception as e:
-            fail.exit(composition_error(e, overrides, compose_with))
-        try:
             defaults = compose_with([])
         except Exception as e:  # the shipped config itself does not compose: a bug, not the user's input
             raise RuntimeError(f"conf/{config_name}.yaml does not compose") from e
+        choices = {str(k): str(v) for k, v in defaults.hydra.runtime.choices.items() if v is not None}
+        try:
+            combos = _sweep_combinations(overrides, choices) if multirun else [overrides]
+        except Exception as e:
+            fail.exit(composition_error(e, overrides, compose_with))
         closed = closed_node_keys(conf_dir, defaults)
         groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
         for o in overrides:

@@ -233,3 +233,33 @@ def test_a_failed_optuna_trial_keeps_its_reason_and_the_study_goes_on(tiny_check
     assert math.isfinite(best.best_value) and best.best_params["optim.lr"] == 1e-3
     failed = [r for r in records(sweep) if r["event"] == "end" and r["status"] == "failed"]
     assert failed and all(r["error"].startswith("non-finite") for r in failed)
+
+
+# ------------------------------------------------------------------------------- settings swept beside a group
+
+
+def test_a_setting_swept_beside_methods_applies_to_the_methods_that_have_it(capsys):
+    """The README's `-m method=lora,ether,etherplus method.nb=1,32`: lora once, each ETHER variant at each nb."""
+    from lit_peft.sweeps.sweeper import applicable
+
+    combos = cli._sweep_combinations(["method=lora,ether,etherplus", "method.nb=1,32", "optim.lr=1e-3"], {})
+    assert combos == [
+        ["method=lora", "optim.lr=1e-3"],
+        ["method=ether", "method.nb=1", "optim.lr=1e-3"],
+        ["method=ether", "method.nb=32", "optim.lr=1e-3"],
+        ["method=etherplus", "method.nb=1", "optim.lr=1e-3"],
+        ["method=etherplus", "method.nb=32", "optim.lr=1e-3"],
+    ]
+    # a group's default choice counts when a job names none; qlora inherits lora's keys (its defaults list)
+    assert applicable([["method.r=4"], ["method=ether", "method.r=4"]], default_choices={"method": "lora"}) == [
+        ["method.r=4"],
+        ["method=ether"],
+    ]
+    assert applicable([["method=qlora", "method.r=4"], ["method=oft", "method.r=4"]]) == [
+        ["method=qlora", "method.r=4"],
+        ["method=oft"],
+    ]
+    # what no method has is kept, so a misspelt setting is still refused in one line before anything runs
+    with pytest.raises(SystemExit) as e:
+        cli.hydra_preflight(["-m", "method=lora,ether", "method.nbb=1,2"], CONF, "config", STAGES, cli.OutputFolders())
+    assert e.value.code == 2 and "unknown key method.nbb" in capsys.readouterr().err

@@ -86,16 +86,21 @@ def _select(config: DictConfig, key: str) -> Any:
 def planned_jobs(config: DictConfig) -> list[dict[str, Any]] | None:
     """The jobs Hydra's basic sweeper will launch, numbered as it numbers them; None for other sweepers."""
     target = str(_select(config, "hydra.sweeper._target_") or "")
-    if not target.endswith("BasicSweeper"):
+    if not target.endswith(("BasicSweeper", "GroupAwareSweeper")):
         return None
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # its own splitting: the same order
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from lit_peft.sweeps.sweeper import applicable
 
     params = _select(config, "hydra.sweeper.params") or {}
     arguments = [f"{k}={v}" for k, v in params.items()] + list(_select(config, "hydra.overrides.task") or [])
     overrides = OverridesParser.create().parse_overrides(arguments)
     batches = BasicSweeper.split_arguments(overrides, _select(config, "hydra.sweeper.max_batch_size"))
-    jobs = [job for batch in batches for job in batch]
+    jobs = [list(job) for batch in batches for job in batch]
+    if target.endswith("GroupAwareSweeper"):
+        choices = _select(config, "hydra.runtime.choices") or {}
+        jobs = applicable(jobs, default_choices={str(k): str(v) for k, v in choices.items() if v is not None})
     return [{"num": i, "overrides": list(job)} for i, job in enumerate(jobs)]
 
 
