@@ -1,23 +1,26 @@
 """The Hydra callback that keeps a sweep's job records and writes its report (conf/config.yaml `hydra.callbacks`).
 
-In a `-m` sweep it appends to `<sweep dir>/jobs.jsonl` (one JSON object a line, `event` first):
+In a `-m` sweep it appends to `<sweep dir>/jobs.jsonl` (one JSON object a line, `event` first; job folders relative
+to the sweep folder, so a moved or copied sweep reads right):
 
-- `sweep`: the sweep process (pid, host) and, for Hydra's basic sweeper, every planned job (num, overrides);
+- `sweep`: the sweep process (pid, host, sweep_dir) and, for the basic sweeper, every planned job (num, overrides);
 - `start`: a job began (num, overrides, out_dir, method, task, pid, host);
-- `end`: a job ended, with its `status` (ok / failed), its one-line `error`, num, overrides and out_dir;
-- `sweep_end`: the sweep process is done.
+- `end`: a job ended: its `status` (ok / failed / preempted / killed), its one-line `error`, num, overrides, out_dir;
+- `sweep_end`: the sweep process is done; `complete: true` when every job ran (lit_peft.sweeps.folder: a sweep without
+  it is unfinished, and the same command resumes it),
 
 and refreshes `report.md`, `report.csv` and the plots (lit_peft/sweeps/report.py) after every job and at the end.
 
-How a failed job ends depends on what it raised, in hydra-core 1.3.2's basic launcher:
+How a job ends (finetune/run.py):
 
-- an exception: Hydra records the job as FAILED (`on_job_end` gets it), runs the remaining jobs, then re-raises the
-  first failure, so `on_multirun_end` never comes: the report written after each job is the final one;
-- `SystemExit` (finetune/run.py turns a user error into `error: <one line>` and exit status 2 this way): Hydra does
-  not catch it, the sweep stops there and the remaining jobs never run (the report lists them as `not run`). The
-  callback then records the job at interpreter exit (atexit), with the `error: ...` line it captured from stderr,
-  and writes the report. A sweep in which no job finished keeps the old rule of a failed run: it leaves nothing
-  behind (the records and report are removed with the sweep folder the run created).
+- it fails (a user error, a non-finite step, a crash): the job tells the callback (`job_outcome`) and returns +inf,
+  so Hydra goes on with the next job; the row is `failed` with the `error:` line. At the end the sweep prints each
+  failure and exits 1 (`SWEEP_EXIT`);
+- it is stopped by a signal: recorded as `preempted` at once (the process then exits 3); in a parallel sweep the
+  launching process passes the request on to its workers and ends the sweep with status 3 once they stopped;
+- the process dies otherwise (SystemExit, Ctrl-C): the callback records the job at interpreter exit (atexit) with the
+  `error: ...` line it captured from stderr. A sweep in which no job finished keeps the rule of a failed run: it
+  leaves nothing behind (the records and report are removed with the sweep folder the run created).
 """
 
 from __future__ import annotations
