@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None) -> Path:
         help="a job without a process record that wrote nothing for this long is reported as killed (default 15)",
     )
     p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.add_argument(
+        "--baseline",
+        metavar="JOB_OR_GROUP",
+        help="the job name or group label (as in report.md) the Δ columns compare against (default: the best row)",
+    )
     args = p.parse_args(argv)
     if args.eval is not None and not [t for t in args.eval.split(",") if t.strip()]:
         p.error(f"--eval {args.eval!r} names no task; give comma-separated task names, e.g. local_arc_easy")
@@ -96,6 +101,7 @@ def main(argv: list[str] | None = None) -> Path:
             eval_args=[] if args.num_fewshot is None else ["--num-fewshot", str(args.num_fewshot)],
             stale_after_s=args.stale_after * 60,
             plots=not args.no_plots,
+            baseline=args.baseline,
             log=log,
         )
     print(f"report: {md}\ntable: {md.with_suffix('.csv')}")

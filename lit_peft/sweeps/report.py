@@ -31,7 +31,7 @@ from pathlib import Path
 from lit_peft.sweeps.evals import evaluate_jobs
 from lit_peft.sweeps.jobs import REPORT_CSV, REPORT_MD, STALE_AFTER_S, ReportError, check_folder, collect
 from lit_peft.sweeps.plots import plot_all
-from lit_peft.sweeps.table import csv_text, fill_rows, markdown
+from lit_peft.sweeps.table import REPORT_GROUPS_CSV, csv_text, fill_rows, groups_csv_text, markdown
 
 
 def write_report(
@@ -44,8 +44,10 @@ def write_report(
     stale_after_s: float = STALE_AFTER_S,
     plots: bool = True,
     log=print,
+    baseline: str | None = None,
 ) -> Path:
-    """Write report.md, report.csv and the plots into `out_dir` (default: the first folder); returns report.md."""
+    """Write report.md, report.csv, report_groups.csv and the plots into `out_dir` (default: the first folder);
+    returns report.md. `baseline`: a job name or group label the Δ columns compare against (default: the best)."""
     from lit_peft.io import atomic_path
 
     folders = [Path(f) for f in folders]
@@ -55,15 +57,18 @@ def write_report(
         check_folder(f)
     report_dir = Path(out_dir) if out_dir is not None else folders[0]
     jobs = collect(folders, report_dir, stale_after_s)
+    if eval_tasks and baseline is not None:
+        fill_rows(jobs, baseline)  # a baseline that names no job nor group fails before any evaluation
     if eval_tasks:
         evaluate_jobs(jobs, eval_tasks, limit, Path(data_dir) if data_dir else None, eval_args, log=log)
-    differing, _, _ = fill_rows(jobs)
+    table = fill_rows(jobs, baseline)
     report_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(report_dir / REPORT_CSV) as tmp:
         tmp.write_text(csv_text(jobs))
-    if plots:
-        plot_all(jobs, differing, report_dir)
+    with atomic_path(report_dir / REPORT_GROUPS_CSV) as tmp:
+        tmp.write_text(groups_csv_text(table))
+    written = plot_all(jobs, table, report_dir) if plots else []
     md = report_dir / REPORT_MD
     with atomic_path(md) as tmp:
-        tmp.write_text(markdown(jobs, differing, folders, report_dir))
+        tmp.write_text(markdown(jobs, table, folders, report_dir, written))
     return md
