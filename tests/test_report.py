@@ -137,8 +137,8 @@ def test_sweep_report_equals_what_the_jobs_logged(sweep):
     assert job0[header.index("val/loss after")].startswith(f"{float(table['0']['val/loss after']):.4f}")  # ± SE, ★
     assert job0[header.index("Trainable")] == f"{int(table['0']['trainable_params']):,}"
     job2 = md_row(md, "2")
-    assert job2[header.index("Status")] == "failed [1]" and job2[header.index("Trainable")] == ""
-    assert f"[1] 2: {NB_ERROR}" in md
+    assert job2[header.index("Status")] == "failed [1]" and job2[header.index("Trainable")] == "1,792"
+    assert f"[1] 2: {NAN_ERROR}" in md
 
     records = [json.loads(line) for line in (folder / "jobs.jsonl").read_text().splitlines()]
     ends = [(r["num"], r["status"]) for r in records if r["event"] == "end"]
