@@ -156,8 +156,9 @@ def loss_curves(jobs: Sequence[Job], table: Table, style: Style, report_dir: Pat
 
 
 def _train_curve(job: Job) -> list[tuple[int, float]]:
+    """(optimizer steps done, smoothed loss): a step's loss is logged at its index, counted from 0."""
     points = [p for p in job.scalars.get("train/loss", []) if math.isfinite(p.value)]
-    return list(zip([p.step for p in points], smoothed([p.value for p in points]), strict=True))
+    return list(zip([p.step + 1 for p in points], smoothed([p.value for p in points]), strict=True))
 
 
 def _job_curve(ax, job: Job, points, style: Style, faint: bool, marker: bool, label: str | None = None) -> None:
