@@ -27,14 +27,17 @@ EVAL_DIR = "eval"
 
 RUN_METRICS_KEYS = {
     "status": "'ok' for a run that finished (the only value train.py writes today)",
-    "initial": "held-out metrics before training, {'val/loss': ..., 'val/ppl': ..., 'val/<task metric>': ...}",
+    "initial": "held-out metrics before training, {'val/loss': ..., 'val/loss_se': its standard error, 'val/ppl': ..., "
+    "'val/<task metric>': ...}",
     "final": "held-out metrics after the last step, same keys",
     "held_out_examples": "size of the held-out set (examples, or pairs for DPO)",
     "steps": "optimizer steps taken (the trainer's global step)",
     "tokens": "real (non-padding) tokens trained on, all ranks",
     "wall_time_s": "seconds from the start of train() to the end of the run",
-    "peak_memory_bytes": "peak memory of the run",
-    "peak_memory_kind": "'cuda_max_allocated' (torch.cuda.max_memory_allocated) or 'cpu_max_rss' (peak resident)",
+    "peak_memory_bytes": "peak memory of the job (reset when it starts: several jobs share a sweep's process)",
+    "peak_memory_kind": "'cuda_max_allocated' (torch.cuda.max_memory_allocated since the job started), "
+    "'cpu_job_peak_rss' (the kernel's peak resident set, reset at the job's start), 'cpu_job_sampled_rss' (sampled), "
+    "or 'cpu_max_rss' (the process's lifetime peak, older runs)",
     "trainable_params": "parameters the optimizer updates",
     "total_params": "all parameters of the trained model (frozen base included)",
     "config_digest": "digest of the run's resolved settings (the resume identity)",

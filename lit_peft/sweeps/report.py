@@ -11,7 +11,12 @@ Every number is read from what a job wrote, never recomputed or guessed:
   peak memory, the latest held-out metrics); metric names of both schemes (`val_loss`, `val/loss`) are read;
 - `<sweep>/jobs.jsonl`, kept by the Hydra callback (`lit_peft.sweeps.callback.SweepReport`): each job's start and end,
   with the one-line error of a failed job (whose folder a failed run removes) and the jobs a sweep never started;
-- `<job>/.hydra/overrides.yaml`: the overrides that differ between jobs become columns.
+- `<job>/.hydra/config.yaml`, resolved: every setting whose value differs between jobs becomes a column (the effective
+  learning rate, method settings, data), not only the command-line overrides; jobs that differ only in `seed` form a
+  group (mean ± sd over seeds, n);
+- `<job>/heldout_losses.json`: per-example held-out losses, for the standard error of a job's held-out loss and the
+  paired standard error of the difference between two jobs on the same held-out examples (each row's Δ to the best,
+  ★, or to `--baseline`); `<sweep>/optimization_results.yaml`: an Optuna search's best trial.
 
 A job's status is ok (metrics.json, or the callback saw it finish), failed (with its one-line error), running (its
 process is alive, or for a job without a record: something written in the last `stale_after_s` seconds), killed
@@ -19,8 +24,9 @@ process is alive, or for a job without a record: something written in the last `
 kinds (SFT, DPO, distillation, Low-Rank Clone) share one table: a metric a job did not log is an empty cell.
 
 `--eval TASKS --limit N` runs eval/run.py on every ok job's adapter (`<job>/adapter`) or trained model
-(`<job>/model`) and adds accuracy columns (value ± standard error); results are cached in
-`<job>/eval/<tasks>-<limit>.json`, so a second report does not evaluate again.
+(`<job>/model`) and adds a column per metric lm-eval reports (value ± standard error, n); results are cached in
+`<job>/eval/`, keyed by the evaluated weights' content digest, the tasks, limit, few-shot setting, data dir and lm-eval
+version, so a second report (and each refresh during a sweep) reuses them until the adapter changes.
 """
 
 from __future__ import annotations
