@@ -265,6 +265,15 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} TiB"
 
 
+# How the peak memory was measured (metrics.json's peak_memory_kind: lit_peft.module.JobMemory), in words.
+MEMORY_KINDS = {
+    "cuda_max_allocated": "CUDA max allocated, this job",
+    "cpu_job_peak_rss": "peak resident, this job",
+    "cpu_job_sampled_rss": "peak resident, this job, sampled every 20 ms",
+    "cpu_max_rss": "peak resident of the process, all its jobs so far",
+}
+
+
 def run_summary(metrics: dict[str, Any], settings: dict[str, Any], paths: dict[str, str | None]) -> str:
     """The block printed at the end of a run: what ran, what it cost, what it reached, where it went."""
     shown = ", ".join(f"{k}={_short(v)}" for k, v in settings.items() if k != "qkv_layout" and v is not None)
@@ -276,14 +285,12 @@ def run_summary(metrics: dict[str, Any], settings: dict[str, Any], paths: dict[s
     rows.append(("steps", f"{metrics.get('steps')} ({tokens:,} tokens, {wall:,.1f} s{rate})"))
     peak = metrics.get("peak_memory_bytes")
     if peak:
-        kind = {"cuda_max_allocated": "CUDA max allocated", "cpu_max_rss": "peak resident"}.get(
-            str(metrics.get("peak_memory_kind")), ""
-        )
+        kind = MEMORY_KINDS.get(str(metrics.get("peak_memory_kind")), "")
         rows.append(("peak memory", f"{human_bytes(float(peak))}{f' ({kind})' if kind else ''}"))
     initial, final = metrics.get("initial") or {}, metrics.get("final") or {}
     if "val/loss" in final:
-        before = f"{initial['val/loss']:.4f} -> " if "val/loss" in initial else ""
-        line = f"{before}{final['val/loss']:.4f}"
+        before = f"{_loss_and_se(initial)} -> " if "val/loss" in initial else ""
+        line = f"{before}{_loss_and_se(final)}"
         if "val/ppl" in final:
             ppl_before = f"{initial['val/ppl']:.3f} -> " if "val/ppl" in initial else ""
             line += f" (perplexity {ppl_before}{final['val/ppl']:.3f}"
@@ -299,6 +306,12 @@ def run_summary(metrics: dict[str, Any], settings: dict[str, Any], paths: dict[s
         if value:
             rows.append((key, str(value)))
     return "summary\n" + "\n".join(f"  {k}: {v}" for k, v in rows)
+
+
+def _loss_and_se(held_out: dict[str, float]) -> str:
+    """'2.1232 ± 0.0312': the held-out loss and its standard error (val/loss_se) when there is one."""
+    se = held_out.get("val/loss_se")
+    return f"{held_out['val/loss']:.4f}" + (f" ± {se:.4f}" if se is not None else "")
 
 
 def _short(value: Any) -> str:

@@ -15,7 +15,7 @@ from torch import nn
 from lit_peft.data.steps import batch_units, unpack_units
 from lit_peft.methods import regularization
 from lit_peft.strategies import plain_name
-from lit_peft.tasks import Task
+from lit_peft.tasks import ExampleLosses, Task
 
 COUNT_NAMES = {"tokens": "target_tokens", "pairs": "pairs", "sequences": "sequences", "positions": "positions"}
 
@@ -108,6 +108,17 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
     return len(blocks)
 
 
+def uncompile_blocks(model: nn.Module) -> int:
+    """Undo `compile_blocks`: the blocks run eager again; returns how many were compiled. Each compiled call holds its
+    block (a reference cycle), so a job drops them when it ends, and its model goes with its last reference."""
+    from litgpt.model import Block
+
+    blocks = [m for m in model.modules() if isinstance(m, Block) and m._compiled_call_impl is not None]
+    for block in blocks:
+        block._compiled_call_impl = None
+    return len(blocks)
+
+
 class NonFiniteError(ValueError):
     """A non-finite loss, gradient or weight; the run stops at that step (train() names the last good checkpoint)."""
 
@@ -130,13 +141,146 @@ class NonFiniteError(ValueError):
         super().__init__(f"non-finite {what}{value} at step {step}, nothing of it was saved {hint}")
 
 
+def max_rss() -> int:
+    """This process's lifetime peak resident set size (ru_maxrss), in bytes."""
+    import resource
+    import sys
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
+
+
 def peak_memory() -> tuple[int, str]:
-    """(bytes, kind): CUDA's peak allocated memory on this device, else this process's peak resident memory."""
+    """(bytes, kind) over this process's life: CUDA's peak allocated memory on this device (never reset here), else
+    the peak resident memory (ru_maxrss). Several jobs in one process share both: `JobMemory` measures one job."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
-    import resource
+    return max_rss(), "cpu_max_rss"
 
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_max_rss"  # Linux reports KiB
+
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's malloc_trim), so resident memory is what is in use."""
+    import contextlib
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):  # another C library (musl) has no malloc_trim
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak resident set size (VmHWM) of this process to its current size (Linux >= 4.0:
+    '5' to /proc/self/clear_refs); False where that file is absent or not writable (macOS, some containers)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return peak_rss() is not None
+    except OSError:
+        return False
+
+
+def peak_rss() -> int | None:
+    """VmHWM, the peak resident set size since the process started or since `reset_peak_rss`, in bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def current_rss() -> int | None:
+    """This process's resident set size now, in bytes: /proc/self/statm, else psutil when installed, else None."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.Process().memory_info().rss)
+
+
+class JobMemory:
+    """The peak memory of one job, also when several jobs run in one process (Hydra's basic launcher, joblib workers).
+
+    `start()` at the beginning of the job collects what earlier jobs left (gc, CUDA's cached blocks, the C heap's
+    free pages) and resets the peaks; `read()` is the peak since then, as (bytes, kind):
+    - cuda_max_allocated: torch.cuda.max_memory_allocated on a CUDA job, its peak statistics reset at start;
+    - cpu_job_peak_rss: the kernel's peak resident set size (VmHWM), reset at start through /proc/self/clear_refs;
+    - cpu_job_sampled_rss: where that cannot be reset, the largest resident size a daemon thread saw, every 20 ms
+      (a shorter peak between two samples is missed);
+    - cpu_max_rss: where neither works, the process's lifetime peak (ru_maxrss), which includes earlier jobs.
+    """
+
+    SAMPLE_S = 0.02
+
+    def __init__(self) -> None:
+        self.kind = "cpu_max_rss"
+        self.device: torch.device | None = None  # where the job computes (FineTuneModule sets it); None: not known yet
+        self._sampled = 0
+        self._stop: Any = None
+        self._thread: Any = None
+
+    def start(self) -> JobMemory:
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # else nothing ran there: its peaks are 0
+            torch.cuda.empty_cache()
+            for device in range(torch.cuda.device_count()):  # the job may compute on another one than the last
+                torch.cuda.reset_peak_memory_stats(device)
+        release_free_heap()
+        if reset_peak_rss():
+            self.kind = "cpu_job_peak_rss"
+        elif current_rss() is not None:
+            self.kind = "cpu_job_sampled_rss"
+            self._start_sampling()
+        return self
+
+    def _start_sampling(self) -> None:
+        import threading
+
+        self._sampled = current_rss() or 0
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(self.SAMPLE_S):
+                self._sampled = max(self._sampled, current_rss() or 0)
+
+        self._thread = threading.Thread(target=sample, name="lit-peft-job-memory", daemon=True)
+        self._thread.start()
+
+    def read(self) -> tuple[int, str]:
+        """(peak bytes since start, kind)."""
+        if self.device is not None:
+            on_cuda = self.device.type == "cuda"
+        else:
+            on_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if on_cuda:
+            return int(torch.cuda.max_memory_allocated(self.device)), "cuda_max_allocated"
+        if self.kind == "cpu_job_peak_rss":
+            peak = peak_rss()
+            if peak is not None:
+                return peak, self.kind
+        if self.kind == "cpu_job_sampled_rss":
+            return max(self._sampled, current_rss() or 0), self.kind
+        return max_rss(), "cpu_max_rss"
+
+    def stop(self) -> None:
+        """End the sampling thread (if any); `read` keeps answering with what was seen."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
 
 
 def rng_state() -> dict[str, Any]:
@@ -206,6 +350,54 @@ class WeightedMeans:
         return {n: (vw / w).float() for n, (vw, w) in self.reduce(strategy).items() if w > 0}
 
 
+def loss_standard_error(loss: torch.Tensor, weight: torch.Tensor) -> float | None:
+    """The standard error of the held-out loss L = sum_i l_i / sum_i w_i (example i: its loss sum l_i over its w_i
+    units, e.g. target tokens), a ratio estimator, by the delta method over the m examples:
+
+        SE = sqrt(sum_i (l_i - L w_i)^2 / (m (m - 1))) / mean(w)
+
+    (with unit weights: the sample standard deviation over sqrt(m)). None with fewer than 2 examples or no unit.
+    """
+    sums, w = loss.double(), weight.double()
+    m = len(w)
+    if m < 2 or not w.sum() > 0:
+        return None
+    mean = sums.sum() / w.sum()
+    return float(((sums - mean * w).pow(2).sum() / (m * (m - 1))).sqrt() / w.mean())
+
+
+def example_record(rows: torch.Tensor) -> dict[str, list]:
+    """Per-example rows (m, 2) of [loss sum, weight] as heldout_losses.json holds them: {"loss": [each example's
+    mean loss l_i / w_i (0 for an example without a unit)], "weight": [its units w_i]}."""
+    sums, weights = rows[:, 0].tolist(), rows[:, 1].tolist()
+    return {
+        "loss": [s / w if w > 0 else 0.0 for s, w in zip(sums, weights, strict=True)],
+        "weight": [int(w) if float(w).is_integer() else w for w in weights],
+    }
+
+
+def gather_examples(local: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """Every rank's per-example rows (n, k), in the held-out set's order (a collective when distributed).
+
+    The validation loader gives rank r the examples r, r + W, r + 2W, ... of the set (a DistributedSampler without
+    shuffling, padding the last round with the first examples again): so the ranks' rows are interleaved and the
+    padding cut off at `size`, the set's length.
+    """
+    import torch.distributed as dist
+
+    local = local.detach().cpu()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, local)
+    else:
+        parts = [local]
+    if len({len(p) for p in parts}) == 1:  # the sampler's equal shards
+        rows = torch.stack(parts, dim=1).reshape(-1, *local.shape[1:])  # (n W, k): row r + i W is rank r's i-th
+    else:  # another loader's layout: rank by rank
+        rows = torch.cat(parts)
+    return rows[:size] if size is not None else rows
+
+
 class FineTuneModule(L.LightningModule):
     def __init__(
         self,
@@ -217,6 +409,7 @@ class FineTuneModule(L.LightningModule):
         save_full_state: bool = False,
         max_nonfinite_skips: int = 0,
         compile: bool | str = False,
+        memory: JobMemory | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -235,6 +428,12 @@ class FineTuneModule(L.LightningModule):
         self._train_sums: WeightedMeans | None = None  # the current optimizer step's metrics, over its micro-batches
         self._step_units: torch.Tensor | None = None
         self._parameter_kinds: dict[str, tuple[int, int]] | None = None  # {kind: (trainable, total)}, from setup()
+        # This job's peak memory; train() starts it at the job's beginning (unstarted: the process's lifetime peak).
+        self.memory = memory if memory is not None else JobMemory()
+        # The last validation: its global step, and its examples' [loss sum, weight] rows (m, 2) in the held-out set's
+        # order (None when the task records none).
+        self.validated_at: int | None = None
+        self.held_out_examples: torch.Tensor | None = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
@@ -268,9 +467,11 @@ class FineTuneModule(L.LightningModule):
             compile_blocks(self.model, self.compile_backend)
 
     def on_fit_start(self) -> None:
+        self.memory.device = self.device
         self.task.setup(self, self.trainer.datamodule)
 
     def on_validation_start(self) -> None:
+        self.memory.device = self.device
         self.task.setup(self, self.trainer.datamodule)  # also for a validation before training (idempotent)
 
     # ---------------------------------------------------------------- training
@@ -359,24 +560,29 @@ class FineTuneModule(L.LightningModule):
         tokens = getattr(self, "_tokens", 0) * self.trainer.world_size
         self.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9), prog_bar=True, on_step=True, on_epoch=False)
         self.log("train/step_time_s", elapsed, on_step=True, on_epoch=False)
-        self.log("train/peak_memory_bytes", float(peak_memory()[0]), on_step=True, on_epoch=False)
+        self.log("train/peak_memory_bytes", float(self.memory.read()[0]), on_step=True, on_epoch=False)
         self._step_start, self._tokens = None, 0
 
     # ---------------------------------------------------------------- validation
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = WeightedMeans()
+        self._val_examples: list[torch.Tensor] = []
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, metrics = self.task(self.model, batch)
+        examples = ExampleLosses()
+        loss, metrics = self.task(self.model, batch, examples=examples)
         local = batch_units(batch)
         self._val_sums.add("loss", loss, local[self.task.unit])
         for name, value in metrics.items():
             self._val_sums.add(name, value, local[self.task.metric_units.get(name, self.task.unit)])
+        if examples.loss is not None:
+            self._val_examples.append(torch.stack([examples.loss, examples.weight], -1).cpu())  # (B, 2)
         return loss
 
     def on_validation_epoch_end(self) -> None:
-        """Held-out means over every unit of the validation set on every rank (not means of batch means)."""
+        """Held-out means over every unit of the validation set on every rank (not means of batch means), and the
+        loss's standard error over the examples (`loss_standard_error`) as val/loss_se."""
         means = self._val_sums.means(self.trainer.strategy)
         for name, value in means.items():
             self.log(f"val/{name}", value, prog_bar=name == "loss", sync_dist=False)
@@ -384,6 +590,25 @@ class FineTuneModule(L.LightningModule):
             key = self.task.perplexity if isinstance(self.task.perplexity, str) else "loss"
             if key in means:
                 self.log("val/ppl", torch.exp(means[key]), sync_dist=False)
+        self.held_out_examples = rows = self._gather_held_out()
+        if rows is not None:
+            se = loss_standard_error(rows[:, 0], rows[:, 1])
+            if se is not None:
+                self.log("val/loss_se", se, sync_dist=False)
+        self.validated_at = self.trainer.global_step
+
+    def _gather_held_out(self) -> torch.Tensor | None:
+        """Every rank's per-example [loss sum, weight] rows (m, 2), in the held-out set's order (a collective when
+        distributed: every rank's task records them or none does)."""
+        examples, self._val_examples = self._val_examples, []
+        if not examples:
+            return None
+        loader = self.trainer.val_dataloaders
+        try:
+            size = len(loader.dataset)
+        except (AttributeError, TypeError):
+            size = None
+        return gather_examples(torch.cat(examples).double(), size)
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -25,7 +25,7 @@ from lit_peft.data.text import TextDataModule
 from lit_peft.hub import prepare_checkpoint
 from lit_peft.io import write_json
 from lit_peft.model import enable_gradient_checkpointing, load_base, load_config
-from lit_peft.module import FineTuneModule, NonFiniteError, peak_memory
+from lit_peft.module import FineTuneModule, JobMemory, NonFiniteError, example_record, uncompile_blocks
 from lit_peft.resume import (
     FinalCheckpoint,
     Preemption,
@@ -136,21 +136,44 @@ def train(cfg: DictConfig, accepted: Callable[[], None] | None = None, defaults:
     The run holds its folder's lock while it lives (lit_peft.run_folder); `accepted` is called once the folder and
     the settings are accepted (finetune/run.py writes Hydra's record then); `defaults` are the shipped config's values
     (a key a checkpoint predates is equal to unset when it is at its default).
+
+    Several jobs may run one after another in one process (Hydra's basic launcher, joblib workers): the peak memory
+    is this job's (`JobMemory`, started here), and nothing of the job stays alive after it returns (its model,
+    module and trainer are collected here; with trainer.compile, dynamo's caches are cleared).
     """
+    memory = JobMemory().start()
     out_dir = Path(cfg.out_dir)
     owner = launch_rank() == 0  # the other ranks of a run (its DDP/FSDP processes) write into rank 0's folder
     if owner:
         lock_run_folder(out_dir)
     try:
         with run_logging(out_dir, verbose=bool(cfg.get("verbose", False)), rank=launch_rank()):
-            return _train(cfg, accepted if owner else None, defaults, owner)
+            return _train(cfg, accepted if owner else None, defaults, owner, memory)
     finally:
         if owner:
             release_run_folder(out_dir)
+        memory.stop()
+        release_job(bool(cfg.trainer.get("compile")))
+
+
+def release_job(compiled: bool) -> None:
+    """After a job: collect what it built (Lightning's trainer, callbacks and module form reference cycles, so they
+    would otherwise wait for a later garbage collection, holding the model), and with `compiled` reset dynamo, whose
+    cached graphs of the job's blocks would otherwise add up over the jobs of a process (and hit its recompile
+    limit). Its caches are the process's: a job of a sweep owns its process."""
+    import gc
+
+    if compiled:
+        torch._dynamo.reset()
+    gc.collect()
 
 
 def _train(
-    cfg: DictConfig, accepted: Callable[[], None] | None, defaults: dict | None, owner: bool = True
+    cfg: DictConfig,
+    accepted: Callable[[], None] | None,
+    defaults: dict | None,
+    owner: bool = True,
+    memory: JobMemory | None = None,
 ) -> dict[str, Any]:
     started = time.perf_counter()
     out_dir = Path(cfg.out_dir)
@@ -223,6 +246,7 @@ def _train(
         save_full_state=built.full,
         max_nonfinite_skips=int(t.get("max_nonfinite_skips") or 0),
         compile=t.get("compile", False),
+        memory=memory,
     )
     meta = {
         **built.meta,
@@ -256,7 +280,7 @@ def _train(
     final_checkpoint = FinalCheckpoint(ckpt_dir / "last.ckpt")
     final_checkpoint.saved_step = resumed_step  # a resumed run's checkpoint is not written again at its step
     preemption = Preemption(final_checkpoint)
-    logger = instantiate(cfg.logger)
+    logger = build_logger(cfg.logger)
     strategy = build_strategy(cfg.strategy)
     precision = precision_plugin(str(cfg.precision), strategy)  # keeps adapters float32 under -true half precision
     trainer = L.Trainer(
@@ -293,9 +317,15 @@ def _train(
     )
     if logger:  # before anything saves the logger (hparams.yaml is written once), for the HParams tab
         logger.log_hyperparams(hyperparameters(cfg))
+    initial_examples = None  # per-example losses before training: this run's, or a resumed run's first segment's
     if t.validate_first and resume_from is None:  # a resumed run keeps the first segment's (none: empty)
         trainer.validate(module, datamodule=data, verbose=False)
         record.initial = held_out(trainer)
+        initial_examples = held_out_examples(module)
+        if trainer.is_global_zero and initial_examples is not None:  # kept also if the run stops before its end
+            write_json(out_dir / HELD_OUT_LOSSES, {"initial": initial_examples})
+    elif resume_from is not None:
+        initial_examples = earlier_examples(out_dir)
     initial = record.initial
     try:
         trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
@@ -314,10 +344,11 @@ def _train(
     SIGNALS.honour()  # a stop request noted in the loop: its step is checkpointed; the entry point exits 3
     if reexport:  # a finished run whose export at its last step was cut short
         export.export(trainer, module)
-    if t.validate_last:
+    if t.validate_last and module.validated_at != trainer.global_step:  # not again at the same step (same weights)
         trainer.validate(module, datamodule=data, verbose=False)
     final = held_out(trainer)
-    peak, peak_kind = peak_memory()
+    final_examples = held_out_examples(module)
+    peak, peak_kind = module.memory.read()
     metrics = {
         "status": "ok",
         "method": cfg.method.name,
@@ -336,6 +367,11 @@ def _train(
     }
     if trainer.is_global_zero:
         write_json(out_dir / "metrics.json", metrics)
+        if initial_examples is not None or final_examples is not None:
+            write_json(out_dir / HELD_OUT_LOSSES, {"initial": initial_examples, "final": final_examples})
+        if logger and final:  # the HParams tab ranks runs by these (no hp_metric: see build_logger)
+            logger.log_hyperparams(hyperparameters(cfg), metrics=hparams_metrics(final), step=trainer.global_step)
+            logger.finalize("success")  # flushed and closed, as Lightning leaves it after a stage
         paths = {
             task.export_name(cfg.method.name): str(export.target),
             "checkpoint": str(ckpt_dir / "last.ckpt") if (ckpt_dir / "last.ckpt").exists() else None,
@@ -343,6 +379,7 @@ def _train(
             "run.log": str(out_dir / "run.log"),
         }
         info(run_summary(metrics, built.settings, paths))
+    uncompile_blocks(model)
     return {
         "out_dir": str(out_dir),
         "export": str(export.target),
@@ -351,6 +388,49 @@ def _train(
         "metrics": metrics,
         "log_dir": logger.log_dir if logger else None,
     }
+
+
+HELD_OUT_LOSSES = "heldout_losses.json"  # per-example held-out losses before and after training
+
+
+def held_out_examples(module: FineTuneModule) -> dict[str, list] | None:
+    """The last validation's per-example losses and weights, in the held-out set's order (None: none recorded)."""
+    rows = module.held_out_examples
+    return example_record(rows) if rows is not None else None
+
+
+def earlier_examples(out_dir: Path) -> dict[str, list] | None:
+    """A resumed run's per-example losses before training, as its first segment wrote them (None if it did not)."""
+    import json
+
+    try:
+        return json.loads((out_dir / HELD_OUT_LOSSES).read_text()).get("initial")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def build_logger(node: DictConfig | None) -> Any:
+    """The logger from cfg.logger (`_target_`). TensorBoard's is built without Lightning's default hp_metric (a
+    constant -1 the HParams tab would rank every run by): the run logs its final held-out metrics there instead."""
+    if not node:
+        return None
+    kwargs: dict[str, Any] = {}
+    target = node.get("_target_")
+    if target and "default_hp_metric" not in node:
+        from hydra.utils import get_class
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        try:
+            if issubclass(get_class(str(target)), TensorBoardLogger):
+                kwargs["default_hp_metric"] = False
+        except (ImportError, AttributeError, TypeError, ValueError):
+            pass  # instantiate below says what is wrong
+    return instantiate(node, **kwargs)
+
+
+def hparams_metrics(final: dict[str, float]) -> dict[str, float]:
+    """The final held-out metrics as HParams metrics: val/loss -> hparams/val_loss, val/ppl -> hparams/val_ppl, ..."""
+    return {f"hparams/{k.replace('/', '_')}": v for k, v in final.items()}
 
 
 def held_out(trainer: L.Trainer) -> dict[str, float]:

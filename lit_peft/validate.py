@@ -8,8 +8,11 @@
    the task's constructor, the quantize mode, CQIL groups, the Low-Rank Clone settings, the data format against the
    task, and the `_target_` of optim/logger/strategy with their keyword arguments.
 
-Settings that only the model or the data can check (a block count that must divide a layer's width, a file's
-records) fail later, in the same error path (`lit_peft.cli.fail.on_user_error`), which removes the run folder.
+3. The method's shapes against the model's (`check_method_shapes`), from the model's config alone (no weights): a
+   block count (OFT's and the ETHER family's nb or block_size) must fit every width it transforms.
+
+Settings that only the data can check (a file's records) fail later, in the same error path
+(`lit_peft.cli.fail.on_user_error`), which removes the run folder.
 """
 
 from __future__ import annotations
@@ -430,6 +433,96 @@ def check_owners(cfg: DictConfig) -> None:
         check_fsdp_settings(**strategy)  # state_dict_type, sharding_strategy, use_orig_params
 
 
+def model_config(model: Mapping[str, Any]) -> Any:
+    """The run's litgpt Config without loading weights: the checkpoint's model_config.yaml when it is there, else the
+    conf's own `config` (a tiny model made on first use), else litgpt's config named like the checkpoint (repo_id's
+    or checkpoint_dir's last part); None when none of them is known."""
+    from litgpt import Config
+
+    from lit_peft.hub import resolve_checkpoint_dir
+
+    checkpoint_dir = model.get("checkpoint_dir")
+    if isinstance(checkpoint_dir, str) and checkpoint_dir.strip():
+        path = resolve_checkpoint_dir(checkpoint_dir) / "model_config.yaml"
+        if path.is_file():
+            return Config.from_file(path)
+    if isinstance(model.get("config"), Mapping):
+        return Config(**model["config"])
+    for name in (model.get("repo_id"), checkpoint_dir):
+        if isinstance(name, str) and name.strip():
+            try:
+                return Config.from_name(Path(name).name)
+            except ValueError:
+                continue
+    return None
+
+
+def transformed_widths(method: Any, settings: Any, config: Any) -> dict[int, str]:
+    """{width: where} of every side a block-transform method transforms in a model of `config` (built on the meta
+    device: no memory), as its adapters would: each part's input (the Linear's in_features) and/or output (its rows)."""
+    import torch
+    from litgpt import GPT
+
+    from lit_peft.methods.base import target_linears
+    from lit_peft.methods.transform import _side
+
+    with torch.device("meta"):
+        model = GPT(config)
+    on_input = method.both_sides or not settings.flip_side
+    on_output = method.both_sides or settings.flip_side
+    widths: dict[int, str] = {}
+    for _, linear, parts in target_linears(model, settings.targets, settings.qkv_layout):
+        for part in parts:
+            if on_input:
+                widths.setdefault(linear.in_features, _side("input", part))
+            if on_output:
+                widths.setdefault(len(part.rows), _side("output", part))
+    return widths
+
+
+def check_method_shapes(cfg: DictConfig) -> None:
+    """A block-transform method's block count (nb, or block_size) against every width it would transform in the
+    run's model: one line naming the value, where it does not fit and the values that fit every width."""
+    import torch
+
+    from lit_peft.methods import METHODS, build_settings
+    from lit_peft.methods.transform import BlockTransformMethod
+    from lit_peft.tasks import TASKS, Task
+
+    name, task = str(cfg.method.name), TASKS.get(str(cfg.task.name))
+    if not (name in METHODS and issubclass(METHODS[name], BlockTransformMethod)):
+        return
+    if task is not None and task.build_model is not Task.build_model:  # the task trains its own model (lrc)
+        return
+    model = _value(cfg, "model")
+    config = model_config(model) if isinstance(model, Mapping) else None
+    if config is None:  # the model is known only once downloaded: the adapter's own check fails then
+        return
+    method, settings = build_settings(name, {k: v for k, v in _value(cfg, "method").items() if k != "name"})
+    widths = transformed_widths(method, settings, config)
+    key = "block_size" if settings.block_size is not None else "nb"
+
+    def misfit(value: int) -> str | None:
+        """The owner's reason why `value` does not fit one of the widths, or None when it fits them all."""
+        for width, where in widths.items():
+            try:
+                with torch.device("meta"):
+                    method.transform(width=width, where=where, **{key: value})
+            except ValueError as e:
+                return str(e).split(";")[0]
+        return None
+
+    reason = misfit(getattr(settings, key))
+    if reason is None:
+        return
+    common = math.gcd(*widths)
+    valid = [str(d) for d in range(1, common + 1) if common % d == 0 and misfit(d) is None]
+    raise ConfigError(
+        f"method.{reason} (model {model.get('key') or config.name}); valid method.{key} for this model: "
+        f"{', '.join(valid) or 'none'}"
+    )
+
+
 def check_table(cfg: DictConfig) -> None:
     """Stage 1: the rule table and the checks across settings (nothing heavy imported)."""
     check_rules(cfg)
@@ -442,6 +535,7 @@ def check_built(cfg: DictConfig) -> None:
     try:
         check_devices(cfg)
         check_owners(cfg)
+        check_method_shapes(cfg)
     except TypeError as e:  # an owner met a value of the wrong type that no rule above covers
         raise ConfigError(" ".join(str(e).split())) from None
 

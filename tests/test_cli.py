@@ -151,7 +151,8 @@ def preflight(*argv: str) -> tuple[int, str]:
     [
         (
             ["trainer.nosuchkey=1"],
-            "error: unknown key trainer.nosuchkey; valid keys of trainer: accelerator, compile, deterministic, devices,",
+            "error: unknown key trainer.nosuchkey; valid keys of trainer: accelerator, compile, deterministic, "
+            "devices,",
         ),
         (["trainer.max_step=3"], "error: unknown key trainer.max_step (did you mean trainer.max_steps?); valid keys"),
         (["nosuch=1"], "error: unknown key nosuch; valid keys at the top level: cqil, data, logger, lrc, method"),

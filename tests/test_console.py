@@ -48,8 +48,10 @@ def test_the_summary_block_holds_what_the_run_logged(readme_run):
     block = res.stdout[res.stdout.index("summary\n") :]
     assert "  method: lora (" in block and "r=8" in block
     assert f"  steps: {metrics['steps']} ({metrics['tokens']:,} tokens," in block
-    before, after = metrics["initial"]["val/loss"], metrics["final"]["val/loss"]
-    assert f"  held-out loss: {before:.4f} -> {after:.4f} (perplexity " in block
+    before, after = metrics["initial"], metrics["final"]  # the held-out loss ± its standard error
+    held_out = f"{before['val/loss']:.4f} ± {before['val/loss_se']:.4f} -> {after['val/loss']:.4f} ± "
+    assert f"  held-out loss: {held_out}{after['val/loss_se']:.4f} (perplexity " in block
+    assert "peak resident, this job" in block or "CUDA max allocated, this job" in block
     assert f"; {metrics['held_out_examples']} examples)" in block
     assert f"  trainable: {metrics['trainable_params']:,} of {metrics['total_params']:,} parameters" in block
     assert f"  adapter: {out / 'adapter'}" in block

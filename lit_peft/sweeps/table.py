@@ -820,6 +820,7 @@ MEMORY_KINDS = {
     "cuda_max_allocated": "CUDA",
     "cpu_max_rss": "RSS, process",
     "cpu_job_peak_rss": "RSS, job",
+    "cpu_job_sampled_rss": "RSS, job, sampled",
     "logged": "logged",
     "mixed": "mixed kinds",
 }

@@ -6,7 +6,7 @@ from lit_peft.tasks.distill import Distill
 from lit_peft.tasks.dpo import DPO
 from lit_peft.tasks.lrc import LowRankCloneTask
 from lit_peft.tasks.pretrain import Pretrain
-from lit_peft.tasks.sft import SFT, Task
+from lit_peft.tasks.sft import SFT, ExampleLosses, Task
 
 TASKS: dict[str, type[Task]] = {
     "sft": SFT,
@@ -23,4 +23,4 @@ def get_task(name: str, **settings) -> Task:
     return TASKS[name](**settings)
 
 
-__all__ = ["DPO", "Distill", "LowRankCloneTask", "SFT", "TASKS", "Pretrain", "Task", "get_task"]
+__all__ = ["DPO", "SFT", "TASKS", "Distill", "ExampleLosses", "LowRankCloneTask", "Pretrain", "Task", "get_task"]

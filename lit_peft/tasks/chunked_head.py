@@ -95,6 +95,11 @@ def target_logprobs(
     return logps, rows
 
 
+def row_sums(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Per-position values (N,) summed per row (n_rows,), rows (N,) as `target_positions` gives them."""
+    return torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add(0, rows, values)
+
+
 def cross_entropy_sum_chunked(
     model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk: int = HEAD_CHUNK
 ) -> torch.Tensor:
@@ -109,5 +114,4 @@ def reply_logps_chunked(
     """`reply_logps(model(input_ids), labels)` without the full logits: per row, (sum of the target tokens'
     log-probabilities, number of target tokens)."""
     logps, rows = target_logprobs(model, final_hidden(model, input_ids), labels, chunk)
-    sums = torch.zeros(labels.shape[0], dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
-    return sums, (labels[:, 1:] != IGNORE_INDEX).sum(-1)
+    return row_sums(logps, rows, labels.shape[0]), (labels[:, 1:] != IGNORE_INDEX).sum(-1)

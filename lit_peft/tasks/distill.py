@@ -9,7 +9,7 @@ packed text (targets: every token).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +17,24 @@ from torch import nn
 
 from lit_peft.data.steps import batch_units
 from lit_peft.data.tokenize import IGNORE_INDEX
-from lit_peft.tasks.chunked_head import HEAD_CHUNK, chunked, compute_dtype, final_hidden, head_logits, target_positions
-from lit_peft.tasks.sft import Task, Units, causal_lm_loss, cross_entropy_sum
+from lit_peft.tasks.chunked_head import (
+    HEAD_CHUNK,
+    chunked,
+    compute_dtype,
+    final_hidden,
+    head_logits,
+    row_sums,
+    target_positions,
+)
+from lit_peft.tasks.sft import (
+    ExampleLosses,
+    Task,
+    Units,
+    causal_lm_loss,
+    cross_entropy_rows,
+    cross_entropy_sum,
+    target_counts,
+)
 
 DIRECTIONS = ("forward", "reverse")
 
@@ -54,6 +70,16 @@ def distill_loss(
     return loss, {"kd": kd.detach() / n, "ce": ce.detach() / n}
 
 
+class DistillSums(NamedTuple):
+    """What `distill_sums_chunked` sums over the target tokens: in total, and the KL and student CE per row (B,)."""
+
+    kl: torch.Tensor
+    ce: torch.Tensor
+    teacher_ce: torch.Tensor
+    kl_rows: torch.Tensor
+    ce_rows: torch.Tensor
+
+
 def distill_sums_chunked(
     student: nn.Module,
     student_hidden: torch.Tensor,
@@ -63,11 +89,12 @@ def distill_sums_chunked(
     temperature: float,
     direction: str = "forward",
     chunk: int = HEAD_CHUNK,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> DistillSums:
     """(KL sum, student CE sum, teacher CE sum) over the target tokens, from both models' final hidden states (B, T, C),
-    the heads a chunk of target positions at a time (tasks/chunked_head.py). `teacher_head` turns the teacher's hidden
-    states into its logits; it runs without gradients (and again in backward, with the student's chunk)."""
-    h, targets, _ = target_positions(student_hidden, labels)
+    the heads a chunk of target positions at a time (tasks/chunked_head.py), and the KL and student CE per row
+    (detached). `teacher_head` turns the teacher's hidden states into its logits; it runs without gradients (and again
+    in backward, with the student's chunk)."""
+    h, targets, rows = target_positions(student_hidden, labels)
     t, _, _ = target_positions(teacher_hidden, labels)
     dtype = compute_dtype(student_hidden.dtype)
 
@@ -78,10 +105,11 @@ def distill_sums_chunked(
             teacher_ce = tl.logsumexp(-1) - tl.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         ce = s.logsumexp(-1) - s.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         kl = token_kl(s, tl, temperature, direction)
-        return kl.sum().view(1), ce.sum().view(1), teacher_ce.sum().view(1)
+        return kl.sum().view(1), ce.sum().view(1), teacher_ce.sum().view(1), kl.detach(), ce.detach()
 
-    kl, ce, teacher_ce = chunked(sums, chunk, h, t, targets)
-    return kl.sum(), ce.sum(), teacher_ce.sum()
+    kl, ce, teacher_ce, kl_each, ce_each = chunked(sums, chunk, h, t, targets)  # sums per chunk; per position (N,)
+    n = labels.shape[0]
+    return DistillSums(kl.sum(), ce.sum(), teacher_ce.sum(), row_sums(kl_each, rows, n), row_sums(ce_each, rows, n))
 
 
 class Distill(Task):
@@ -172,34 +200,54 @@ class Distill(Task):
             model.train(was_training)
 
     def __call__(
-        self, model: nn.Module, batch: dict[str, torch.Tensor], totals: Units | None = None
+        self,
+        model: nn.Module,
+        batch: dict[str, torch.Tensor],
+        totals: Units | None = None,
+        examples: ExampleLosses | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         totals = totals if totals is not None else batch_units(batch)
         if self.head_chunk:
-            return self.chunked_loss(model, batch, totals)
+            return self.chunked_loss(model, batch, totals, examples)
         teacher = self.teacher_logits(model, batch["input_ids"])
         student = model(batch["input_ids"])
         loss, metrics = distill_loss(
             student, teacher, batch["labels"], self.alpha, self.temperature, self.kl, totals["tokens"]
         )
+        if examples is not None:
+            labels = batch["labels"]
+            with torch.no_grad():
+                kl = token_kl(student[:, :-1], teacher[:, :-1], self.temperature, self.kl)  # (B, T-1)
+                kd_rows = (kl * (labels[:, 1:] != IGNORE_INDEX)).sum(-1)
+                ce_rows = cross_entropy_rows(student, labels) if self.alpha < 1 else torch.zeros_like(kd_rows)
+            examples.record(self.combine(kd_rows, ce_rows), target_counts(labels))
         if self.alpha == 1:  # CE is not part of the loss: still report the student's
             metrics["ce"] = causal_lm_loss(student.detach(), batch["labels"])
         metrics["teacher_ce"] = causal_lm_loss(teacher, batch["labels"])  # the same tokens under the teacher
         return loss, metrics
 
+    def combine(self, kd: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
+        """alpha T^2 KD + (1 - alpha) CE, of sums over the same tokens (per row or in total)."""
+        loss = self.alpha * self.temperature**2 * kd
+        return loss + (1 - self.alpha) * ce if self.alpha < 1 else loss
+
     def chunked_loss(
-        self, model: nn.Module, batch: dict[str, torch.Tensor], totals: Units
+        self,
+        model: nn.Module,
+        batch: dict[str, torch.Tensor],
+        totals: Units,
+        examples: ExampleLosses | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """The loss and metrics of `distill_loss`, without either model's full logits."""
         labels = batch["labels"]
         teacher, teacher_head = self.teacher_hidden(model, batch["input_ids"])
         student = final_hidden(model, batch["input_ids"])
-        kd, ce, teacher_ce = distill_sums_chunked(
+        kd, ce, teacher_ce, kd_rows, ce_rows = distill_sums_chunked(
             model, student, teacher_head, teacher, labels, self.temperature, self.kl, self.head_chunk
         )
-        loss = self.alpha * self.temperature**2 * kd
-        if self.alpha < 1:
-            loss = loss + (1 - self.alpha) * ce
+        loss = self.combine(kd, ce)
+        if examples is not None:
+            examples.record(self.combine(kd_rows, ce_rows), target_counts(labels))
         n = (labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
         metrics = {"kd": kd.detach() / n, "ce": ce.detach() / n, "teacher_ce": teacher_ce / n}
         return loss / totals["tokens"].clamp(min=1), metrics

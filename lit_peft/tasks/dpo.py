@@ -28,7 +28,7 @@ from lit_peft.data.steps import batch_units
 from lit_peft.data.tokenize import IGNORE_INDEX
 from lit_peft.methods import adapters
 from lit_peft.tasks.chunked_head import compute_dtype, reply_logps_chunked
-from lit_peft.tasks.sft import Task, Units
+from lit_peft.tasks.sft import ExampleLosses, Task, Units
 
 LOSSES = ("sigmoid", "ipo")
 REFERENCES = ("auto", "adapters_off", "precompute", "copy")
@@ -42,6 +42,31 @@ def reply_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return (token_logps * mask).sum(-1), mask.sum(-1)
 
 
+def dpo_losses(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+    loss: str = "sigmoid",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of every pair (B,) and the metrics, means over the pairs here."""
+    chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    z = chosen_ratio - rejected_ratio
+    if loss == "ipo":
+        losses = (z - 1 / (2 * beta)) ** 2
+    else:
+        losses = -F.logsigmoid(beta * z) * (1 - label_smoothing) - F.logsigmoid(-beta * z) * label_smoothing
+    chosen_reward, rejected_reward = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+    return losses, {
+        "rewards_chosen": chosen_reward.mean(),
+        "rewards_rejected": rejected_reward.mean(),
+        "reward_accuracy": (chosen_reward > rejected_reward).float().mean(),
+        "reward_margin": (chosen_reward - rejected_reward).mean(),
+    }
+
+
 def dpo_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
@@ -53,20 +78,9 @@ def dpo_loss(
     pairs: torch.Tensor | int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss summed over the pairs and divided by `pairs` (default: their number here); metrics are means here."""
-    chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
-    z = chosen_ratio - rejected_ratio
-    if loss == "ipo":
-        losses = (z - 1 / (2 * beta)) ** 2
-    else:
-        losses = -F.logsigmoid(beta * z) * (1 - label_smoothing) - F.logsigmoid(-beta * z) * label_smoothing
-    chosen_reward, rejected_reward = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+    losses, metrics = dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, label_smoothing, loss)
     pairs = len(losses) if pairs is None else pairs
-    return losses.sum() / pairs, {
-        "rewards_chosen": chosen_reward.mean(),
-        "rewards_rejected": rejected_reward.mean(),
-        "reward_accuracy": (chosen_reward > rejected_reward).float().mean(),
-        "reward_margin": (chosen_reward - rejected_reward).mean(),
-    }
+    return losses.sum() / pairs, metrics
 
 
 class DPO(Task):
@@ -186,8 +200,13 @@ class DPO(Task):
     # ---------------------------------------------------------------- loss
 
     def __call__(
-        self, model: nn.Module, batch: dict[str, torch.Tensor], totals: Units | None = None
+        self,
+        model: nn.Module,
+        batch: dict[str, torch.Tensor],
+        totals: Units | None = None,
+        examples: ExampleLosses | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss over the pairs; `examples` gets each pair's loss (weight 1)."""
         totals = totals if totals is not None else batch_units(batch)
         sums, counts = self.logps(model, batch["input_ids"], batch["labels"])
         ref_sums, ref_counts = self.reference_logps(model, batch)
@@ -195,16 +214,12 @@ class DPO(Task):
             sums, ref_sums = sums / counts.clamp(min=1), ref_sums / ref_counts.clamp(min=1)
         policy_chosen, policy_rejected = sums.chunk(2)
         ref_chosen, ref_rejected = ref_sums.chunk(2)
-        return dpo_loss(
-            policy_chosen,
-            policy_rejected,
-            ref_chosen,
-            ref_rejected,
-            self.beta,
-            self.label_smoothing,
-            self.loss,
-            pairs=totals["pairs"].clamp(min=1),
+        losses, metrics = dpo_losses(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta, self.label_smoothing, self.loss
         )
+        if examples is not None:
+            examples.record(losses, torch.ones_like(losses))
+        return losses.sum() / totals["pairs"].clamp(min=1), metrics
 
     # ---------------------------------------------------------------- checkpointed state
 

@@ -25,14 +25,24 @@ from lit_peft.lrc import SITES, LowRankClone, capture, clone_settings
 from lit_peft.quantize import quantize_base
 from lit_peft.tasks.chunked_head import final_hidden, head_logits
 from lit_peft.tasks.distill import distill_sums_chunked, token_kl
-from lit_peft.tasks.sft import Task, TrainModel, Units, causal_lm_loss, cross_entropy_sum
+from lit_peft.tasks.sft import (
+    ExampleLosses,
+    Task,
+    TrainModel,
+    Units,
+    causal_lm_loss,
+    cross_entropy_rows,
+    cross_entropy_sum,
+    target_counts,
+)
 
 KL_REDUCTIONS = ("sequence", "token")
 
 
-def masked_sse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum of (student - teacher)^2 over the masked positions (B, T), averaged over the features."""
-    return ((student.float() - teacher.float()).pow(2).mean(-1) * mask).sum()
+def masked_sse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+    """Sum of (student - teacher)^2 over the masked positions (B, T), averaged over the features (per row: (B,))."""
+    squared = (student.float() - teacher.float()).pow(2).mean(-1) * mask  # (B, T)
+    return squared.sum(-1) if per_row else squared.sum()
 
 
 def clone_losses(
@@ -40,15 +50,16 @@ def clone_losses(
     student: dict[tuple[str, int], torch.Tensor],
     teacher: dict[tuple[str, int], torch.Tensor],
     mask: torch.Tensor,
+    per_row: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """{site: squared error summed over layers and masked positions, averaged over features}."""
+    """{site: squared error summed over layers and masked positions, averaged over features} (per row: (B,))."""
     losses: dict[str, torch.Tensor] = {}
     for (site, layer), s in student.items():
         t = teacher[(site, layer)]
         if site == "mlp_out":  # compared in the student's space: the teacher's output through the same P
             p = model.student.transformer.h[layer].mlp.proj.proj["all"]
             t = t.float() @ p.float()
-        losses[site] = losses.get(site, 0) + masked_sse(s, t, mask)
+        losses[site] = losses.get(site, 0) + masked_sse(s, t, mask, per_row)
     return losses
 
 
@@ -103,7 +114,11 @@ class LowRankCloneTask(Task):
         return final_hidden(gpt, input_ids) if self.head_chunk else gpt(input_ids)
 
     def __call__(
-        self, model: nn.Module, batch: dict[str, torch.Tensor], totals: Units | None = None
+        self,
+        model: nn.Module,
+        batch: dict[str, torch.Tensor],
+        totals: Units | None = None,
+        examples: ExampleLosses | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         input_ids, labels = batch["input_ids"], batch["labels"]
         local = batch_units(batch)
@@ -115,8 +130,9 @@ class LowRankCloneTask(Task):
             student = self.outputs(model.student, input_ids)
 
         kl_unit = self.metric_units["kl"]
+        kl_rows = ce_rows = None  # per row (B,), for `examples`
         if self.head_chunk:  # final hidden states: the heads run a chunk of target positions at a time
-            kl_sum, ce_sum, teacher_ce_sum = distill_sums_chunked(
+            kl_sum, ce_sum, teacher_ce_sum, kl_rows, ce_rows = distill_sums_chunked(
                 model.student,
                 student,
                 lambda h: head_logits(model.teacher, h),
@@ -131,9 +147,20 @@ class LowRankCloneTask(Task):
             kl_sum = (token_kl(student[:, :-1], teacher[:, :-1], self.temperature, "forward") * targets).sum()
             ce_sum = cross_entropy_sum(student, labels)
             teacher_ce = causal_lm_loss(teacher, labels)
+            if examples is not None:
+                with torch.no_grad():
+                    kl = token_kl(student[:, :-1], teacher[:, :-1], self.temperature, "forward")  # (B, T-1)
+                    kl_rows, ce_rows = (kl * targets).sum(-1), cross_entropy_rows(student, labels)
         mask = real_positions(labels)
         clones = clone_losses(model, student_acts, teacher_acts, mask) if sites else {}
         clone_sum = sum(clones.values(), torch.zeros((), device=student.device))
+        if examples is not None:
+            with torch.no_grad():
+                clone_rows = clone_losses(model, student_acts, teacher_acts, mask, per_row=True) if sites else {}
+            examples.record(
+                self.example_losses(ce_rows, kl_rows, sum(clone_rows.values(), torch.zeros_like(ce_rows)), labels),
+                target_counts(labels),
+            )
         loss = (
             self.ce_weight * ce_sum / totals["tokens"].clamp(min=1)
             + self.kl_weight * kl_sum / totals[kl_unit].clamp(min=1)
@@ -147,3 +174,18 @@ class LowRankCloneTask(Task):
         }
         metrics.update({f"clone_{s}": v.detach() / local["positions"].clamp(min=1) for s, v in clones.items()})
         return loss, metrics
+
+    def example_losses(
+        self, ce: torch.Tensor, kl: torch.Tensor, clone: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Per row (B,): the row's loss as a batch of its own (each part over its own units), times its target tokens
+        (the weight of the held-out loss), from the row's sums of CE, KL and clone losses."""
+        tokens = target_counts(labels).double()
+        kl_units = torch.ones_like(tokens) if self.kl_reduction == "sequence" else tokens
+        positions = real_positions(labels).sum(-1).double()
+        own = (
+            self.ce_weight * ce.double() / tokens.clamp(min=1)
+            + self.kl_weight * kl.double() / kl_units.clamp(min=1)
+            + self.aux_scale * clone.double() / positions.clamp(min=1)
+        )
+        return own * tokens

@@ -11,9 +11,26 @@ from torch import nn
 
 from lit_peft.data.steps import batch_units
 from lit_peft.data.tokenize import IGNORE_INDEX
-from lit_peft.tasks.chunked_head import HEAD_CHUNK, compute_dtype, cross_entropy_sum_chunked
+from lit_peft.tasks.chunked_head import HEAD_CHUNK, compute_dtype, final_hidden, row_sums, target_logprobs
 
 Units = dict[str, torch.Tensor]
+
+
+@dataclasses.dataclass
+class ExampleLosses:
+    """The per-example output a task records when it is passed one (validation does; training does not).
+
+    `loss` (B,): each example's loss summed over its units, `weight` (B,): its units (target tokens; 1 per DPO pair),
+    so that example i's loss is loss[i] / weight[i] and the batch's loss (totals=None) is loss.sum() / weight.sum().
+    A task whose loss adds means over different units (lrc) records each example's loss as a batch of its own,
+    times its weight.
+    """
+
+    loss: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+
+    def record(self, loss: torch.Tensor, weight: torch.Tensor) -> None:
+        self.loss, self.weight = loss.detach().double(), weight.detach().double()
 
 
 @dataclasses.dataclass
@@ -49,6 +66,8 @@ class Task:
     from the untrained weights); `setup(module, datamodule)` runs on the device before the first step;
     `state_dict()` is saved with Lightning checkpoints. `head_chunk`: target positions per chunk of the output head's
     logits (tasks/chunked_head.py); 0 computes the full (B, T, V) logits, as the model's forward does.
+    `examples`: when given, the task records every example's loss sum and weight in it (`ExampleLosses`), for the
+    held-out loss's standard error and per-example comparisons between runs.
     """
 
     data_kinds: tuple[str, ...] = ("conversation",)
@@ -92,7 +111,11 @@ class Task:
         pass
 
     def __call__(
-        self, model: nn.Module, batch: dict[str, torch.Tensor], totals: Units | None = None
+        self,
+        model: nn.Module,
+        batch: dict[str, torch.Tensor],
+        totals: Units | None = None,
+        examples: ExampleLosses | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
@@ -102,6 +125,23 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     logits = logits[:, :-1].reshape(-1, logits.size(-1))  # (B*(T-1), V)
     targets = labels[:, 1:].reshape(-1)  # (B*(T-1),)
     return F.cross_entropy(logits.to(compute_dtype(logits.dtype)), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row (B,): the sum of the cross-entropies over its unmasked tokens (`cross_entropy_sum` row by row)."""
+    b, t, v = logits.shape
+    per_token = F.cross_entropy(
+        logits[:, :-1].reshape(-1, v).to(compute_dtype(logits.dtype)),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )  # (B*(T-1),), 0 where ignored
+    return per_token.view(b, t - 1).sum(-1)
+
+
+def target_counts(labels: torch.Tensor) -> torch.Tensor:
+    """Target tokens per row (B,): the labels[:, t+1] predicted at t that are not masked."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(-1)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
@@ -116,11 +156,20 @@ class SFT(Task):
     perplexity = True
 
     def __call__(
-        self, model: nn.Module, batch: dict[str, torch.Tensor], totals: Units | None = None
+        self,
+        model: nn.Module,
+        batch: dict[str, torch.Tensor],
+        totals: Units | None = None,
+        examples: ExampleLosses | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         totals = totals if totals is not None else batch_units(batch)
-        if self.head_chunk:
-            ce = cross_entropy_sum_chunked(model, batch["input_ids"], batch["labels"], self.head_chunk)
-            return ce / totals["tokens"].clamp(min=1), {}
+        labels = batch["labels"]
+        if self.head_chunk:  # `cross_entropy_sum_chunked`, keeping the rows for the per-example sums
+            logps, rows = target_logprobs(model, final_hidden(model, batch["input_ids"]), labels, self.head_chunk)
+            if examples is not None:
+                examples.record(-row_sums(logps, rows, labels.shape[0]), target_counts(labels))
+            return -logps.sum() / totals["tokens"].clamp(min=1), {}
         logits = model(batch["input_ids"])  # (B, T, V)
-        return causal_lm_loss(logits, batch["labels"], totals["tokens"]), {}
+        if examples is not None:
+            examples.record(cross_entropy_rows(logits, labels), target_counts(labels))
+        return causal_lm_loss(logits, labels, totals["tokens"]), {}
