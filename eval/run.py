@@ -220,7 +220,15 @@ def main(argv: list[str] | None = None) -> dict:
 
         def run() -> dict:
             return evaluate(
-                lm, tasks, manager, args.num_fewshot, limit, args.seed, apply_chat, args.log_samples, args.bootstrap_iters
+                lm,
+                tasks,
+                manager,
+                args.num_fewshot,
+                limit,
+                args.seed,
+                apply_chat,
+                args.log_samples,
+                args.bootstrap_iters,
             )
 
         named: dict[str, dict] = {}

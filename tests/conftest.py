@@ -125,12 +125,19 @@ def autocast_gradients(layer: torch.nn.Module, x: torch.Tensor) -> list[torch.Te
 
 
 def scalars(out_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar a run logged to `<out_dir>/tensorboard`: tag -> [(step, value), ...]."""
+    """Every scalar a run logged to `<out_dir>/tensorboard`: tag -> [(step, value), ...] in the order written.
+
+    TensorBoard reads a folder's event files in name order, whose last part is a counter that is not zero-padded (files
+    of one second can be read out of order), and by default drops points at a step it saw before: read them all and
+    sort by wall time."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(out_dir / "tensorboard"))
+    acc = EventAccumulator(str(out_dir / "tensorboard"), size_guidance={"scalars": 0}, purge_orphaned_data=False)
     acc.Reload()
-    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+    return {
+        t: [(e.step, e.value) for e in sorted(acc.Scalars(t), key=lambda e: e.wall_time)]
+        for t in acc.Tags()["scalars"]
+    }
 
 
 def run_cli(
