@@ -263,3 +263,31 @@ def test_a_setting_swept_beside_methods_applies_to_the_methods_that_have_it(caps
     with pytest.raises(SystemExit) as e:
         cli.hydra_preflight(["-m", "method=lora,ether", "method.nbb=1,2"], CONF, "config", STAGES, cli.OutputFolders())
     assert e.value.code == 2 and "unknown key method.nbb" in capsys.readouterr().err
+
+
+def readme_sweeps() -> list[list[str]]:
+    """Every `python finetune/run.py -m ...` command of the README's code blocks, as its argv (comments dropped)."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    commands, in_code = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif in_code and line.startswith("python finetune/run.py -m "):
+            commands.append(shlex.split(line, comments=True)[2:])
+    return commands
+
+
+@pytest.mark.parametrize("argv", readme_sweeps(), ids=lambda argv: " ".join(argv)[:60])
+def test_every_readme_sweep_passes_the_check_of_all_its_jobs(argv, tmp_path, monkeypatch):
+    """Each sweep the README shows is composed and checked job by job (settings, method shapes against the model)
+    as finetune/run.py does before the first job starts; nothing runs."""
+    if any("../shared/data" in a for a in argv) and not (ROOT.parent / "shared" / "data").is_dir():
+        pytest.skip("../shared/data is absent: the example reads a file from it")
+    monkeypatch.setattr(cli, "_SWEEP_LOCKS", [])
+    try:
+        out = cli.hydra_preflight([*argv, f"hydra.sweep.dir={tmp_path / 'sweep'}"], CONF, "config", STAGES)
+    finally:
+        cli.release_sweep_folders()
+    assert out[: len(argv)] == argv  # accepted as written
