@@ -46,9 +46,9 @@ class _Policy:
 
     def handler(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
-        if self.forwarding:  # a sweep whose jobs run in worker processes: they stop, this process waits for them
-            self.received = self.received or name
-            _signal_children(signal.SIGTERM)  # SIGTERM, not a second SIGINT: that would stop a worker at once
+        if self.forwarding and not (name == "SIGINT" and self.received == "SIGINT"):
+            self.received = self.received or name  # a sweep whose jobs run in worker processes: they stop, this
+            _signal_children(signal.SIGTERM)  # process waits for them (SIGTERM: a second SIGINT stops one at once)
             return
         if self.deferred and not (name == "SIGINT" and self.received == "SIGINT"):
             self.received = self.received or name

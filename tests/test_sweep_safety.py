@@ -291,3 +291,32 @@ def test_every_readme_sweep_passes_the_check_of_all_its_jobs(argv, tmp_path, mon
     finally:
         cli.release_sweep_folders()
     assert out[: len(argv)] == argv  # accepted as written
+
+
+@pytest.mark.parametrize(
+    "launcher, forwards",
+    [
+        ("hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", True),
+        ("hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher", True),
+        ("hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher", False),  # SLURM signals its jobs
+        ("hydra._internal.core_plugins.basic_launcher.BasicLauncher", False),  # the jobs run in this process
+    ],
+)
+def test_a_sweep_passes_stop_requests_on_only_to_jobs_it_runs_on_this_machine(launcher, forwards, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from lit_peft import signals
+    from lit_peft.signals import SIGNALS, Preempted
+    from lit_peft.sweeps.callback import SweepReport
+
+    passed_on = []
+    monkeypatch.setattr(signals, "_signal_children", passed_on.append)
+    monkeypatch.setattr(SIGNALS, "received", None)
+    monkeypatch.setattr(SIGNALS, "forwarding", False)
+    SweepReport(enabled=False).on_multirun_start(OmegaConf.create({"hydra": {"launcher": {"_target_": launcher}}}))
+    assert SIGNALS.forwarding is forwards
+    if forwards:  # noted and passed on; Ctrl-C twice stops waiting for the workers
+        SIGNALS.handler(signal.SIGINT, None)
+        assert SIGNALS.received == "SIGINT" and passed_on == [signal.SIGTERM]
+        with pytest.raises(Preempted):
+            SIGNALS.handler(signal.SIGINT, None)

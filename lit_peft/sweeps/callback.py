@@ -125,8 +125,10 @@ class SweepReport(Callback):
         from lit_peft.signals import SIGNALS
 
         SWEEP_EXIT = 0
-        # jobs in other processes (joblib workers, submitit): a stop request is passed on to them, and waited for
-        SIGNALS.forwarding = not str(_select(config, "hydra.launcher._target_") or "").endswith("BasicLauncher")
+        # jobs in this machine's other processes (joblib workers, submitit's local jobs): a stop request is passed on
+        # to them and waited for (Ctrl-C twice stops waiting); SLURM jobs get their signals from SLURM
+        launcher = str(_select(config, "hydra.launcher._target_") or "")
+        SIGNALS.forwarding = launcher.endswith(("JoblibLauncher", "LocalLauncher"))
         if not self.enabled:
             return
         sweep = self._sweep(config)
