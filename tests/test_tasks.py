@@ -14,7 +14,7 @@ from conftest import scalars as logged_scalars
 from litgpt import GPT
 
 from lit_peft.methods import adapters, build_settings
-from lit_peft.tasks.dpo import DPO, dpo_loss, reply_logps
+from lit_peft.tasks.dpo import DPO, dpo_losses, reply_logps
 
 RUN = TINY_RUN
 
@@ -26,13 +26,14 @@ def test_dpo_loss_matches_the_formula_by_hand():
     # z = (pc - rc) - (pr - rr): pair 0: 1 - (-0.5) = 1.5; pair 1: 0.5 - 0.5 = 0
     z = [1.5, 0.0]
     sig = [-math.log(1 / (1 + math.exp(-beta * x))) for x in z]
-    loss, m = dpo_loss(pc, pr, rc, rr, beta)
-    assert loss.item() == pytest.approx(sum(sig) / 2)
+    losses, m = dpo_losses(pc, pr, rc, rr, beta)
+    assert losses.tolist() == pytest.approx(sig)
+    assert losses.mean().item() == pytest.approx(sum(sig) / 2)
     eps = 0.1
     smooth = [(1 - eps) * s - eps * math.log(1 / (1 + math.exp(beta * x))) for s, x in zip(sig, z, strict=True)]
-    assert dpo_loss(pc, pr, rc, rr, beta, eps)[0].item() == pytest.approx(sum(smooth) / 2)
+    assert dpo_losses(pc, pr, rc, rr, beta, eps)[0].mean().item() == pytest.approx(sum(smooth) / 2)
     ipo = [(x - 1 / (2 * beta)) ** 2 for x in z]
-    assert dpo_loss(pc, pr, rc, rr, beta, loss="ipo")[0].item() == pytest.approx(sum(ipo) / 2)
+    assert dpo_losses(pc, pr, rc, rr, beta, loss="ipo")[0].mean().item() == pytest.approx(sum(ipo) / 2)
     assert m["rewards_chosen"].item() == pytest.approx(beta * (1.0 + 0.5) / 2)
     assert m["rewards_rejected"].item() == pytest.approx(beta * (-0.5 + 0.5) / 2)
     assert m["reward_accuracy"].item() == 0.5  # pair 0 prefers chosen, pair 1 is a tie

@@ -67,22 +67,6 @@ def dpo_losses(
     }
 
 
-def dpo_loss(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    ref_chosen: torch.Tensor,
-    ref_rejected: torch.Tensor,
-    beta: float,
-    label_smoothing: float = 0.0,
-    loss: str = "sigmoid",
-    pairs: torch.Tensor | int | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss summed over the pairs and divided by `pairs` (default: their number here); metrics are means here."""
-    losses, metrics = dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, label_smoothing, loss)
-    pairs = len(losses) if pairs is None else pairs
-    return losses.sum() / pairs, metrics
-
-
 class DPO(Task):
     data_kinds = ("preference",)
     unit = "pairs"
