@@ -229,12 +229,12 @@ if __name__ == "__main__":
     try:
         main()
     except Preempted as p:  # before a job started, between the jobs of a sweep, or while its workers ran them
-        stop_children(p.signal_name)  # parallel jobs (joblib workers) checkpoint their step and end with the sweep
+        stop_children()  # parallel jobs (joblib workers) checkpoint their step and end with the sweep
         print(f"preempted by {p.signal_name} outside a run: nothing of a run was lost; run the same command again")
         sys.exit(PREEMPTED)
     except SystemExit as e:
         if e.code == PREEMPTED:
-            stop_children(SIGNALS.received or "SIGTERM")
+            stop_children()
         raise
     finally:
         release_sweep_folders()

@@ -229,24 +229,17 @@ def final_loss(result: Mapping[str, Any]) -> float:
 # ------------------------------------------------------------------------------------- ending with the sweep
 
 
-def stop_children(signal_name: str, wait_s: float = 120.0) -> int:
-    """Pass a stop request on to this process's children (a parallel sweep's worker processes: each finishes its
-    optimizer step, checkpoints it and exits 3) and wait up to `wait_s` for them; those left are killed. Returns how
-    many children there were. A sweep that stops never leaves orphaned workers training on."""
-    import signal
+def stop_children(wait_s: float = 120.0) -> int:
+    """Pass a stop request on to this process's children (lit_peft.signals.signal_children: a parallel sweep's worker
+    processes, each finishes its optimizer step, checkpoints it and stops) and wait up to `wait_s` for them; those left
+    are killed. Returns how many children there were. A sweep that stops never leaves orphaned workers training on."""
+    from lit_peft.signals import signal_children
 
-    try:
-        import psutil
-    except ImportError:  # pragma: no cover - psutil comes with accelerate
+    children = signal_children()
+    if not children:
         return 0
-    try:
-        children = psutil.Process().children(recursive=True)
-    except psutil.Error:
-        return 0
-    sig = getattr(signal, signal_name, signal.SIGTERM)
-    for child in children:
-        with contextlib.suppress(psutil.Error):
-            child.send_signal(sig)
+    import psutil
+
     _, alive = psutil.wait_procs(children, timeout=wait_s)
     for child in alive:
         with contextlib.suppress(psutil.Error):

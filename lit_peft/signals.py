@@ -48,7 +48,7 @@ class _Policy:
         name = signal.Signals(signum).name
         if self.forwarding and not (name == "SIGINT" and self.received == "SIGINT"):
             self.received = self.received or name  # a sweep whose jobs run in worker processes: they stop, this
-            _signal_children(signal.SIGTERM)  # process waits for them (SIGTERM: a second SIGINT stops one at once)
+            signal_children()  # process waits for them
             return
         if self.deferred and not (name == "SIGINT" and self.received == "SIGINT"):
             self.received = self.received or name
@@ -80,19 +80,20 @@ class _Policy:
             raise Preempted(self.received)
 
 
-def _signal_children(sig: int) -> None:
-    """Send `sig` to this process's children (a parallel sweep's workers), from a signal handler: no waiting."""
-    import os
-
+def signal_children(sig: int = signal.SIGTERM) -> list:
+    """Send `sig` to this process's children (a parallel sweep's workers), without waiting; returns them (psutil
+    processes) for a caller that waits. SIGTERM by default: a worker that already got a SIGINT from the terminal would
+    stop at once on a second one, before checkpointing its step."""
     try:
         import psutil
 
-        children = [c.pid for c in psutil.Process().children(recursive=True)]
+        children = psutil.Process().children(recursive=True)
     except Exception:  # psutil missing or the process table unreadable: nothing to pass on
-        return
-    for pid in children:
-        with contextlib.suppress(OSError):
-            os.kill(pid, sig)
+        return []
+    for child in children:
+        with contextlib.suppress(Exception):
+            child.send_signal(sig)
+    return children
 
 
 SIGNALS = _Policy()

@@ -135,8 +135,7 @@ def scalars(out_dir: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(out_dir / "tensorboard"), size_guidance={"scalars": 0}, purge_orphaned_data=False)
     acc.Reload()
     return {
-        t: [(e.step, e.value) for e in sorted(acc.Scalars(t), key=lambda e: e.wall_time)]
-        for t in acc.Tags()["scalars"]
+        t: [(e.step, e.value) for e in sorted(acc.Scalars(t), key=lambda e: e.wall_time)] for t in acc.Tags()["scalars"]
     }
 
 

@@ -310,7 +310,7 @@ def test_a_sweep_passes_stop_requests_on_only_to_jobs_it_runs_on_this_machine(la
     from lit_peft.sweeps.callback import SweepReport
 
     passed_on = []
-    monkeypatch.setattr(signals, "_signal_children", passed_on.append)
+    monkeypatch.setattr(signals, "signal_children", lambda sig=signal.SIGTERM: passed_on.append(sig))
     monkeypatch.setattr(SIGNALS, "received", None)
     monkeypatch.setattr(SIGNALS, "forwarding", False)
     SweepReport(enabled=False).on_multirun_start(OmegaConf.create({"hydra": {"launcher": {"_target_": launcher}}}))

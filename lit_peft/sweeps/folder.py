@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lit_peft.sweeps.jobs import JOBS_FILE, read_records
+
 SWEEP_FILE = ".lit-peft-sweep.json"
 SWEEP_LOCK = ".lit-peft-sweep.lock"
-JOBS_FILE = "jobs.jsonl"
 # Overrides that name where a sweep writes (or how its folders are named), not what it runs.
 NOT_THE_COMMAND = ("hydra.sweep.dir", "hydra.run.dir", "hydra.output_subdir", "hydra.job.config.override_dirname")
 
@@ -88,24 +89,10 @@ def record_command(sweep: Path, command: list[str]) -> None:
     )
 
 
-def _records(sweep: Path) -> list[dict[str, Any]]:
-    path = sweep / JOBS_FILE
-    out = []
-    if path.is_file():
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-    return out
-
-
 def finished(sweep: Path) -> bool:
     """Whether the sweep's last launching process saw every job run (`sweep_end` with complete: true)."""
     last = None
-    for rec in _records(sweep):
+    for rec in read_records(sweep):
         if rec.get("event") == "sweep":
             last = None
         elif rec.get("event") == "sweep_end" and rec.get("pid") is not None:
@@ -117,7 +104,7 @@ def progress(sweep: Path) -> tuple[int, int | None]:
     """(jobs that ended ok, jobs planned or None when the sweeper plans as it goes)."""
     ok: set[Any] = set()
     planned = None
-    for rec in _records(sweep):
+    for rec in read_records(sweep):
         if rec.get("event") == "sweep" and rec.get("jobs") is not None:
             planned = len(rec["jobs"])
         elif rec.get("event") == "start":
