@@ -415,14 +415,15 @@ def _sweep_combinations(overrides: list[str], defaults: dict[str, str] | None = 
                 lists.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
         else:
             lists.append([o.input_line])
+    if math.prod(len(v) for v in lists) <= MAX_SWEEP_COMBINATIONS:
+        combos = [list(c) for c in itertools.product(*lists)]
+    else:  # one value at a time, the others at their first
+        combos = []
+        for i, values in enumerate(lists):
+            for v in values:
+                combos.append([v if j == i else other[0] for j, other in enumerate(lists)])
     from lit_peft.sweeps.sweeper import applicable  # as the sweeper runs them: method.nb only where a method has it
 
-    if math.prod(len(v) for v in lists) <= MAX_SWEEP_COMBINATIONS:
-        return applicable([list(c) for c in itertools.product(*lists)], default_choices=defaults)
-    combos = []
-    for i, values in enumerate(lists):
-        for v in values:
-            combos.append([v if j == i else other[0] for j, other in enumerate(lists)])
     return applicable(combos, default_choices=defaults)
 
 
