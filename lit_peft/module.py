@@ -356,14 +356,14 @@ def loss_standard_error(loss: torch.Tensor, weight: torch.Tensor) -> float | Non
 
         SE = sqrt(sum_i (l_i - L w_i)^2 / (m (m - 1))) / mean(w)
 
-    (with unit weights: the sample standard deviation over sqrt(m)). None with fewer than 2 examples or no unit.
+    (with unit weights: the sample standard deviation over sqrt(m)); lit_peft.stats.weighted_mean_se, which the sweep
+    report uses too. None with fewer than 2 examples or no unit.
     """
+    from lit_peft.stats import weighted_mean_se
+
     sums, w = loss.double(), weight.double()
-    m = len(w)
-    if m < 2 or not w.sum() > 0:
-        return None
-    mean = sums.sum() / w.sum()
-    return float(((sums - mean * w).pow(2).sum() / (m * (m - 1))).sqrt() / w.mean())
+    means = torch.where(w > 0, sums / w.clamp(min=torch.finfo(torch.float64).tiny), torch.zeros_like(sums))
+    return weighted_mean_se(means.tolist(), w.tolist())
 
 
 def example_record(rows: torch.Tensor) -> dict[str, list]:

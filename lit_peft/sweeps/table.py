@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lit_peft.stats import weighted_mean_se
 from lit_peft.sweeps.jobs import CORE_TRAIN, CORE_VAL, STATUSES, Job, ReportError, canonical
 
 REPORT_GROUPS_CSV = "report_groups.csv"
@@ -195,27 +196,6 @@ def mean_sd(values: Sequence[float]) -> tuple[float | None, float | None, int]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values)
 
 
-def diff_se(
-    a: Sequence[float], wa: Sequence[float], b: Sequence[float] | None = None, wb: Sequence[float] | None = None
-) -> float | None:
-    """Standard error of the weighted mean sum(w a) / sum(w), or of the difference of two such means over the same
-    examples (paired), by the delta method: the per-example influence psi_i = w_i (a_i - mean_a) / mean(w) (minus
-    the same of b), SE^2 = sum(psi^2) / (n (n - 1)). With unit weights: sd(a - b) / sqrt(n)."""
-    n = len(a)
-    if n < 2:
-        return None
-
-    def influence(x: Sequence[float], w: Sequence[float]) -> list[float]:
-        total = sum(w)
-        mean = sum(wi * xi for wi, xi in zip(w, x, strict=True)) / total
-        return [wi * (xi - mean) / (total / n) for wi, xi in zip(w, x, strict=True)]
-
-    psi = influence(a, wa)
-    if b is not None:
-        psi = [p - q for p, q in zip(psi, influence(b, wb), strict=True)]
-    return math.sqrt(sum(p * p for p in psi) / (n * (n - 1)))
-
-
 def heldout_losses(job: Job) -> dict[str, tuple[list[float], list[float]]]:
     """`<job>/heldout_losses.json`: per-example held-out losses and weights, 'initial' and 'final' (those readable)."""
     path = job.folder / HELDOUT_FILE if job.folder is not None else None
@@ -336,7 +316,7 @@ def _held_out_se(job: Job, name: str, when: str, losses: dict) -> tuple[float | 
             if canonical(str(key)) == f"{name}_se" and _number(value) and math.isfinite(value):
                 return float(value), "metrics.json"
     if name == LOSS and when in losses:
-        return diff_se(*losses[when]), HELDOUT_FILE
+        return weighted_mean_se(*losses[when]), HELDOUT_FILE
     if not isinstance(saved, dict):  # no metrics.json: the SE logged with the validation the row shows
         points = val_points(job, name)
         after = [s for s, _ in points if s > 0]
@@ -730,7 +710,7 @@ def job_delta(job: Job, ref: Job, table: Table) -> tuple[float, float | None, st
         return 0.0, None, None
     a, b = table.losses[job.name].get("final"), table.losses[ref.name].get("final")
     if a and b and len(a[0]) == len(b[0]) and a[1] == b[1]:
-        se = diff_se(a[0], a[1], b[0], b[1])
+        se = weighted_mean_se(a[0], a[1], b[0], b[1])
         if se is not None:
             return delta, se, "paired"
     se_a, se_b = job.row.get(f"{after} se"), ref.row.get(f"{after} se")
