@@ -149,14 +149,6 @@ def max_rss() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
 
 
-def peak_memory() -> tuple[int, str]:
-    """(bytes, kind) over this process's life: CUDA's peak allocated memory on this device (never reset here), else
-    the peak resident memory (ru_maxrss). Several jobs in one process share both: `JobMemory` measures one job."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return int(torch.cuda.max_memory_allocated()), "cuda_max_allocated"
-    return max_rss(), "cpu_max_rss"
-
-
 def release_free_heap() -> None:
     """Hand the C heap's free pages back to the OS (glibc's malloc_trim), so resident memory is what is in use."""
     import contextlib

@@ -44,6 +44,7 @@ from lit_peft.resume import (
 from lit_peft.run_folder import claim, lock_run_folder, release_run_folder
 from lit_peft.signals import SIGNALS
 from lit_peft.strategies import check_resume_strategy, precision_plugin
+from lit_peft.sweeps.jobs import HELDOUT_FILE  # per-example held-out losses, read by the sweep report
 from lit_peft.tasks import get_task
 
 
@@ -323,7 +324,7 @@ def _train(
         record.initial = held_out(trainer)
         initial_examples = held_out_examples(module)
         if trainer.is_global_zero and initial_examples is not None:  # kept also if the run stops before its end
-            write_json(out_dir / HELD_OUT_LOSSES, {"initial": initial_examples})
+            write_json(out_dir / HELDOUT_FILE, {"initial": initial_examples})
     elif resume_from is not None:
         initial_examples = earlier_examples(out_dir)
     initial = record.initial
@@ -368,7 +369,7 @@ def _train(
     if trainer.is_global_zero:
         write_json(out_dir / "metrics.json", metrics)
         if initial_examples is not None or final_examples is not None:
-            write_json(out_dir / HELD_OUT_LOSSES, {"initial": initial_examples, "final": final_examples})
+            write_json(out_dir / HELDOUT_FILE, {"initial": initial_examples, "final": final_examples})
         if logger and final:  # the HParams tab ranks runs by these (no hp_metric: see build_logger)
             logger.log_hyperparams(hyperparameters(cfg), metrics=hparams_metrics(final), step=trainer.global_step)
             logger.finalize("success")  # flushed and closed, as Lightning leaves it after a stage
@@ -390,9 +391,6 @@ def _train(
     }
 
 
-HELD_OUT_LOSSES = "heldout_losses.json"  # per-example held-out losses before and after training
-
-
 def held_out_examples(module: FineTuneModule) -> dict[str, list] | None:
     """The last validation's per-example losses and weights, in the held-out set's order (None: none recorded)."""
     rows = module.held_out_examples
@@ -404,7 +402,7 @@ def earlier_examples(out_dir: Path) -> dict[str, list] | None:
     import json
 
     try:
-        return json.loads((out_dir / HELD_OUT_LOSSES).read_text()).get("initial")
+        return json.loads((out_dir / HELDOUT_FILE).read_text()).get("initial")
     except (OSError, ValueError, AttributeError):
         return None
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 METRICS_FILE = "metrics.json"
+HELDOUT_FILE = "heldout_losses.json"  # {"initial"|"final": {"loss": [per-example mean], "weight": [units]}}
 JOBS_FILE = "jobs.jsonl"
 REPORT_MD, REPORT_CSV = "report.md", "report.csv"
 # name: (width, height) in inches at PLOT_DPI: 1200 x 450, 800 x 500 and 800 x 450 pixels

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from lit_peft.stats import weighted_mean_se
-from lit_peft.sweeps.jobs import CORE_TRAIN, CORE_VAL, STATUSES, Job, ReportError, canonical
+from lit_peft.sweeps.jobs import CORE_TRAIN, CORE_VAL, HELDOUT_FILE, STATUSES, Job, ReportError, canonical
 
 REPORT_GROUPS_CSV = "report_groups.csv"
-HELDOUT_FILE = "heldout_losses.json"  # {"initial"|"final": {"loss": [per-example mean], "weight": [units]}}
 OPTUNA_FILE = "optimization_results.yaml"  # hydra-optuna-sweeper's best_params and best_value
 RUN_PATHS = ("out_dir", "logger.save_dir")  # the run's own folders: they differ between jobs by construction
 OWN_COLUMNS = ("method.name", "task.name")  # the Method and Task columns
