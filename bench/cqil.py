@@ -31,7 +31,7 @@ def build(model_key: str, groups: str | None, device: str):
     import torch
     from litgpt import GPT, Config
 
-    from lit_peft import cqil
+    from lit_peft.models import cqil
 
     torch.manual_seed(0)
     config = Config.from_name(MODELS[model_key][0])
@@ -92,7 +92,7 @@ def distributed_worker(rank: int, world: int, port: int, args, out: str) -> None
     import torch
     import torch.distributed as dist
 
-    from lit_peft import cqil
+    from lit_peft.models import cqil
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     use_cuda = args.device == "cuda" and torch.cuda.device_count() >= world
@@ -113,7 +113,7 @@ def main() -> None:
     import torch
     import torch.multiprocessing as mp
 
-    from lit_peft import cqil
+    from lit_peft.models import cqil
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))

@@ -65,16 +65,16 @@ def load(model_key: str, device: str):
     import torch
     from litgpt import Tokenizer
 
-    from lit_peft.model import load_base
+    from lit_peft.models.load import load_base
 
     if model_key == "smollm2":
-        from lit_peft.hub import prepare_checkpoint
+        from lit_peft.checkpoints.hub import prepare_checkpoint
 
         ckpt = prepare_checkpoint(
             {"checkpoint_dir": str(ROOT / "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"), "source": "smollm2-gguf"}
         )
     else:
-        from lit_peft.hub import create_tiny_checkpoint
+        from lit_peft.checkpoints.hub import create_tiny_checkpoint
 
         tiny = dict(
             name="tiny-random", block_size=512, padded_vocab_size=320, n_layer=2, n_head=4, n_query_groups=2,
@@ -139,7 +139,7 @@ def main() -> None:
     from lm_eval.api.instance import Instance
 
     from lit_peft.data.templates import get_template
-    from lit_peft.evaluation import LitLM
+    from lit_peft.inference.evaluation import LitLM
 
     model, tokenizer, device = load(args.model, args.device)
     template = get_template("chatml")

@@ -18,13 +18,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from lit_peft.paths import CONF_DIR
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def method_yaml(name: str) -> dict:
     import yaml
 
-    path = ROOT / "conf" / "method" / f"{name}.yaml"
+    path = CONF_DIR / "method" / f"{name}.yaml"
     if not path.is_file():
         valid = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
         sys.exit(f"error: unknown method {name!r}; valid: {valid}")

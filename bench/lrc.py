@@ -32,7 +32,7 @@ def main() -> None:
     import torch
     from litgpt import GPT, Config
 
-    from lit_peft.lrc import LowRankClone, LRCSettings, ProjectedLinear
+    from lit_peft.models.lrc import LowRankClone, LRCSettings, ProjectedLinear
     from lit_peft.tasks.lrc import LowRankCloneTask
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

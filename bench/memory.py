@@ -98,7 +98,7 @@ def worker(model_key: str, variant: str, head: str, steps: int, batch: int, seq:
     import torch
     from litgpt import GPT, Config
 
-    from lit_peft.model import install_method, load_base
+    from lit_peft.models.load import install_method, load_base
     from lit_peft.tasks.chunked_head import HEAD_CHUNK
     from lit_peft.tasks.sft import SFT
 
@@ -107,7 +107,7 @@ def worker(model_key: str, variant: str, head: str, steps: int, batch: int, seq:
     release_free_memory()
     baseline = rss_bytes()
     if model_key == "smollm2":
-        from lit_peft.hub import prepare_checkpoint
+        from lit_peft.checkpoints.hub import prepare_checkpoint
 
         ckpt = prepare_checkpoint(
             {"checkpoint_dir": str(ROOT / "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"), "source": "smollm2-gguf"}

@@ -20,7 +20,7 @@ blocks. All methods adapt the same Linears (`--targets`, default every Linear of
 projection and the three MLP Linears).
 
 --peers adds Hugging Face PEFT's LoRA, OFT and HRA (the `bench` extra: pip install -e '.[bench]') on a
-transformers LlamaForCausalLM built from our model (`lit_peft.hf_export.llama_hf_config`, litgpt's weight
+transformers LlamaForCausalLM built from our model (`lit_peft.export.hf.llama_hf_config`, litgpt's weight
 renaming; fp32, sdpa attention, same weights, checked to give our loss), adapting the same Linears.
 --compile adds a "+compile" row per variant: each transformer block wrapped in torch.compile (regional
 compilation: one graph serves every block), "x eager" is its time over the same variant's eager time.
@@ -160,10 +160,10 @@ def load_model(model_key: str):
     import torch
     from litgpt import GPT, Config
 
-    from lit_peft.model import load_base
+    from lit_peft.models.load import load_base
 
     if model_key == "smollm2":
-        from lit_peft.hub import prepare_checkpoint
+        from lit_peft.checkpoints.hub import prepare_checkpoint
 
         ckpt = prepare_checkpoint(
             {"checkpoint_dir": str(ROOT / "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"), "source": "smollm2-gguf"}
@@ -178,14 +178,14 @@ def load_model(model_key: str):
 def hf_twin(model, idx):
     """transformers' LlamaForCausalLM with our model's weights (shared, not copied): fp32, sdpa, no KV cache.
 
-    The config is lit_peft.hf_export's, the weight names litgpt's converter's (as `export_hf` writes them); the
+    The config is lit_peft.export.hf's, the weight names litgpt's converter's (as `export_hf` writes them); the
     twin's loss on `idx` must equal ours, or the comparison would not be of the same model.
     """
     import torch
     from litgpt.scripts.convert_lit_checkpoint import copy_weights_llama
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lit_peft.hf_export import llama_hf_config
+    from lit_peft.export.hf import llama_hf_config
 
     values = {k: v for k, v in llama_hf_config(model.config).items() if k not in ("architectures", "model_type")}
     config = LlamaConfig(**values, use_cache=False)

@@ -12,7 +12,7 @@ figure to compare across methods.
 One step: forward to logits, next-token cross-entropy on every position, backward, AdamW (fused on CUDA) over the
 trainable parameters, on a fixed random batch of a randomly initialised model (speed does not depend on the weights).
 Time: the median of `--steps` timed steps after `--warmup` untimed ones (compilation happens there); compiled means
-every transformer block through `lit_peft.module.compile_blocks`, as `trainer.compile=true` trains.
+every transformer block through `lit_peft.training.compile.compile_blocks`, as `trainer.compile=true` trains.
 Peak: `--peak-tflops`, or the device's dense (non-sparse) bf16 tensor peak from `PEAK_BF16_TFLOPS` when it is listed.
 """
 
@@ -113,7 +113,7 @@ def measure(model_key: str, method: str, args: argparse.Namespace, peak: float |
     idx = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
     flops = step_flops(model, idx)
     if args.compile:
-        from lit_peft.module import compile_blocks
+        from lit_peft.training.compile import compile_blocks
 
         compile_blocks(model)
     opt = torch.optim.AdamW(trainable, lr=1e-5, fused=device == "cuda")

@@ -51,7 +51,7 @@ def tiny_config(**overrides) -> Config:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from lit_peft.hub import create_tiny_checkpoint
+    from lit_peft.checkpoints.hub import create_tiny_checkpoint
 
     return create_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-random", TINY, seed=0)
 
@@ -59,7 +59,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_checkpoint() -> Path:
     """The real embedded model, converted once per machine under checkpoints/ (as the README's main job does)."""
-    from lit_peft.hub import prepare_checkpoint
+    from lit_peft.checkpoints.hub import prepare_checkpoint
 
     return prepare_checkpoint(
         {"checkpoint_dir": str(ROOT / "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"), "source": "smollm2-gguf"}

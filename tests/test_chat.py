@@ -9,7 +9,7 @@ from litgpt import Tokenizer
 
 from lit_peft.data.templates import get_template
 from lit_peft.data.tokenize import encode_text, special_strings
-from lit_peft.model import load_base
+from lit_peft.models.load import load_base
 
 
 def greedy(model, ids: list[int], eos: int, n: int) -> list[int]:
@@ -64,8 +64,8 @@ def test_chat_with_a_missing_adapter_is_a_one_line_error(tmp_path):
 def _adapter(tiny_checkpoint, folder):
     """A LoRA adapter whose system prompt is recorded only in the training config (adapters written before the
     top-level key); chatml template."""
-    from lit_peft.io import save_adapter
-    from lit_peft.model import install_method, trainable_state_dict
+    from lit_peft.checkpoints.adapter import save_adapter
+    from lit_peft.models.load import install_method, trainable_state_dict
 
     model = load_base(tiny_checkpoint)
     _, settings = install_method(model, "lora", {"r": 4, "targets": ["query", "value", "mlp"]})
@@ -97,7 +97,7 @@ def _expected_replies(model, tokenizer, system, users, n=12):
 
 
 def test_chat_renders_the_adapters_system_prompt_and_a_merged_model_keeps_it(tiny_checkpoint, tmp_path):
-    from lit_peft.model import load_adapter_into
+    from lit_peft.models.load import load_adapter_into
 
     adapter = _adapter(tiny_checkpoint, tmp_path / "adapter")
     users = ["hello there", "and again"]
@@ -178,7 +178,7 @@ def test_chat_with_an_adapter_missing_its_weights_is_one_line_naming_them(tiny_c
 
 
 def test_chat_keeps_a_bf16_checkpoint_in_bf16_and_rejects_a_bad_dtype(tiny_checkpoint, tmp_path):
-    from lit_peft.io import save_lit_checkpoint
+    from lit_peft.checkpoints.files import save_lit_checkpoint
 
     state = torch.load(tiny_checkpoint / "lit_model.pth", weights_only=True)
     bf16 = save_lit_checkpoint(tmp_path / "bf16", {k: v.bfloat16() for k, v in state.items()}, tiny_checkpoint)

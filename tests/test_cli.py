@@ -18,10 +18,12 @@ import torch
 from conftest import ROOT, TINY_RUN, run_cli
 from hydra import compose, initialize_config_dir
 
-from lit_peft import cli
-from lit_peft.validate import validate_config
+from lit_peft import errors
+from lit_peft.cli import args as cli_args
+from lit_peft.cli import preflight as cli_preflight
+from lit_peft.cli.validate import validate_config
 
-CONF = ROOT / "conf"
+CONF = ROOT / "lit_peft" / "conf"
 
 
 def composed(*overrides: str):
@@ -142,7 +144,7 @@ def test_devices_this_machine_lacks_are_named_before_the_run(override, message):
 def preflight(*argv: str) -> tuple[int, str]:
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_:
-        cli.hydra_preflight(list(argv), CONF, "config", validate_config, cli.OutputFolders())
+        cli_preflight.hydra_preflight(list(argv), CONF, "config", validate_config, cli_preflight.OutputFolders())
     return exit_.value.code, stderr.getvalue()
 
 
@@ -178,17 +180,21 @@ def test_hydra_composition_errors_are_one_line(argv, message):
 
 def test_preflight_pins_the_run_folder_and_remembers_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the dated default folder is claimed (created) here
-    outputs = cli.OutputFolders()
-    argv = cli.hydra_preflight(["model=tiny-random"], CONF, "config", validate_config, outputs)
+    outputs = cli_preflight.OutputFolders()
+    argv = cli_preflight.hydra_preflight(["model=tiny-random"], CONF, "config", validate_config, outputs)
     assert argv[-1] == "hydra.output_subdir=null"  # the run writes .hydra/ once its settings are accepted
     pinned = argv[-2]
     assert pinned.startswith("hydra.run.dir=outputs/") and pinned.endswith("_lora")
     assert outputs.created(pinned.partition("=")[2]) and Path(pinned.partition("=")[2]).is_dir()
-    again = cli.hydra_preflight(["model=tiny-random"], CONF, "config", validate_config, cli.OutputFolders())[-2]
+    again = cli_preflight.hydra_preflight(
+        ["model=tiny-random"], CONF, "config", validate_config, cli_preflight.OutputFolders()
+    )[-2]
     assert again != pinned  # a second run in the same second gets its own folder (`-2`), or a later second's
-    sweep = cli.hydra_preflight(["-m", "method=lora,oft"], CONF, "config", validate_config, cli.OutputFolders())
+    sweep = cli_preflight.hydra_preflight(
+        ["-m", "method=lora,oft"], CONF, "config", validate_config, cli_preflight.OutputFolders()
+    )
     assert sweep[-2].startswith("hydra.sweep.dir=multirun/")
-    assert cli.hydra_preflight(["--help"], CONF, "config", validate_config) == ["--help"]  # Hydra answers it
+    assert cli_preflight.hydra_preflight(["--help"], CONF, "config", validate_config) == ["--help"]  # Hydra answers it
 
 
 # ---------------------------------------------------------------- only what this run created is removed
@@ -200,7 +206,7 @@ def test_failed_run_removes_only_the_folders_it_created(tmp_path):
     (mine / "checkpoints" / "last.ckpt").write_bytes(b"keep")
     (tmp_path / "sweep").mkdir()
     (tmp_path / "sweep" / "0_old").mkdir()
-    outputs = cli.OutputFolders()
+    outputs = cli_preflight.OutputFolders()
     for path in (mine, tmp_path / "new" / "deep" / "run", tmp_path / "sweep"):
         outputs.remember(path)
     assert not outputs.created(mine) and not outputs.created(tmp_path / "sweep" / "0_old")
@@ -222,15 +228,15 @@ def test_failed_run_removes_only_the_folders_it_created(tmp_path):
 @pytest.mark.parametrize(
     "parse, text, message",
     [
-        (cli.positive_int, "0", "0 is out of range; valid: an integer >= 1"),
-        (cli.positive_int, "1.5", "'1.5' is not an integer"),
-        (cli.non_negative_int, "-1", "-1 is out of range; valid: an integer >= 0"),
-        (cli.non_negative_float, "-0.5", "-0.5 is out of range; valid: a number >= 0"),
-        (cli.non_negative_float, "inf", "'inf' is not a finite number"),
-        (cli.unit_interval, "0", "0 is out of range; valid: a number in (0, 1]"),
-        (cli.seed_int, "-3", "-3 is out of range; valid: an integer in [0, 2^32)"),
-        (cli.repo_id, "justaname", "'justaname' is not a hub repository id; expected org/name"),
-        (cli.choice_of(["a", "b"], "mode"), "c", "unknown mode 'c'; valid: a, b"),
+        (cli_args.positive_int, "0", "0 is out of range; valid: an integer >= 1"),
+        (cli_args.positive_int, "1.5", "'1.5' is not an integer"),
+        (cli_args.non_negative_int, "-1", "-1 is out of range; valid: an integer >= 0"),
+        (cli_args.non_negative_float, "-0.5", "-0.5 is out of range; valid: a number >= 0"),
+        (cli_args.non_negative_float, "inf", "'inf' is not a finite number"),
+        (cli_args.unit_interval, "0", "0 is out of range; valid: a number in (0, 1]"),
+        (cli_args.seed_int, "-3", "-3 is out of range; valid: an integer in [0, 2^32)"),
+        (cli_args.repo_id, "justaname", "'justaname' is not a hub repository id; expected org/name"),
+        (cli_args.choice_of(["a", "b"], "mode"), "c", "unknown mode 'c'; valid: a, b"),
     ],
 )
 def test_argparse_types_name_the_value_and_the_valid_range(parse, text, message):
@@ -239,10 +245,9 @@ def test_argparse_types_name_the_value_and_the_valid_range(parse, text, message)
 
 
 def _module(path: str):
-    spec = importlib.util.spec_from_file_location(Path(path).stem + "_under_test", ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The module a checkout script runs (scripts/merge.py -> lit_peft.cli.merge)."""
+    text = (ROOT / path).read_text()
+    return importlib.import_module(re.search(r'run_module\("([\w.]+)"', text).group(1))
 
 
 @pytest.mark.parametrize(
@@ -300,7 +305,7 @@ def test_deserializer_errors_name_the_corrupt_file(tmp_path):
     bad.write_bytes(good.read_bytes()[:200])
     with pytest.raises(Exception) as err:
         torch.load(bad, weights_only=True)
-    assert cli.user_error_message(err.value).startswith(f"{bad} is corrupt or truncated (")
+    assert errors.user_error_message(err.value).startswith(f"{bad} is corrupt or truncated (")
 
     from safetensors.torch import load_file
 
@@ -308,8 +313,8 @@ def test_deserializer_errors_name_the_corrupt_file(tmp_path):
     junk.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
     with pytest.raises(Exception) as err:
         load_file(str(junk))
-    assert cli.user_error_message(err.value).startswith(f"{junk} is corrupt or truncated (SafetensorError")
-    assert cli.user_error_message(KeyError("a bug")) is None  # a bug keeps its traceback
+    assert errors.user_error_message(err.value).startswith(f"{junk} is corrupt or truncated (SafetensorError")
+    assert errors.user_error_message(KeyError("a bug")) is None  # a bug keeps its traceback
 
 
 # ---------------------------------------------------------------- through the real entry points

@@ -16,11 +16,11 @@ from litgpt import GPT
 from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
-from lit_peft import cqil
 from lit_peft.methods import build_settings
-from lit_peft.model import enable_gradient_checkpointing
-from lit_peft.module import compile_blocks
+from lit_peft.models import cqil
+from lit_peft.models.load import enable_gradient_checkpointing
 from lit_peft.tasks import get_task
+from lit_peft.training.compile import compile_blocks
 
 TARGETS = ["query", "value", "mlp"]
 CASES = {  # name: (method, settings, task, task settings, CQIL groups + gradient checkpointing)
@@ -98,7 +98,7 @@ def test_compiled_blocks_equal_eager_for_every_method_and_a_preference_task():
 def test_a_compiled_run_checkpoints_exports_and_resumes_with_the_eager_keys(tiny_checkpoint, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from lit_peft.train import train
+    from lit_peft.training.train import train
 
     base = [
         *TINY_RUN,
@@ -113,7 +113,7 @@ def test_a_compiled_run_checkpoints_exports_and_resumes_with_the_eager_keys(tiny
     ]
 
     def run(out, *overrides):
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(ROOT / "lit_peft" / "conf"), version_base="1.3"):
             train(compose("config", overrides=[*base, f"out_dir={out}", *overrides]))
 
     torch._dynamo.reset()
@@ -149,9 +149,9 @@ def test_a_compiled_run_checkpoints_exports_and_resumes_with_the_eager_keys(tiny
 def test_bad_compile_settings_are_one_line_errors(overrides, message):
     from hydra import compose, initialize_config_dir
 
-    from lit_peft.validate import validate_config
+    from lit_peft.cli.validate import validate_config
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "lit_peft" / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["model=tiny-random", *overrides])
     cfg.out_dir = "/nonexistent/out"
     with pytest.raises(ValueError, match=message):

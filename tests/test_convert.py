@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import run_cli
 
-from lit_peft.model import load_base
+from lit_peft.models.load import load_base
 
 
 def test_lit_to_hf_gives_transformers_the_same_logits(tiny_checkpoint, tmp_path):
@@ -54,7 +54,7 @@ def test_a_bf16_checkpoint_exports_as_bf16(tiny_checkpoint, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from lit_peft.io import save_lit_checkpoint
+    from lit_peft.checkpoints.files import save_lit_checkpoint
 
     state = torch.load(tiny_checkpoint / "lit_model.pth", weights_only=True)
     bf16 = save_lit_checkpoint(tmp_path / "bf16", {k: v.bfloat16() for k, v in state.items()}, tiny_checkpoint)

@@ -13,9 +13,9 @@ from conftest import TINY_RUN, run_cli, tiny_config
 from litgpt import GPT
 from litgpt.model import Block
 
-from lit_peft import cqil
-from lit_peft.cqil import CQILSettings, cqil_disabled, original_model
 from lit_peft.methods import build_settings
+from lit_peft.models import cqil
+from lit_peft.models.cqil import CQILSettings, cqil_disabled, original_model
 from lit_peft.tasks.distill import Distill, distill_loss
 
 
@@ -255,9 +255,10 @@ def cqil_run(tiny_checkpoint, tmp_path_factory):
 
 
 def test_cqil_settings_travel_with_adapter_merge_and_loading(cqil_run, tiny_checkpoint, tmp_path):
-    from lit_peft.hf_export import export_hf
-    from lit_peft.merge import merge_checkpoint
-    from lit_peft.model import load_base, load_for_inference
+    from lit_peft.export.hf import export_hf
+    from lit_peft.export.merge import merge_checkpoint
+    from lit_peft.inference.load import load_for_inference
+    from lit_peft.models.load import load_base
 
     meta = json.loads((cqil_run / "adapter" / "adapter_config.json").read_text())
     assert meta["architecture"] == {"cqil": {"groups": [[0, 1]], "bypass": 0}}

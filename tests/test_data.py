@@ -10,8 +10,8 @@ import torch
 from conftest import TINY_RUN, run_cli, shared_data
 from litgpt import Tokenizer
 
+from lit_peft.data.datamodule import SFTDataModule, record_loader
 from lit_peft.data.formats import DataError, get_format, load_records
-from lit_peft.data.module import SFTDataModule, record_loader
 from lit_peft.data.synthetic import synthetic_records
 from lit_peft.data.templates import get_template, instruction_messages
 from lit_peft.data.tokenize import IGNORE_INDEX, collate, encode_segments, special_strings
@@ -436,7 +436,7 @@ def test_skipped_and_too_long_records_are_both_named_when_none_is_left(tokenizer
 def test_a_bad_split_seed_names_the_key(value):
     from omegaconf import OmegaConf
 
-    from lit_peft.validate import check_rules, show
+    from lit_peft.cli.validate import check_rules, show
 
     with pytest.raises(ValueError) as info:
         check_rules(OmegaConf.create({"data": {"split_seed": value}}))

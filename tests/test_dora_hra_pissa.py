@@ -15,8 +15,8 @@ from torch import nn
 
 from lit_peft.methods import adapters, adapters_disabled, build_settings, merge_adapters, regularization
 from lit_peft.methods.base import Part
-from lit_peft.model import trainable_state_dict
-from lit_peft.qkv import qkv_rows
+from lit_peft.methods.qkv import qkv_rows
+from lit_peft.models.load import trainable_state_dict
 
 LAYOUTS = ["concatenated", "interleaved"]
 ALL_TARGETS = ["query", "key", "value", "projection", "mlp", "head"]
@@ -250,11 +250,11 @@ MLP = {"fc_1": "mlp.gate_proj", "fc_2": "mlp.up_proj", "proj": "mlp.down_proj"}
 
 
 def hf_twin(model: GPT):
-    """transformers' LlamaForCausalLM with the same weights (lit_peft.hf_export's config, litgpt's renaming)."""
+    """transformers' LlamaForCausalLM with the same weights (lit_peft.export.hf's config, litgpt's renaming)."""
     from litgpt.scripts.convert_lit_checkpoint import copy_weights_llama
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lit_peft.hf_export import llama_hf_config
+    from lit_peft.export.hf import llama_hf_config
 
     values = {k: v for k, v in llama_hf_config(model.config).items() if k not in ("architectures", "model_type")}
     config = LlamaConfig(**values, use_cache=False)
@@ -483,7 +483,7 @@ def test_hra_regulariser_is_the_formula_and_is_added_once_per_optimizer_step():
 @pytest.mark.parametrize("variant", ["dora", "hra"])
 def test_over_a_4bit_base_dora_and_hra_equal_the_dequantized_dense_math(variant):
     pytest.importorskip("bitsandbytes")
-    from lit_peft.quantize import dequantize_base, quantize_base
+    from lit_peft.methods.quantize import dequantize_base, quantize_base
 
     model = tiny_model(n_embd=64, intermediate_size=128)  # widths: multiples of bitsandbytes' 64-wide blocks
     quantize_base(model, "nf4")
@@ -513,7 +513,7 @@ def test_pissa_over_a_4bit_base_quantizes_the_residual_again():
     pytest.importorskip("bitsandbytes")
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
-    from lit_peft.quantize import dense_weight, is_quantized, quantize_base
+    from lit_peft.methods.quantize import dense_weight, is_quantized, quantize_base
 
     model = tiny_model(n_embd=64, intermediate_size=128)
     quantize_base(model, "nf4-dq")

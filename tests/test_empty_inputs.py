@@ -39,7 +39,7 @@ def adapted_layer(method: str, extra: dict, compute: str | None, targets: list[s
     model = GPT(tiny_config(n_embd=64, intermediate_size=128) if quantize else tiny_config())
     model.apply(model._init_weights)
     if quantize:
-        from lit_peft.quantize import quantize_base
+        from lit_peft.methods.quantize import quantize_base
 
         quantize_base(model, "nf4")
     values = {"targets": targets, **extra, **({"nb": 2} if method in BLOCK_METHODS else {})}
@@ -148,7 +148,7 @@ def test_one_training_step_with_an_adapted_head_exports_the_adapter(tiny_checkpo
     """The reported failure: method.targets=[query,head] through the real training path (the chunked head)."""
     from hydra import compose, initialize_config_dir
 
-    from lit_peft.train import train
+    from lit_peft.training.train import train
 
     out = tmp_path / method
     overrides = [
@@ -166,7 +166,7 @@ def test_one_training_step_with_an_adapted_head_exports_the_adapter(tiny_checkpo
         "data.val_size=2",
         "data.synthetic.num_examples=8",
     ]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "lit_peft" / "conf"), version_base="1.3"):
         result = train(compose("config", overrides=overrides))
     assert result["metrics"]["status"] == "ok" and result["metrics"]["steps"] == 1
     weights = load_file(str(out / "adapter" / "adapter.safetensors"))

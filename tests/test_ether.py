@@ -11,8 +11,8 @@ from torch import nn
 
 from lit_peft.methods import adapters, adapters_disabled, build_settings, merge_adapters
 from lit_peft.methods.base import Part
-from lit_peft.model import trainable_state_dict
-from lit_peft.qkv import qkv_rows
+from lit_peft.methods.qkv import qkv_rows
+from lit_peft.models.load import trainable_state_dict
 
 FAMILY = ["ether", "etherplus", "etherplusHH", "oft"]
 LAYOUTS = ["concatenated", "interleaved"]
@@ -456,7 +456,7 @@ def test_block_size_equals_the_equivalent_nb(method):
 
 
 def test_block_size_is_saved_and_rebuilds_the_same_adapter_for_load_and_merge():
-    from lit_peft.model import trainable_state_dict
+    from lit_peft.models.load import trainable_state_dict
 
     model = tiny_model()
     m, settings = build_settings("oft", {"targets": ["query", "value", "mlp"], "block_size": 4})
@@ -538,7 +538,7 @@ def test_over_a_4bit_base_gradients_equal_the_dequantized_dense_math_and_no_dens
 ):
     import copy
 
-    from lit_peft.quantize import dequantize_base, quantize_base
+    from lit_peft.methods.quantize import dequantize_base, quantize_base
 
     torch.manual_seed(0)
     model = GPT(tiny_config(n_embd=64, intermediate_size=128))  # widths: multiples of bitsandbytes' 64-wide blocks

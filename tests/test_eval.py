@@ -96,7 +96,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def manager(data_dir):
-    from lit_peft.evaluation import task_manager
+    from lit_peft.inference.evaluation import task_manager
 
     return task_manager(data_dir)
 
@@ -156,7 +156,7 @@ def test_winogrande_and_truthfulqa_local_tasks(manager):
 
 
 def test_local_task_errors_name_the_problem(data_dir, tmp_path):
-    from lit_peft import eval_data
+    from lit_peft.inference import eval_data
 
     with pytest.raises(ValueError, match="--data-dir"):
         eval_data.piqa(None, "piqa/valid.jsonl", "piqa/valid-labels.lst")
@@ -170,7 +170,7 @@ def test_local_task_errors_name_the_problem(data_dir, tmp_path):
 
 
 def test_mmlu_task_files_cover_the_57_subjects():
-    folder = ROOT / "eval/tasks/mmlu"
+    folder = ROOT / "lit_peft/inference/eval_tasks/mmlu"
     subjects = sorted(p.stem.removeprefix("local_mmlu_") for p in folder.glob("local_mmlu_*.yaml"))
     assert len(subjects) == 57 and "abstract_algebra" in subjects and "world_religions" in subjects
     if (root := ROOT.parent / "shared/data/mmlu/test").is_dir():
@@ -182,7 +182,7 @@ def test_mmlu_task_files_cover_the_57_subjects():
 
 @pytest.fixture(scope="module")
 def tiny_hf(tiny_checkpoint, tmp_path_factory) -> Path:
-    from lit_peft.hf_export import export_hf
+    from lit_peft.export.hf import export_hf
 
     return export_hf(tiny_checkpoint, tmp_path_factory.mktemp("hf") / "tiny")
 
@@ -200,8 +200,8 @@ def _loglikelihoods(results, task):
 def _lit_lm(checkpoint, batch_size=3):
     from litgpt import Tokenizer
 
-    from lit_peft.evaluation import LitLM
-    from lit_peft.model import load_base
+    from lit_peft.inference.evaluation import LitLM
+    from lit_peft.models.load import load_base
 
     return LitLM(load_base(checkpoint), Tokenizer(checkpoint), batch_size=batch_size)
 
@@ -251,7 +251,7 @@ def test_loglikelihood_is_the_sum_of_the_continuations_token_log_probs(tiny_chec
     """Against the definition on a single unpadded forward, for requests batched with longer ones."""
     import torch.nn.functional as F
 
-    from lit_peft.model import load_base
+    from lit_peft.models.load import load_base
 
     lm = _lit_lm(tiny_checkpoint, batch_size=4)
     requests = [(("", ""), [5, 6, 7], [8, 9]), (("", ""), [5, 6, 7, 10, 11, 12, 13], [14]), (("", ""), [3], [4, 4, 4])]
@@ -271,8 +271,8 @@ def test_loglikelihood_is_the_sum_of_the_continuations_token_log_probs(tiny_chec
 
 
 def test_eval_script_compares_base_and_adapter(tiny_checkpoint, data_dir, tmp_path):
-    from lit_peft.io import save_adapter
-    from lit_peft.model import install_method, load_base, trainable_state_dict
+    from lit_peft.checkpoints.adapter import save_adapter
+    from lit_peft.models.load import install_method, load_base, trainable_state_dict
 
     model = load_base(tiny_checkpoint)
     method, settings = install_method(model, "lora", {"r": 4, "targets": ["query", "value"]})
@@ -340,8 +340,8 @@ def test_eval_script_bad_input_is_one_line_and_writes_nothing(tiny_checkpoint, t
 
 @pytest.mark.slow
 def test_smollm2_on_shared_arc_easy_equals_lm_evals_hf_backend(smollm2_checkpoint, tmp_path):
-    from lit_peft.evaluation import task_manager
-    from lit_peft.hub import export_smollm2_hf
+    from lit_peft.checkpoints.hub import export_smollm2_hf
+    from lit_peft.inference.evaluation import task_manager
 
     shared_data("llmfoundry_eval/world_knowledge/arc_easy.jsonl")
     manager = task_manager(ROOT.parent / "shared/data")
@@ -361,8 +361,8 @@ def test_smollm2_on_shared_arc_easy_equals_lm_evals_hf_backend(smollm2_checkpoin
 
 
 def _sft_adapter(tiny_checkpoint, folder, data_format="alpaca"):
-    from lit_peft.io import save_adapter
-    from lit_peft.model import install_method, load_base, trainable_state_dict
+    from lit_peft.checkpoints.adapter import save_adapter
+    from lit_peft.models.load import install_method, load_base, trainable_state_dict
 
     model = load_base(tiny_checkpoint)
     _, settings = install_method(model, "lora", {"r": 4, "targets": ["query", "value"]})
@@ -442,9 +442,9 @@ def test_eval_bad_dtype_or_template_is_one_line_and_writes_nothing(tiny_checkpoi
 
 
 def test_a_merged_models_record_turns_the_chat_template_on(tiny_checkpoint, tmp_path):
-    from lit_peft.evaluation import chat_template_choice
-    from lit_peft.merge import merge_checkpoint
-    from lit_peft.model import prompt_format
+    from lit_peft.export.merge import merge_checkpoint
+    from lit_peft.inference.evaluation import chat_template_choice
+    from lit_peft.inference.load import prompt_format
 
     merged = merge_checkpoint(_sft_adapter(tiny_checkpoint, tmp_path / "adapter"), tmp_path / "merged")
     fmt = prompt_format(merged)

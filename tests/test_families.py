@@ -188,15 +188,15 @@ ABLATIONS = {
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_hf_export_of_a_merged_adapter_matches_litgpt_and_converts_back(family, tmp_path, monkeypatch):
-    """LoRA on every Linear, merged, exported (lit_peft.hf_export, litgpt's own weight maps: Phi-3's fused qkv_proj
+    """LoRA on every Linear, merged, exported (lit_peft.export.hf, litgpt's own weight maps: Phi-3's fused qkv_proj
     and gate_up_proj, Gemma's norm offsets and embedding scale) and loaded by transformers: the merged LitGPT
     model's logits in fp32.
-    The export then goes back through the hub download's conversion (lit_peft.hub.convert_hf_folder)."""
+    The export then goes back through the hub download's conversion (lit_peft.checkpoints.hub.convert_hf_folder)."""
     from transformers import AutoModelForCausalLM
 
-    from lit_peft.hf_export import export_hf
-    from lit_peft.hub import convert_hf_folder
-    from lit_peft.model import load_base
+    from lit_peft.checkpoints.hub import convert_hf_folder
+    from lit_peft.export.hf import export_hf
+    from lit_peft.models.load import load_base
 
     model = adapted_model(family, "lora")
     config = model.config
@@ -252,11 +252,11 @@ PRESETS = {
 
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_presets_name_a_litgpt_config_a_template_and_an_export(preset):
-    from lit_peft.hf_export import hf_family
-    from lit_peft.hub import _litgpt_configs, converter_name
+    from lit_peft.checkpoints.hub import _litgpt_configs, converter_name
+    from lit_peft.export.hf import hf_family
 
     name, template, family = PRESETS[preset]
-    cfg = yaml.safe_load((ROOT / "conf" / "model" / f"{preset}.yaml").read_text())
+    cfg = yaml.safe_load((ROOT / "lit_peft" / "conf" / "model" / f"{preset}.yaml").read_text())
     assert cfg["key"] == preset and cfg["source"] == "hub" and cfg["template"] == template
     assert cfg["checkpoint_dir"] == f"checkpoints/{cfg['repo_id']}"
     get_template(cfg["template"], cfg["system_prompt"])
@@ -270,7 +270,7 @@ def test_presets_name_a_litgpt_config_a_template_and_an_export(preset):
 
 def test_gemma_1_names_take_the_gemma_1_weight_map():
     """litgpt 0.5.13's converter picks its Gemma 2 weight map for any name starting "gemma-2", Gemma-2b included."""
-    from lit_peft.hub import converter_name
+    from lit_peft.checkpoints.hub import converter_name
 
     assert converter_name("Gemma-2b") == "google/gemma-2b"
     assert converter_name("Gemma-2b-it") == "google/gemma-2b-it"
@@ -282,13 +282,12 @@ def test_a_preset_with_a_renamed_repo_downloads_through_its_model_name(tmp_path,
     """scripts/download.py model=llama3.1-8b-instruct: litgpt lists the repository under its former name, so the
     preset names the config. Mistral-style native weights (consolidated.safetensors) beside the Hugging Face ones are
     not fetched. The hub is faked at huggingface_hub's two calls; the file selection is huggingface_hub's own."""
-    import runpy
     import types
 
     import huggingface_hub
     from huggingface_hub.utils import filter_repo_objects
 
-    from lit_peft.hf_export import export_hf
+    from lit_peft.export.hf import export_hf
 
     repo = export_hf(write_checkpoint(random_model(tiny("llama3")), tmp_path / "lit"), tmp_path / "repo")
     (repo / "consolidated.safetensors").write_bytes((repo / "model.safetensors").read_bytes())
@@ -308,7 +307,8 @@ def test_a_preset_with_a_renamed_repo_downloads_through_its_model_name(tmp_path,
     monkeypatch.setattr(huggingface_hub, "repo_info", repo_info)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     target = tmp_path / "ckpt"
-    main = runpy.run_path(str(ROOT / "scripts" / "download.py"))["main"]
+    from lit_peft.cli.download import main
+
     assert main(["model=llama3.1-8b-instruct", "--checkpoint-dir", str(target)]) == target
     assert sorted(fetched) == ["config.json", "model.safetensors"]
     assert yaml.safe_load((target / "model_config.yaml").read_text())["name"] == "Llama-3.1-8B-Instruct"
@@ -408,7 +408,7 @@ def test_templates_render_two_turns_as_the_official_ones(name):
     """As a run with the preset renders them: its template with its system prompt (Qwen2.5's default one)."""
     bos, eos, (plain, with_system) = RENDERED[name]
     preset = next(p for p, (_, template, _) in PRESETS.items() if template == name)
-    cfg = yaml.safe_load((ROOT / "conf" / "model" / f"{preset}.yaml").read_text())
+    cfg = yaml.safe_load((ROOT / "lit_peft" / "conf" / "model" / f"{preset}.yaml").read_text())
     assert cfg["system_prompt"] == (QWEN_SYSTEM if name == "chatml" else None)
     template = get_template(cfg["template"], cfg["system_prompt"])
     assert "".join(t for t, _ in template.segments(CONVERSATION, bos, eos)) == plain
@@ -435,7 +435,7 @@ def byte_tokenizer(folder: Path, specials: list[str]) -> Path:
     """A byte-level tokenizer (one token per byte, no merges) with the family's special tokens as single ids."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    from lit_peft.hub import write_tokenizer_files
+    from lit_peft.checkpoints.hub import write_tokenizer_files
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(specials + sorted(alphabet))}, merges=[]))

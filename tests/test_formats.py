@@ -9,6 +9,7 @@ import pytest
 from conftest import shared_data
 from litgpt import Tokenizer
 
+from lit_peft.data.datamodule import SFTDataModule, record_loader
 from lit_peft.data.formats import (
     FORMATS,
     PREFERENCE_FORMATS,
@@ -20,7 +21,6 @@ from lit_peft.data.formats import (
     format_kind,
     load_records,
 )
-from lit_peft.data.module import SFTDataModule, record_loader
 from lit_peft.data.preference import PreferenceDataModule, encode_pair
 from lit_peft.data.templates import ALPACA_SYSTEM, get_template
 from lit_peft.data.tokenize import IGNORE_INDEX, encode_segments, encode_text, special_strings
@@ -255,7 +255,7 @@ def test_real_preference_pairs_share_their_prompt(tokenizer, capsys):
 
 
 def test_hh_rlhf_file_pairs_and_earlier_assistant_turns_are_context(tokenizer):
-    from lit_peft.data.module import record_loader
+    from lit_peft.data.datamodule import record_loader
 
     path = shared_data("hh_rlhf/harmless-base_test.jsonl.gz")
     load, source = record_loader({"path": str(path)}, seed=0)

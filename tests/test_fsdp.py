@@ -14,7 +14,7 @@ import torch
 from conftest import TINY, TINY_RUN, run_cli, scalars
 from safetensors.torch import load_file
 
-from lit_peft.strategies import SHARDED_METADATA, is_sharded_checkpoint
+from lit_peft.training.fsdp import SHARDED_METADATA, is_sharded_checkpoint
 
 # A 3-layer tiny model with a 4-bit base and a CQIL group (blocks 1-2): the FSDP units are block 0 (4-bit Linears
 # left out of its flat parameters) and the root, which holds the group's blocks.
@@ -40,7 +40,7 @@ ON_TWO = ["strategy=fsdp", "trainer.devices=2"]
 
 @pytest.fixture(scope="module")
 def three_layers(tmp_path_factory):
-    from lit_peft.hub import create_tiny_checkpoint
+    from lit_peft.checkpoints.hub import create_tiny_checkpoint
 
     return create_tiny_checkpoint(tmp_path_factory.mktemp("ckpt3") / "tiny-random", {**TINY, "n_layer": 3}, seed=0)
 
@@ -118,7 +118,7 @@ def _clip_rank(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    from lit_peft.module import clip_sharded_grad_norm_
+    from lit_peft.training.lit_module import clip_sharded_grad_norm_
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -172,12 +172,12 @@ def test_sharded_clip_joins_on_a_rank_without_gradients(tmp_path):
 
 
 def test_a_sharded_checkpoint_resumes_only_under_fsdp(tmp_path):
-    from lit_peft.strategies import check_resume_strategy
+    from lit_peft.training.fsdp import check_resume_strategy
 
     folder = tmp_path / "last.ckpt"
     folder.mkdir()
     torch.save({"global_step": 2}, folder / SHARDED_METADATA)
-    check_resume_strategy(folder, {"_target_": "lit_peft.strategies.fsdp"})
+    check_resume_strategy(folder, {"_target_": "lit_peft.training.fsdp.fsdp"})
     check_resume_strategy(tmp_path / "missing.ckpt", {"name": "auto"})  # not sharded: not this check's business
     for cfg, named in (({"name": "auto"}, "auto"), ({"_target_": "lightning.pytorch.strategies.DDPStrategy"}, "DDP")):
         with pytest.raises(
@@ -198,8 +198,8 @@ def test_fsdp_settings_are_refused_in_one_line_before_the_run(override, message)
     from omegaconf import OmegaConf
     from test_cli import composed
 
-    from lit_peft.strategies import fsdp
-    from lit_peft.validate import validate_config
+    from lit_peft.cli.validate import validate_config
+    from lit_peft.training.fsdp import fsdp
 
     cfg = composed("strategy=fsdp", override)
     settings = {k: v for k, v in OmegaConf.to_container(cfg.strategy).items() if k != "_target_"}

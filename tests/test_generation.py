@@ -18,8 +18,8 @@ PROMPTS = [
 def _lm(checkpoint, batch_size, model=None):
     from litgpt import Tokenizer
 
-    from lit_peft.evaluation import LitLM
-    from lit_peft.model import load_base
+    from lit_peft.inference.evaluation import LitLM
+    from lit_peft.models.load import load_base
 
     return LitLM(model if model is not None else load_base(checkpoint), Tokenizer(checkpoint), batch_size=batch_size)
 
@@ -125,7 +125,7 @@ def test_eos_ends_one_row_while_the_batch_continues(tiny_checkpoint):
 
 
 def test_batched_equals_one_at_a_time_with_a_lora_adapter(tiny_checkpoint):
-    from lit_peft.model import install_method, load_base
+    from lit_peft.models.load import install_method, load_base
 
     model = load_base(tiny_checkpoint)
     install_method(model, "lora", {"r": 4, "targets": ["query", "value", "mlp"]})

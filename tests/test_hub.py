@@ -17,9 +17,9 @@ from conftest import run_cli
 from hub_standin import standin_hub
 from litgpt import GPT, Config, Tokenizer
 
-from lit_peft import io
-from lit_peft.hub import SMOLLM2_NAME, export_smollm2_hf, gguf_fast_tokenizer, smollm2_gguf_path
-from lit_peft.model import load_base
+from lit_peft.checkpoints.hub import SMOLLM2_NAME, export_smollm2_hf, gguf_fast_tokenizer, smollm2_gguf_path
+from lit_peft.env import host_for_file_names
+from lit_peft.models.load import load_base
 
 # Token ids of these strings under SmolLM2's tokenizer, as llama.cpp (an independent implementation reading the same
 # GGUF) produces them.
@@ -234,8 +234,8 @@ def test_allow_pickle_converts_plain_bin_weights_read_as_tensors_only(tiny_check
     from conftest import TINY
     from safetensors.torch import load_file
 
-    from lit_peft.hf_export import export_hf
-    from lit_peft.hub import convert_hf_folder
+    from lit_peft.checkpoints.hub import convert_hf_folder
+    from lit_peft.export.hf import export_hf
 
     monkeypatch.setitem(litgpt.config.name_to_config, "tiny-random", {**TINY, "vocab_size": 259})
     hf = export_hf(tiny_checkpoint, tmp_path / "hf")
@@ -274,7 +274,8 @@ def test_a_failed_forced_download_keeps_the_old_checkpoint(tiny_checkpoint, tmp_
     target = tmp_path / "checkpoints" / "SmolLM2"
     shutil.copytree(tiny_checkpoint, target)
     before = (target / "lit_model.pth").read_bytes()
-    stale = tmp_path / "checkpoints" / f".SmolLM2.{io._host()}.{dead_pid()}.abc123.tmp"  # a killed download's
+    # a killed download's staging folder
+    stale = tmp_path / "checkpoints" / f".SmolLM2.{host_for_file_names()}.{dead_pid()}.abc123.tmp"
     stale.mkdir()
     env = {"HF_ENDPOINT": closed_port_endpoint(), "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_XET": "1"}
     res = run_cli(

@@ -15,20 +15,12 @@ import pytest
 import torch
 from conftest import ROOT, run_cli
 
-from lit_peft import io
-from lit_peft.io import (
-    ADAPTER_META,
-    ADAPTER_WEIGHTS,
-    MODEL_RECORD,
-    atomic_path,
-    check_new_output,
-    clean_stale,
-    load_adapter,
-    recover,
-    save_adapter,
-)
+from lit_peft.checkpoints import files as io
+from lit_peft.checkpoints.adapter import ADAPTER_META, ADAPTER_WEIGHTS, load_adapter, save_adapter
+from lit_peft.checkpoints.files import MODEL_RECORD, atomic_path, check_new_output, clean_stale, recover
+from lit_peft.env import host_for_file_names
 from lit_peft.methods import METHODS
-from lit_peft.model import check_checkpoint_dir, install_method, load_base, trainable_state_dict
+from lit_peft.models.load import check_checkpoint_dir, install_method, load_base, trainable_state_dict
 
 
 def hidden(folder: Path) -> list[str]:
@@ -122,7 +114,7 @@ def test_recover_removes_a_leftover_old_beside_a_published_folder(tmp_path):
 
 
 def test_only_staging_folders_of_dead_processes_on_this_host_are_cleaned(tmp_path):
-    target, host, dead = tmp_path / "adapter", io._host(), dead_pid()
+    target, host, dead = tmp_path / "adapter", host_for_file_names(), dead_pid()
     stale = tmp_path / f".adapter.{host}.{dead}.abc123.tmp"
     live = tmp_path / f".adapter.{host}.{os.getpid()}.def456.tmp"
     remote = tmp_path / f".adapter.otherhost.{dead}.ghi789.tmp"
@@ -139,7 +131,7 @@ def test_only_staging_folders_of_dead_processes_on_this_host_are_cleaned(tmp_pat
 def test_a_killed_write_leaves_staging_that_the_next_write_removes(tmp_path):
     target = tmp_path / "adapter"
     code = (
-        f"import os, sys; sys.path.insert(0, {str(ROOT)!r}); from lit_peft.io import atomic_path\n"
+        f"import os, sys; sys.path.insert(0, {str(ROOT)!r}); from lit_peft.checkpoints.files import atomic_path\n"
         f"with atomic_path({str(target)!r}) as tmp:\n"
         "    tmp.mkdir(); (tmp / 'half').write_text('x'); os._exit(9)\n"
     )
@@ -160,7 +152,7 @@ def test_replace_false_never_touches_a_folder_made_meanwhile(tmp_path):
 
 
 def test_full_fine_tuning_publishes_the_model_with_its_record_in_one_rename(tiny_checkpoint, tmp_path, monkeypatch):
-    from lit_peft.callbacks import ExportAdapter
+    from lit_peft.training.callbacks import ExportAdapter
 
     published = {}
     real = io.publish
@@ -287,7 +279,7 @@ def test_a_checkpoint_tool_pointed_at_an_adapter_says_to_merge_it_first(tiny_che
         "scripts/merge.py", "--adapter", str(adapter), "--base", str(adapter), "--out", str(tmp_path / "m")
     )  # --base pointed at the adapter
     assert res.returncode == 2 and res.stderr.startswith(f"error: {adapter} is an adapter, not a model checkpoint")
-    from lit_peft.model import load_for_inference
+    from lit_peft.inference.load import load_for_inference
 
     with pytest.raises(ValueError, match="is an adapter, not a model checkpoint"):
         load_for_inference(adapter, None, tiny_checkpoint)  # chat/eval --checkpoint-dir <adapter>
@@ -353,7 +345,7 @@ def littered_base(tiny_checkpoint, tmp_path):
 
 
 def test_a_checkpoint_copy_takes_only_the_known_files(littered_base, tmp_path):
-    from lit_peft.hf_export import export_hf
+    from lit_peft.export.hf import export_hf
 
     state = torch.load(littered_base / "lit_model.pth", weights_only=True)
     out = io.save_lit_checkpoint(tmp_path / "copy", state, littered_base)
@@ -369,7 +361,7 @@ def test_a_checkpoint_copy_takes_only_the_known_files(littered_base, tmp_path):
 
 
 def test_a_checkpoint_file_that_is_a_link_is_never_followed(littered_base, tmp_path, monkeypatch):
-    from lit_peft.hf_export import export_hf
+    from lit_peft.export.hf import export_hf
 
     link = littered_base / "tokenizer.json"
     (tmp_path / "tokenizer.json").write_bytes(link.read_bytes())

@@ -22,13 +22,14 @@ from conftest import ROOT, TINY, TINY_RUN, tiny_config
 from hydra import compose, initialize_config_dir
 from litgpt import GPT
 
-from lit_peft import module as job_module
 from lit_peft.methods import build_settings
-from lit_peft.module import JobMemory, gather_examples, loss_standard_error
 from lit_peft.tasks import DPO, SFT, Distill, ExampleLosses
 from lit_peft.tasks.lrc import LowRankCloneTask
+from lit_peft.training import memory as job_module
+from lit_peft.training.lit_module import gather_examples, loss_standard_error
+from lit_peft.training.memory import JobMemory
 
-CONF = ROOT / "conf"
+CONF = ROOT / "lit_peft" / "conf"
 RUN = [*TINY_RUN, "data.val_size=8", "trainer.accelerator=cpu"]
 
 
@@ -55,7 +56,7 @@ def scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def train_in_process(tiny_checkpoint: Path, out: Path, *overrides: str) -> dict:
-    from lit_peft.train import train
+    from lit_peft.training.train import train
 
     return train(compose_run(tiny_checkpoint, out, *overrides))
 
@@ -115,7 +116,7 @@ WIDE_RUN = [
 JOBS_IN_ONE_PROCESS = """
 import json, sys
 from hydra import compose, initialize_config_dir
-from lit_peft.train import train
+from lit_peft.training.train import train
 peaks = []
 for overrides in json.loads(sys.argv[2]):
     with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
@@ -127,7 +128,7 @@ print("PEAKS " + json.dumps(peaks))
 
 @pytest.fixture(scope="module")
 def wide_checkpoint(tmp_path_factory) -> Path:
-    from lit_peft.hub import create_tiny_checkpoint
+    from lit_peft.checkpoints.hub import create_tiny_checkpoint
 
     return create_tiny_checkpoint(tmp_path_factory.mktemp("wide") / "tiny-wide", {**WIDE, "padded_vocab_size": 8192})
 
@@ -179,7 +180,7 @@ def test_nothing_of_a_compiled_job_is_alive_after_it_returns(tiny_checkpoint, tm
     each other: after train() returns, the GPT it trained is gone without waiting for a garbage collection."""
     from torch._dynamo.utils import counters
 
-    import lit_peft.train as train_module
+    import lit_peft.training.train as train_module
 
     models = []
     load_base = train_module.load_base
@@ -293,7 +294,7 @@ def lora_model() -> torch.nn.Module:
 
 
 def lrc_model() -> torch.nn.Module:
-    from lit_peft.lrc import LowRankClone, LRCSettings
+    from lit_peft.models.lrc import LowRankClone, LRCSettings
 
     torch.manual_seed(0)
     return LowRankClone(GPT(tiny_config()), LRCSettings(16)).double().eval()
@@ -342,7 +343,7 @@ def held_out_batches(cfg, tiny_checkpoint: Path):
 
     from lit_peft.data.templates import get_template
     from lit_peft.tasks import get_task
-    from lit_peft.train import build_datamodule
+    from lit_peft.training.train import build_datamodule
 
     task = get_task(cfg.task.name, **{k: v for k, v in cfg.task.items() if k != "name"})
     template = get_template(cfg.model.template, cfg.model.get("system_prompt"))
@@ -356,7 +357,7 @@ class CountedValidations:
     """Counts FineTuneModule's validations (the held-out set evaluated once each) and the steps they ran at."""
 
     def __init__(self, patcher) -> None:
-        from lit_peft.module import FineTuneModule
+        from lit_peft.training.lit_module import FineTuneModule
 
         self.steps: list[int] = []
         start = FineTuneModule.on_validation_epoch_start
@@ -398,7 +399,7 @@ def numpy_se(sums: np.ndarray, weights: np.ndarray) -> float:
 
 
 def test_held_out_loss_its_standard_error_and_per_example_losses_match_the_logits(lora_run, tiny_checkpoint):
-    from lit_peft.model import load_adapter_into, load_base
+    from lit_peft.models.load import load_adapter_into, load_base
 
     out, result, _, cfg = lora_run
     metrics = json.loads((out / "metrics.json").read_text())
@@ -525,7 +526,7 @@ def test_hparams_rank_runs_by_the_final_held_out_metrics(lora_run):
 def test_block_counts_are_checked_against_the_models_widths_before_the_run(overrides, message):
     from test_cli import composed
 
-    from lit_peft.validate import validate_config
+    from lit_peft.cli.validate import validate_config
 
     cfg = composed("model=tiny-random", *overrides)
     with pytest.raises(ValueError) as err:
@@ -545,7 +546,7 @@ def test_block_counts_are_checked_against_the_models_widths_before_the_run(overr
 def test_block_counts_that_fit_pass(overrides):
     from test_cli import composed
 
-    from lit_peft.validate import validate_config
+    from lit_peft.cli.validate import validate_config
 
     validate_config(composed(*overrides))
 

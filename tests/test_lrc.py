@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from conftest import TINY_RUN, run_cli, tiny_config
 from litgpt import GPT
 
-from lit_peft.lrc import SITES, LowRankClone, LRCSettings, ProjectedLinear, load_clone_weights
-from lit_peft.qkv import qkv_rows
+from lit_peft.methods.qkv import qkv_rows
+from lit_peft.models.lrc import SITES, LowRankClone, LRCSettings, ProjectedLinear, load_clone_weights
 from lit_peft.tasks.lrc import LowRankCloneTask
 
 
@@ -183,8 +183,8 @@ def test_lrc_run_convert_and_reload_give_the_training_time_students_logits(tiny_
     student_dir = tmp_path / "student"
     res = run_cli("scripts/convert_lrc.py", "--clone", str(out / "lrc"), "--out", str(student_dir))
     assert res.returncode == 0, res.stderr[-3000:]
-    from lit_peft.io import load_adapter
-    from lit_peft.model import load_base
+    from lit_peft.checkpoints.adapter import load_adapter
+    from lit_peft.models.load import load_base
 
     student = load_base(student_dir).eval()
     assert student.config.n_embd == 16 and student.config.head_size == 8 and student.config.intermediate_size == 64
@@ -201,8 +201,8 @@ def test_lrc_run_convert_and_reload_give_the_training_time_students_logits(tiny_
     # an adapter trained on the converted student merges like on any other base
     res = run_cli("finetune/run.py", *TINY_RUN, f"model.checkpoint_dir={student_dir}", f"out_dir={tmp_path / 'sft'}")
     assert res.returncode == 0, res.stderr[-3000:]
-    from lit_peft.merge import merge_checkpoint
-    from lit_peft.model import load_for_inference
+    from lit_peft.export.merge import merge_checkpoint
+    from lit_peft.inference.load import load_for_inference
 
     merged = load_base(merge_checkpoint(tmp_path / "sft" / "adapter", tmp_path / "merged")).eval()
     adapted, _, _ = load_for_inference(None, tmp_path / "sft" / "adapter", student_dir)
@@ -215,7 +215,7 @@ def test_lrc_run_convert_and_reload_give_the_training_time_students_logits(tiny_
 def test_lrc_config_errors_name_the_fix():
     from omegaconf import OmegaConf
 
-    from lit_peft.lrc import clone_settings
+    from lit_peft.models.lrc import clone_settings
 
     def cfg(**over):
         base = {"task": {"name": "lrc"}, "method": {"name": "full"}, "lrc": {"target_hidden_size": 16}}
@@ -228,7 +228,7 @@ def test_lrc_config_errors_name_the_fix():
         ({"method": {"name": "lora"}}, "method=lora does not apply"),
         ({"lrc": {"target_hidden_size": None}}, "task=lrc needs lrc.target_hidden_size"),
         ({"task": {"name": "sft"}}, "lrc.target_hidden_size=16 applies to task=lrc, not task=sft"),
-        ({"strategy": {"_target_": "lit_peft.strategies.fsdp"}}, "shards the teacher"),
+        ({"strategy": {"_target_": "lit_peft.training.fsdp.fsdp"}}, "shards the teacher"),
         ({"cqil": {"groups": "pairs:0-1"}}, "cqil.groups must be null"),
         ({"lrc": {"target_hidden_size": 16, "width": 3}}, "unknown setting 'width' under lrc"),
     ):
@@ -266,10 +266,10 @@ def test_lrc_on_pretokenized_text_with_a_4bit_teacher_converts_and_exports_to_tr
     res = run_cli("scripts/convert_lrc.py", "--clone", str(out / "lrc"), "--out", str(student_dir))
     assert res.returncode == 0, res.stderr[-3000:]
 
-    from lit_peft.hf_export import export_hf
-    from lit_peft.io import load_adapter
-    from lit_peft.model import load_base
-    from lit_peft.quantize import quantize_base
+    from lit_peft.checkpoints.adapter import load_adapter
+    from lit_peft.export.hf import export_hf
+    from lit_peft.methods.quantize import quantize_base
+    from lit_peft.models.load import load_base
 
     weights, meta = load_adapter(out / "lrc")
     assert meta["quantize"] == "nf4"

@@ -11,9 +11,10 @@ import torch
 from conftest import run_cli
 from litgpt import GPT, Config
 
-from lit_peft.io import CHECKPOINT_FILES, save_adapter
+from lit_peft.checkpoints.adapter import save_adapter
+from lit_peft.checkpoints.files import CHECKPOINT_FILES
 from lit_peft.methods import METHODS
-from lit_peft.model import install_method, load_adapter_into, load_base, trainable_state_dict
+from lit_peft.models.load import install_method, load_adapter_into, load_base, trainable_state_dict
 
 ADAPTER_METHODS = sorted(set(METHODS) - {"full"})
 
@@ -81,7 +82,7 @@ def test_missing_adapter_is_a_one_line_error(tmp_path):
 @pytest.fixture(scope="module")
 def bf16_checkpoint(tiny_checkpoint, tmp_path_factory):
     """The tiny checkpoint stored in bfloat16 (as a bf16 download or a bf16-true full run writes it)."""
-    from lit_peft.io import save_lit_checkpoint
+    from lit_peft.checkpoints.files import save_lit_checkpoint
 
     state = torch.load(tiny_checkpoint / "lit_model.pth", weights_only=True)
     out = tmp_path_factory.mktemp("bf16") / "tiny-bf16"
@@ -109,7 +110,7 @@ def sft_adapter(checkpoint, folder, **meta_overrides):
 
 
 def test_merging_a_bf16_checkpoint_keeps_bf16_unless_dtype_says_otherwise(bf16_checkpoint, tmp_path):
-    from lit_peft.model import load_for_inference
+    from lit_peft.inference.load import load_for_inference
 
     adapter = sft_adapter(bf16_checkpoint, tmp_path / "adapter")
     out = tmp_path / "merged"
@@ -188,9 +189,9 @@ def test_merged_record_carries_the_adapters_template_and_system_prompt(tiny_chec
 def test_a_4bit_adapter_computes_and_merges_in_its_training_precision(tmp_path):
     from conftest import TINY
 
-    from lit_peft.hub import create_tiny_checkpoint
-    from lit_peft.model import load_for_inference
-    from lit_peft.quantize import is_quantized
+    from lit_peft.checkpoints.hub import create_tiny_checkpoint
+    from lit_peft.inference.load import load_for_inference
+    from lit_peft.methods.quantize import is_quantized
 
     ckpt = create_tiny_checkpoint(tmp_path / "tiny64", {**TINY, "n_embd": 64, "intermediate_size": 128})
     model = load_base(ckpt)
@@ -221,8 +222,8 @@ def test_a_4bit_adapter_computes_and_merges_in_its_training_precision(tmp_path):
 def test_overwrite_swaps_in_a_whole_merged_folder_with_its_record(tiny_checkpoint, tmp_path, monkeypatch):
     """--overwrite replaces an earlier merge only once the new one (weights and lit_peft_merge.json) is complete,
     in one rename, and leaves no hidden folder behind."""
-    from lit_peft import io
-    from lit_peft.merge import merge_checkpoint
+    from lit_peft.checkpoints import files as io
+    from lit_peft.export.merge import merge_checkpoint
 
     adapter, _ = trained_adapter(tiny_checkpoint, tmp_path, "lora")
     out = tmp_path / "merged"

@@ -11,8 +11,8 @@ from litgpt import GPT
 from torch import nn
 
 from lit_peft.methods import METHODS, adapters, adapters_disabled, build_settings, merge_adapters
-from lit_peft.model import trainable_state_dict
-from lit_peft.qkv import qkv_rows, to_interleaved
+from lit_peft.methods.qkv import qkv_rows, to_interleaved
+from lit_peft.models.load import trainable_state_dict
 
 PART_SETS = [s for n in (1, 2, 3) for s in itertools.combinations(("query", "key", "value"), n)]
 
@@ -281,7 +281,7 @@ def test_registry_and_conf_method_folder_agree():
     from conftest import ROOT
     from omegaconf import OmegaConf
 
-    files = {p.stem: OmegaConf.load(p) for p in (ROOT / "conf" / "method").glob("*.yaml")}
+    files = {p.stem: OmegaConf.load(p) for p in (ROOT / "lit_peft" / "conf" / "method").glob("*.yaml")}
     assert set(files) == set(METHODS) | {"qlora"}
     for stem, cfg in files.items():
         name = cfg.method.name if stem == "qlora" else cfg.name
@@ -294,7 +294,7 @@ def test_registry_and_conf_method_folder_agree():
 
 def test_sharded_clip_without_fsdp_units_is_plain_global_norm_clipping():
     """The FSDP clipping path (GPU-only end to end) falls back to the global norm over local gradients."""
-    from lit_peft.module import clip_sharded_grad_norm_
+    from lit_peft.training.lit_module import clip_sharded_grad_norm_
 
     torch.manual_seed(0)
     a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
@@ -322,7 +322,7 @@ def test_block_size_is_checked_with_the_run_config_before_the_run(overrides, mes
     """conf/method/*.yaml have nb: null and block_size: null; a run sets one of them (validated before Hydra writes)."""
     from test_cli import composed
 
-    from lit_peft.validate import validate_config
+    from lit_peft.cli.validate import validate_config
 
     if message is None:
         validate_config(composed(*overrides))
@@ -367,10 +367,10 @@ def test_a_run_config_targeting_down_proj_alone_is_accepted_and_merges_exactly(t
     from omegaconf import OmegaConf
     from test_cli import composed
 
-    from lit_peft.io import save_adapter
-    from lit_peft.merge import merge_checkpoint
-    from lit_peft.model import install_method, load_base
-    from lit_peft.validate import validate_config
+    from lit_peft.checkpoints.adapter import save_adapter
+    from lit_peft.cli.validate import validate_config
+    from lit_peft.export.merge import merge_checkpoint
+    from lit_peft.models.load import install_method, load_base
 
     cfg = composed("model=tiny-random", "method=lora", "method.targets=[query,mlp.proj]")
     validate_config(cfg)

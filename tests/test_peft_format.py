@@ -19,8 +19,9 @@ import pytest
 import torch
 from conftest import ROOT
 
-from lit_peft.io import save_adapter, save_lit_checkpoint
-from lit_peft.model import install_method, load_adapter_into, load_base, trainable_state_dict
+from lit_peft.checkpoints.adapter import save_adapter
+from lit_peft.checkpoints.files import save_lit_checkpoint
+from lit_peft.models.load import install_method, load_adapter_into, load_base, trainable_state_dict
 
 ALL_TARGETS = ["query", "key", "value", "projection", "mlp", "head"]
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
@@ -50,7 +51,7 @@ def one_line_error(res: subprocess.CompletedProcess, *fragments: str) -> None:
 
 @pytest.fixture(scope="module")
 def hf_export(tiny_checkpoint, tmp_path_factory):
-    from lit_peft.hf_export import export_hf
+    from lit_peft.export.hf import export_hf
 
     return export_hf(tiny_checkpoint, tmp_path_factory.mktemp("hf") / "tiny-hf")
 
@@ -142,8 +143,8 @@ def test_every_export_imports_back_as_the_same_adapter(tiny_checkpoint, tmp_path
     set of targets (an interleaved part reaching several of q/k/v is a stacked LoRA with PEFT's rank_pattern)."""
     from safetensors.torch import load_file
 
+    from lit_peft.export.peft import EXPORT_SETTINGS, export_peft, import_peft
     from lit_peft.methods import merge_adapters
-    from lit_peft.peft_format import EXPORT_SETTINGS, export_peft, import_peft
 
     adapter, model = lora_adapter(tiny_checkpoint, tmp_path / "adapter", layout, targets)
     peft = export_peft(adapter, tmp_path / "peft")
@@ -216,7 +217,7 @@ def peft_adapter(hf_dir, folder, **lora):
     ids=["all", "rslora-some"],
 )
 def test_a_peft_lora_imports_with_peft_logits(tiny_checkpoint, hf_export, tmp_path, lora):
-    from lit_peft.merge import merge_checkpoint
+    from lit_peft.export.merge import merge_checkpoint
 
     folder, peft = peft_adapter(hf_export, tmp_path / "peft", **lora)
     res = cli("scripts/import_peft.py", "--adapter", folder, "--out", tmp_path / "ours", "--model", tiny_checkpoint)
@@ -263,7 +264,7 @@ def test_an_import_holds_exactly_the_modules_of_the_peft_adapter(tiny_checkpoint
     """No widening to whole kinds: PEFT's trainable parameter count, and a re-export writes exactly PEFT's tensors."""
     from safetensors.torch import load_file
 
-    from lit_peft.peft_format import export_peft, import_peft
+    from lit_peft.export.peft import export_peft, import_peft
 
     folder, peft = peft_adapter(hf_export, tmp_path / "peft", **lora)
     ours = import_peft(folder, tmp_path / "ours", tiny_checkpoint)
@@ -357,7 +358,7 @@ def test_tied_embeddings_export_tied_and_untied_stay_untied(tiny_checkpoint, hf_
 
     from safetensors import safe_open
 
-    from lit_peft.hf_export import export_hf
+    from lit_peft.export.hf import export_hf
 
     state = torch.load(tiny_checkpoint / "lit_model.pth", weights_only=True)
     state["lm_head.weight"] = state["transformer.wte.weight"].clone()  # two equal copies, as LitGPT keeps SmolLM2's

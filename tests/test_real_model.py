@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lit_peft.methods import adapters_disabled
-from lit_peft.model import install_method, load_base
+from lit_peft.models.load import install_method, load_base
 
 pytestmark = pytest.mark.slow
 

@@ -317,8 +317,8 @@ def test_bad_input_is_one_line(tmp_path, make, extra, message):
 
 def test_a_preempted_job_is_recorded_as_preempted_not_killed(sweep, tmp_path, monkeypatch):
     """A job stopped by SIGTERM/SIGUSR1 exits 3 after its checkpoint: the sweep record says so and how to resume."""
-    from lit_peft.resume import Preemption
     from lit_peft.sweeps.callback import SweepReport
+    from lit_peft.training.resume import Preemption
 
     source, _ = sweep
     folder = tmp_path / "preempted"

@@ -206,7 +206,7 @@ def fake_eval(monkeypatch):
     """eval/run.py replaced: counts its runs; each run's acc is 0.1 * the run's number."""
     calls: list[tuple] = []
 
-    def run(target, tasks, limit, data_dir, extra_args, scratch_parent):
+    def run(target, tasks, limit, data_dir, extra_args, scratch_parent, evaluator=None):
         calls.append((target[1], tasks, limit, data_dir, tuple(extra_args)))
         return canned_results(acc=0.1 * len(calls))
 

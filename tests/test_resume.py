@@ -131,9 +131,9 @@ def test_ddp_on_two_ranks_resumes_exactly(tiny_checkpoint, tmp_path):
 def train_in_process(tiny_checkpoint, out: Path, *overrides: str) -> dict:
     from hydra import compose, initialize_config_dir
 
-    from lit_peft.train import train
+    from lit_peft.training.train import train
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "lit_peft" / "conf"), version_base="1.3"):
         cfg = compose(
             "config", overrides=[*BASE, f"model.checkpoint_dir={tiny_checkpoint}", f"out_dir={out}", *overrides]
         )
@@ -235,7 +235,7 @@ def test_a_signal_checkpoints_and_stops_without_a_validation_pass(tmp_path):
     import lightning as L
     from lightning.pytorch.demos.boring_classes import BoringModel
 
-    from lit_peft.resume import FinalCheckpoint, Preemption
+    from lit_peft.training.resume import FinalCheckpoint, Preemption
 
     class Signalled(BoringModel):
         validations = 0
@@ -266,7 +266,7 @@ def test_a_signal_checkpoints_and_stops_without_a_validation_pass(tmp_path):
     assert preemption.signal_name == "SIGTERM" and preemption.step == 3 and trainer.global_step == 3
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 3
     assert Signalled.validations == 0
-    from lit_peft.signals import SIGNALS
+    from lit_peft.training.signals import SIGNALS
 
     assert SIGNALS.received == "SIGTERM" and not SIGNALS.deferred  # noted in the loop, honoured at the step's end
     assert signal.getsignal(signal.SIGTERM) is not SIGNALS.handler  # Lightning put back what was there before fit

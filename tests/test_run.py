@@ -12,7 +12,7 @@ from conftest import run_cli, scalars
 from litgpt import GPT, Config
 from safetensors.torch import load_file
 
-from lit_peft.model import load_adapter_into, load_base
+from lit_peft.models.load import load_adapter_into, load_base
 
 TINY_RUN = [*BASE_RUN, "data.val_size=8"]
 

@@ -70,12 +70,16 @@ def _in_validation(at_step: int):
 
 MOMENTS = {
     # moment: (patched callable, its condition) -- the signal arrives as that code starts
-    "loading the model": ("lit_peft.train", "load_base", lambda *a, **k: True),
-    "setting up the data": ("lit_peft.train", "build_datamodule", lambda *a, **k: True),
-    "the first validation": ("lit_peft.module.FineTuneModule", "validation_step", _in_validation(0)),
-    "the final validation": ("lit_peft.module.FineTuneModule", "validation_step", _in_validation(4)),
-    "between the checkpoint and the export": ("lit_peft.callbacks.ExportAdapter", "on_train_end", lambda *a: True),
-    "the export": ("lit_peft.callbacks", "save_adapter", lambda out, weights, meta: meta.get("step") == 4),
+    "loading the model": ("lit_peft.training.train", "load_base", lambda *a, **k: True),
+    "setting up the data": ("lit_peft.training.train", "build_datamodule", lambda *a, **k: True),
+    "the first validation": ("lit_peft.training.lit_module.FineTuneModule", "validation_step", _in_validation(0)),
+    "the final validation": ("lit_peft.training.lit_module.FineTuneModule", "validation_step", _in_validation(4)),
+    "between the checkpoint and the export": (
+        "lit_peft.training.callbacks.ExportAdapter",
+        "on_train_end",
+        lambda *a: True,
+    ),
+    "the export": ("lit_peft.training.callbacks", "save_adapter", lambda out, weights, meta: meta.get("step") == 4),
 }
 
 
@@ -150,7 +154,7 @@ def test_a_run_failing_after_its_first_checkpoint_keeps_its_folder_and_says_the_
 ):
     from safetensors import SafetensorError
 
-    import lit_peft.io as io
+    import lit_peft.checkpoints.adapter as io
 
     original = io.save_file
 
@@ -237,13 +241,13 @@ def test_a_folder_holding_another_runs_results_is_refused_unless_overwrite(tiny_
 
 
 def test_a_folder_in_use_by_a_live_run_is_refused_and_kept(tiny_checkpoint, tmp_path):
-    from lit_peft.run_folder import RunFolderLock
+    from lit_peft.training.run_folder import RunFolderLock
 
     out = tmp_path / "run"
     held = subprocess.Popen(  # another process holds the folder's run lock
         [sys.executable, "-c", f"import sys, time; sys.path.insert(0, {str(ROOT)!r});"
-         f"from lit_peft.run_folder import RunFolderLock; lock = RunFolderLock({str(out)!r}).acquire(); print('held', "
-         "flush=True); time.sleep(120)"],
+         "from lit_peft.training.run_folder import RunFolderLock; "
+         f"lock = RunFolderLock({str(out)!r}).acquire(); print('held', flush=True); time.sleep(120)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -271,7 +275,7 @@ def test_unusable_out_dirs_are_one_line_errors(tiny_checkpoint, tmp_path, value,
 
 
 def test_an_out_dir_on_a_read_only_file_system_is_refused(monkeypatch, tmp_path):
-    from lit_peft import cli
+    from lit_peft.cli import preflight as cli_preflight
 
     real = os.statvfs
 
@@ -284,11 +288,11 @@ def test_an_out_dir_on_a_read_only_file_system_is_refused(monkeypatch, tmp_path)
 
     monkeypatch.setattr(os, "statvfs", lambda p: ReadOnly(real(p)))
     with pytest.raises(ValueError, match=r"out_dir=.*/x: .* is on a read-only file system; choose a writable folder"):
-        cli.check_output_folder("out_dir", str(tmp_path / "x"))
+        cli_preflight.check_output_folder("out_dir", str(tmp_path / "x"))
 
 
 def test_two_default_folders_started_in_one_second_differ(tmp_path):
-    from lit_peft.cli import claim_new_folder
+    from lit_peft.cli.preflight import claim_new_folder
 
     first, second = (
         claim_new_folder(str(tmp_path / "12-00-00_sft_lora")),
@@ -352,7 +356,7 @@ def test_a_key_a_checkpoint_predates_is_equal_to_unset_at_its_default(tiny_check
 def test_creating_the_tiny_model_leaves_the_global_rng_alone(tmp_path):
     from conftest import TINY
 
-    from lit_peft.hub import create_tiny_checkpoint
+    from lit_peft.checkpoints.hub import create_tiny_checkpoint
 
     torch.manual_seed(123)
     create_tiny_checkpoint(tmp_path / "tiny-random", TINY, seed=0)
@@ -367,7 +371,7 @@ def test_creating_the_tiny_model_leaves_the_global_rng_alone(tmp_path):
 def test_a_pickle_that_calls_code_is_refused_in_one_short_line(tmp_path):
     import pickle
 
-    from lit_peft.cli import user_error_message
+    from lit_peft.errors import user_error_message
 
     class Exec:
         def __reduce__(self):
@@ -405,8 +409,8 @@ def test_settings_checked_up_front(tiny_checkpoint, tmp_path, override, message)
 
 
 def test_write_failures_are_classed_by_what_happened(tmp_path):
-    from lit_peft.cli import user_error_message
-    from lit_peft.io import atomic_path
+    from lit_peft.checkpoints.files import atomic_path
+    from lit_peft.errors import user_error_message
 
     with pytest.raises(OSError) as e, atomic_path(tmp_path / "x.json"):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
@@ -415,10 +419,11 @@ def test_write_failures_are_classed_by_what_happened(tmp_path):
 
 
 def test_a_relative_default_checkpoint_means_the_projects_from_any_directory(tmp_path, monkeypatch):
-    from lit_peft.hub import PROJECT_ROOT, resolve_checkpoint_dir
+    from lit_peft.checkpoints.hub import resolve_checkpoint_dir
+    from lit_peft.paths import project_root
 
     monkeypatch.chdir(tmp_path)
-    assert resolve_checkpoint_dir("checkpoints/tiny-random") == PROJECT_ROOT / "checkpoints" / "tiny-random"
+    assert resolve_checkpoint_dir("checkpoints/tiny-random") == project_root() / "checkpoints" / "tiny-random"
     (tmp_path / "checkpoints" / "mine").mkdir(parents=True)
     assert resolve_checkpoint_dir("checkpoints/mine") == Path("checkpoints/mine")  # one here is the user's
     assert resolve_checkpoint_dir(tmp_path / "x") == tmp_path / "x"

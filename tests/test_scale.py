@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from test_run import TINY_RUN, scalars
 
 from lit_peft.methods import METHODS, adapters, build_settings
-from lit_peft.model import enable_gradient_checkpointing, install_method, load_adapter_into, load_base
-from lit_peft.quantize import dense_weight, quantize_base
+from lit_peft.methods.quantize import dense_weight, quantize_base
+from lit_peft.models.load import enable_gradient_checkpointing, install_method, load_adapter_into, load_base
 
 NF4_CODE = torch.tensor(
     [
@@ -92,9 +92,9 @@ def test_every_adapter_method_trains_over_a_4bit_base(method):
 
 
 def test_qlora_merge_gives_a_dequantized_checkpoint_with_the_adapter_outputs(tmp_path):
-    from lit_peft.hub import create_tiny_checkpoint
-    from lit_peft.io import save_adapter
-    from lit_peft.model import trainable_state_dict
+    from lit_peft.checkpoints.adapter import save_adapter
+    from lit_peft.checkpoints.hub import create_tiny_checkpoint
+    from lit_peft.models.load import trainable_state_dict
 
     ckpt = create_tiny_checkpoint(tmp_path / "tiny64", {**TINY, "n_embd": 64, "intermediate_size": 128})
     model = load_base(ckpt)
@@ -235,9 +235,9 @@ def test_every_strategy_config_builds_its_lightning_strategy(name):
     from conftest import ROOT
     from omegaconf import OmegaConf
 
-    from lit_peft.train import build_strategy
+    from lit_peft.training.train import build_strategy
 
-    cfg = OmegaConf.load(ROOT / "conf" / "strategy" / f"{name}.yaml")
+    cfg = OmegaConf.load(ROOT / "lit_peft" / "conf" / "strategy" / f"{name}.yaml")
     if name.startswith("deepspeed"):
         pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
     strategy = build_strategy(cfg)

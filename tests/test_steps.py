@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from conftest import tiny_config
 from litgpt import GPT
 
-from lit_peft import cqil
-from lit_peft.cqil import CQILSettings
 from lit_peft.data.steps import StepBatches, batch_units
 from lit_peft.methods import build_settings
-from lit_peft.module import FineTuneModule, warmup_cosine
+from lit_peft.models import cqil
+from lit_peft.models.cqil import CQILSettings
 from lit_peft.tasks import SFT
 from lit_peft.tasks.dpo import DPO, reply_logps
+from lit_peft.training.lit_module import FineTuneModule, warmup_cosine
 
 
 def sft_batch(n_targets: int, seed: int, T: int = 40) -> dict[str, torch.Tensor]:

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, TINY_RUN
 
-from lit_peft import cli
+from lit_peft.cli import preflight as cli_preflight
+from lit_peft.cli.validate import STAGES
 from lit_peft.sweeps import folder as sweeps
-from lit_peft.validate import STAGES
 
-CONF = ROOT / "conf"
+CONF = ROOT / "lit_peft" / "conf"
 FAST = [*TINY_RUN, "trainer.validate_first=false", "hydra.callbacks.sweep_report.plots=false"]
 
 
@@ -74,39 +74,41 @@ def test_two_sweeps_started_in_the_same_second_get_two_folders(tmp_path, monkeyp
 
     monkeypatch.setattr(hydra.core.utils, "datetime", Frozen)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "_SWEEP_LOCKS", [])
+    monkeypatch.setattr(cli_preflight, "_SWEEP_LOCKS", [])
     argv = ["-m", "model=tiny-random", "method=lora,ether"]
     try:
-        first = cli.hydra_preflight(argv, CONF, "config", STAGES, cli.OutputFolders())
-        second = cli.hydra_preflight(argv, CONF, "config", STAGES, cli.OutputFolders())
+        first = cli_preflight.hydra_preflight(argv, CONF, "config", STAGES, cli_preflight.OutputFolders())
+        second = cli_preflight.hydra_preflight(argv, CONF, "config", STAGES, cli_preflight.OutputFolders())
     finally:
-        cli.release_sweep_folders()
+        cli_preflight.release_sweep_folders()
     dirs = [next(a for a in argv if a.startswith("hydra.sweep.dir=")).split("=", 1)[1] for argv in (first, second)]
     assert dirs == ["multirun/2026-12-01/12-00-00", "multirun/2026-12-01/12-00-00-2"]  # each its own folder
     assert all((tmp_path / d / sweeps.SWEEP_FILE).is_file() for d in dirs)
 
 
 def test_a_sweep_folder_in_use_or_holding_another_sweep_is_refused(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_SWEEP_LOCKS", [])
+    monkeypatch.setattr(cli_preflight, "_SWEEP_LOCKS", [])
     folder = tmp_path / "sweep"
     argv = ["-m", "model=tiny-random", "method=lora,ether", f"hydra.sweep.dir={folder}"]
     try:
-        cli.hydra_preflight(argv, CONF, "config", STAGES)  # holds the folder's lock while it "runs"
+        cli_preflight.hydra_preflight(argv, CONF, "config", STAGES)  # holds the folder's lock while it "runs"
         with pytest.raises(SystemExit) as e:  # a second sweep into it, same command, same time
-            cli.hydra_preflight(argv, CONF, "config", STAGES, cli.OutputFolders())
+            cli_preflight.hydra_preflight(argv, CONF, "config", STAGES, cli_preflight.OutputFolders())
         assert e.value.code == 2
         assert "is in use by another sweep" in capsys.readouterr().err
     finally:
-        cli.release_sweep_folders()
+        cli_preflight.release_sweep_folders()
     (folder / "0_method=lora" / ".hydra").mkdir(parents=True)  # it ran a job
     with pytest.raises(SystemExit) as e:  # another command into the same folder: its rows would mix
-        cli.hydra_preflight([*argv[:2], "method=lora,dora", argv[3]], CONF, "config", STAGES, cli.OutputFolders())
+        cli_preflight.hydra_preflight(
+            [*argv[:2], "method=lora,dora", argv[3]], CONF, "config", STAGES, cli_preflight.OutputFolders()
+        )
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "holds another sweep" in err and "method=lora,dora" in err
     # the same command may come back to it (resume in place)
-    again = cli.hydra_preflight(argv, CONF, "config", STAGES, cli.OutputFolders())
-    cli.release_sweep_folders()
+    again = cli_preflight.hydra_preflight(argv, CONF, "config", STAGES, cli_preflight.OutputFolders())
+    cli_preflight.release_sweep_folders()
     assert f"hydra.sweep.dir={folder}" in again
 
 
@@ -242,7 +244,7 @@ def test_a_setting_swept_beside_methods_applies_to_the_methods_that_have_it(caps
     """The README's `-m method=lora,ether,etherplus method.nb=1,32`: lora once, each ETHER variant at each nb."""
     from lit_peft.sweeps.sweeper import applicable
 
-    combos = cli._sweep_combinations(["method=lora,ether,etherplus", "method.nb=1,32", "optim.lr=1e-3"], {})
+    combos = cli_preflight._sweep_combinations(["method=lora,ether,etherplus", "method.nb=1,32", "optim.lr=1e-3"], {})
     assert combos == [
         ["method=lora", "optim.lr=1e-3"],
         ["method=ether", "method.nb=1", "optim.lr=1e-3"],
@@ -261,7 +263,9 @@ def test_a_setting_swept_beside_methods_applies_to_the_methods_that_have_it(caps
     ]
     # what no method has is kept, so a misspelt setting is still refused in one line before anything runs
     with pytest.raises(SystemExit) as e:
-        cli.hydra_preflight(["-m", "method=lora,ether", "method.nbb=1,2"], CONF, "config", STAGES, cli.OutputFolders())
+        cli_preflight.hydra_preflight(
+            ["-m", "method=lora,ether", "method.nbb=1,2"], CONF, "config", STAGES, cli_preflight.OutputFolders()
+        )
     assert e.value.code == 2 and "unknown key method.nbb" in capsys.readouterr().err
 
 
@@ -285,11 +289,11 @@ def test_every_readme_sweep_passes_the_check_of_all_its_jobs(argv, tmp_path, mon
     as finetune/run.py does before the first job starts; nothing runs."""
     if any("../shared/data" in a for a in argv) and not (ROOT.parent / "shared" / "data").is_dir():
         pytest.skip("../shared/data is absent: the example reads a file from it")
-    monkeypatch.setattr(cli, "_SWEEP_LOCKS", [])
+    monkeypatch.setattr(cli_preflight, "_SWEEP_LOCKS", [])
     try:
-        out = cli.hydra_preflight([*argv, f"hydra.sweep.dir={tmp_path / 'sweep'}"], CONF, "config", STAGES)
+        out = cli_preflight.hydra_preflight([*argv, f"hydra.sweep.dir={tmp_path / 'sweep'}"], CONF, "config", STAGES)
     finally:
-        cli.release_sweep_folders()
+        cli_preflight.release_sweep_folders()
     assert out[: len(argv)] == argv  # accepted as written
 
 
@@ -305,9 +309,9 @@ def test_every_readme_sweep_passes_the_check_of_all_its_jobs(argv, tmp_path, mon
 def test_a_sweep_passes_stop_requests_on_only_to_jobs_it_runs_on_this_machine(launcher, forwards, monkeypatch):
     from omegaconf import OmegaConf
 
-    from lit_peft import signals
-    from lit_peft.signals import SIGNALS, Preempted
     from lit_peft.sweeps.callback import SweepReport
+    from lit_peft.training import signals
+    from lit_peft.training.signals import SIGNALS, Preempted
 
     passed_on = []
     monkeypatch.setattr(signals, "signal_children", lambda sig=signal.SIGTERM: passed_on.append(sig))

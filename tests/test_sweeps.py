@@ -14,9 +14,9 @@ import pytest
 from conftest import ROOT, TINY_RUN, run_cli
 from omegaconf import OmegaConf
 
-from lit_peft.launch import SWEEP_PID, DeviceSlots, final_loss, job_devices, job_folder_exclusions
+from lit_peft.cli.launch import SWEEP_PID, DeviceSlots, final_loss, job_devices, job_folder_exclusions
 
-CONF = ROOT / "conf"
+CONF = ROOT / "lit_peft" / "conf"
 # Two optimizer steps, no validation before training: the held-out loss after it is each job's result.
 SWEEP = [*TINY_RUN, "trainer.max_steps=2", "trainer.validate_first=false", "hydra.callbacks.sweep_report.enabled=false"]
 
@@ -115,12 +115,12 @@ def test_optuna_search_minimizes_the_final_held_out_loss(tiny_checkpoint, tmp_pa
 
 
 def test_preflight_checks_a_search_space_at_both_ends(tmp_path, capsys, monkeypatch):
-    from lit_peft import cli
-    from lit_peft.validate import STAGES
+    from lit_peft.cli import preflight as cli_preflight
+    from lit_peft.cli.validate import STAGES
 
     def preflight(*argv: str) -> str:
         with pytest.raises(SystemExit) as e:
-            cli.hydra_preflight(list(argv), CONF, "config", STAGES, cli.OutputFolders())
+            cli_preflight.hydra_preflight(list(argv), CONF, "config", STAGES, cli_preflight.OutputFolders())
         assert e.value.code == 2
         return capsys.readouterr().err
 
@@ -130,7 +130,9 @@ def test_preflight_checks_a_search_space_at_both_ends(tmp_path, capsys, monkeypa
     assert "the basic sweeper sweeps lists of values only" in err
     good = ["-m", "hydra/sweeper=optuna", "optim.lr=tag(log,interval(1e-4,1e-2))", "method.r=tag(int,interval(2,8))"]
     monkeypatch.chdir(tmp_path)  # the sweep's dated folder is claimed (created) in the working directory
-    argv = cli.hydra_preflight([*good, "model=tiny-random"], CONF, "config", STAGES, cli.OutputFolders())
+    argv = cli_preflight.hydra_preflight(
+        [*good, "model=tiny-random"], CONF, "config", STAGES, cli_preflight.OutputFolders()
+    )
     assert argv[-2].startswith("hydra.sweep.dir=") and argv[-1] == "hydra.output_subdir=null"
 
 

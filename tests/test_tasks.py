@@ -296,9 +296,9 @@ def test_task_settings_and_data_kinds_are_checked_before_the_run(overrides, mess
     """The same check finetune/run.py makes before Hydra writes anything (the path through the entry point is above)."""
     from hydra import compose, initialize_config_dir
 
-    from lit_peft.validate import validate_config
+    from lit_peft.cli.validate import validate_config
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "lit_peft" / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[*RUN, *overrides])
     cfg.out_dir = "/nonexistent/out"  # Hydra's runtime folder is not known outside a run
     with pytest.raises(ValueError) as err:
@@ -426,7 +426,7 @@ def test_the_chunked_head_never_sees_more_positions_than_a_chunk():
 
 
 def test_the_low_rank_clone_loss_with_a_chunked_head_equals_the_full_logits_one():
-    from lit_peft.lrc import LowRankClone, LRCSettings
+    from lit_peft.models.lrc import LowRankClone, LRCSettings
     from lit_peft.tasks.lrc import LowRankCloneTask
 
     torch.manual_seed(0)

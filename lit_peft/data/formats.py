@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lit_peft.data.templates import Message, instruction_messages
+from lit_peft.errors import UserError
 
 LOCAL_EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -22,7 +23,7 @@ def data_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes and path.suffix in (*COMPRESSIONS, suffixes[-1]) else path.suffix
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data set problem, reported with the file, the record index and the field."""
 
 
@@ -329,12 +330,12 @@ def format_kind(name: str) -> str:
     if name in TEXT_FORMATS:
         return "text"
     valid = sorted([*FORMATS, *PREFERENCE_FORMATS, *TEXT_FORMATS])
-    raise ValueError(f"unknown data format {name!r}; valid formats: {', '.join(valid)}")
+    raise UserError(f"unknown data format {name!r}; valid formats: {', '.join(valid)}")
 
 
 def get_format(name: str) -> Callable[[Mapping[str, Any], str, int], list[Message]]:
     if name not in FORMATS:
-        raise ValueError(f"unknown data format {name!r}; valid conversation formats: {', '.join(sorted(FORMATS))}")
+        raise UserError(f"unknown data format {name!r}; valid conversation formats: {', '.join(sorted(FORMATS))}")
     return FORMATS[name]
 
 

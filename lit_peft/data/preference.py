@@ -18,17 +18,18 @@ import torch
 from litgpt import Tokenizer
 
 from lit_peft.console import info
+from lit_peft.data.datamodule import SFTDataModule
 from lit_peft.data.formats import IDENTICAL_PAIR, PREFERENCE_FORMATS, Preference, check_preference
-from lit_peft.data.module import SFTDataModule
 from lit_peft.data.templates import Message, Template
 from lit_peft.data.tokenize import IGNORE_INDEX, collate, encode_marked, special_strings
+from lit_peft.errors import UserError
 
 DEFAULT_PROMPT_MIN_SHARE = 0.5  # TRL's DPOConfig defaults: max_prompt_length 512 of max_length 1024
 
 
 def check_prompt_min_share(share: float) -> float:
     if not 0 <= share < 1:
-        raise ValueError(
+        raise UserError(
             f"prompt_min_share={share} must be in [0, 1): the share of max_seq_length a cut prompt keeps at least"
         )
     return float(share)
@@ -107,7 +108,7 @@ class PreferenceDataModule(SFTDataModule):
     @staticmethod
     def record_parser(record_format: str):
         if record_format not in PREFERENCE_FORMATS:
-            raise ValueError(
+            raise UserError(
                 f"unknown preference format {record_format!r}; valid: {', '.join(sorted(PREFERENCE_FORMATS))}"
             )
         return PREFERENCE_FORMATS[record_format]

@@ -10,6 +10,8 @@ import dataclasses
 from pathlib import Path
 from typing import ClassVar
 
+from lit_peft.errors import UserError
+
 # {"role": "system" | "user" | "assistant", "content": str}; a user turn made from an instruction record may also
 # carry its parts, "instruction" and "input" (content is then "instruction\n\ninput"), for the Alpaca template.
 Message = dict[str, str]
@@ -251,7 +253,7 @@ TEMPLATES: dict[str, type[Template]] = {
 
 def get_template(name: str, default_system: str | None = None) -> Template:
     if name not in TEMPLATES:
-        raise ValueError(f"unknown template {name!r}; valid templates: {', '.join(sorted(TEMPLATES))}")
+        raise UserError(f"unknown template {name!r}; valid templates: {', '.join(sorted(TEMPLATES))}")
     return TEMPLATES[name](name=name, default_system=default_system)
 
 

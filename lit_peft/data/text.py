@@ -33,12 +33,12 @@ import torch
 from litgpt import Tokenizer
 from torch.utils.data import Dataset, Subset
 
+from lit_peft.checkpoints.files import atomic_path
 from lit_peft.console import info
+from lit_peft.data.datamodule import SplitDataModule, split_sizes
 from lit_peft.data.files import empty_file_error, file_error, load_local, local_rows, quiet_datasets
 from lit_peft.data.formats import COMPRESSIONS, LOCAL_EXTENSIONS, DataError, as_text, data_suffix
-from lit_peft.data.module import SplitDataModule, split_sizes
 from lit_peft.data.tokenize import collate, encode_plain
-from lit_peft.io import atomic_path
 
 TEXT_CHUNK_CHARS = 1 << 20  # a .txt document is tokenized in pieces of whole lines up to this size
 VAL_SPLITS = ("auto", "document", "block")

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lit_peft.errors import UserError
 from lit_peft.methods.base import (
     TARGETS,
     AdapterLinear,
@@ -28,7 +29,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (Full, LoRA, DoRA, HRA, E
 
 def get_method(name: str) -> Method:
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
+        raise UserError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
     return METHODS[name]()
 
 
@@ -43,7 +44,7 @@ def build_settings(name: str, values: dict[str, Any]) -> tuple[Method, MethodSet
     method = get_method(name)
     lr = values.get("lr")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
-        raise ValueError(f"method.lr={lr} is not valid; expected a number > 0 (the method's default optim.lr)")
+        raise UserError(f"method.lr={lr} is not valid; expected a number > 0 (the method's default optim.lr)")
     return method, method.Settings.from_dict({k: v for k, v in values.items() if k not in NOT_SETTINGS})
 
 

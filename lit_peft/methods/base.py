@@ -16,8 +16,9 @@ import torch
 from litgpt import GPT
 from torch import nn
 
-from lit_peft.qkv import QKV_LAYOUTS, QKV_PARTS, qkv_rows
-from lit_peft.quantize import dense_weight, is_quantized
+from lit_peft.errors import UserError
+from lit_peft.methods.qkv import QKV_LAYOUTS, QKV_PARTS, qkv_rows
+from lit_peft.methods.quantize import dense_weight, is_quantized
 
 TARGETS = ("query", "key", "value", "projection", "mlp", "head")
 # Attribute names of the MLP Linears across LitGPT's MLP classes (LLaMAMLP, GptNeoxMLP, GemmaMLP).
@@ -48,7 +49,7 @@ class AdapterLinear(nn.Module):
     def __init__(self, base: nn.Linear, parts: list[Part]) -> None:
         super().__init__()
         if not parts:
-            raise ValueError("an adapter needs at least one part")
+            raise UserError("an adapter needs at least one part")
         self.base = base
         self.base.requires_grad_(False)
         self.part_names = [p.name for p in parts]
@@ -110,7 +111,7 @@ def settings_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ValueError(f"unknown setting {unknown[0]!r} {where}; valid settings: {', '.join(sorted(names))}")
+        raise UserError(f"unknown setting {unknown[0]!r} {where}; valid settings: {', '.join(sorted(names))}")
     return cls(**values)
 
 
@@ -126,11 +127,11 @@ class MethodSettings:
         object.__setattr__(self, "targets", targets)
         bad = [t for t in targets if t not in VALID_TARGETS]
         if bad or not targets:
-            raise ValueError(
+            raise UserError(
                 f"unknown target {bad[0] if bad else '(none)'!r}; valid targets: {', '.join(VALID_TARGETS)}"
             )
         if self.qkv_layout not in QKV_LAYOUTS:
-            raise ValueError(f"unknown qkv_layout {self.qkv_layout!r}; valid: {', '.join(QKV_LAYOUTS)}")
+            raise UserError(f"unknown qkv_layout {self.qkv_layout!r}; valid: {', '.join(QKV_LAYOUTS)}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> MethodSettings:
@@ -159,11 +160,11 @@ class Method:
             setattr(parent, attr, self.make_adapter(linear, parts, settings))
             adapted.append(name)
         if not adapted:
-            raise ValueError(f"targets {list(settings.targets)} matched no Linear in the model")
+            raise UserError(f"targets {list(settings.targets)} matched no Linear in the model")
         for target in settings.targets:
             if target in MLP_TARGETS and not any(name.endswith(f".{target}") for name in adapted):
                 have = [t for t in MLP_TARGETS if any(n.endswith(f".{t}") for n, _ in model.named_modules())]
-                raise ValueError(
+                raise UserError(
                     f"target {target} matched no Linear in the model; its MLP Linears are {', '.join(have) or 'none'}"
                 )
         return adapted
@@ -222,7 +223,7 @@ def merge_adapters(model: nn.Module) -> int:
     """Fold every adapter into its base Linear in place; the model becomes a plain LitGPT model. Returns the count."""
     found = list(adapters(model))
     if not found:
-        raise ValueError("nothing to merge: the model has no adapters (already merged, or trained with method=full)")
+        raise UserError("nothing to merge: the model has no adapters (already merged, or trained with method=full)")
     for name, module in found:
         parent, attr = _parent(model, name)
         setattr(parent, attr, module.merged_linear())

@@ -24,6 +24,7 @@ import math
 import torch
 from torch import nn
 
+from lit_peft.errors import UserError
 from lit_peft.methods.base import AdapterLinear, Method, MethodSettings, Part
 
 HRA_INITS = ("paired", "random")
@@ -39,24 +40,24 @@ class HRASettings(MethodSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not (isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0):
-            raise ValueError(f"hra r must be a positive integer, got {self.r!r}")
+            raise UserError(f"hra r must be a positive integer, got {self.r!r}")
         if not isinstance(self.apply_GS, bool):
-            raise ValueError(f"hra apply_GS must be true or false, got {self.apply_GS!r}")
+            raise UserError(f"hra apply_GS must be true or false, got {self.apply_GS!r}")
         if self.init not in HRA_INITS:
-            raise ValueError(f"hra init={self.init!r} is not valid; valid: {', '.join(HRA_INITS)}")
+            raise UserError(f"hra init={self.init!r} is not valid; valid: {', '.join(HRA_INITS)}")
         if self.init == "paired" and self.r % 2:
-            raise ValueError(
+            raise UserError(
                 f"hra init=paired needs an even r (reflections cancel in pairs), got r={self.r}; "
                 "use an even r or init=random"
             )
         if self.init == "paired" and self.apply_GS:
-            raise ValueError(
+            raise UserError(
                 "hra apply_GS=true needs init=random: paired reflections are parallel, Gram-Schmidt "
                 "cannot orthonormalise them"
             )
         reg = self.orth_reg
         if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not reg >= 0:
-            raise ValueError(f"hra orth_reg must be a number >= 0, got {reg!r}")
+            raise UserError(f"hra orth_reg must be a number >= 0, got {reg!r}")
 
 
 def init_directions(width: int, r: int, init: str) -> torch.Tensor:

@@ -24,8 +24,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from lit_peft.errors import UserError
 from lit_peft.methods.base import AdapterLinear, Method, MethodSettings, Part
-from lit_peft.quantize import is_quantized
+from lit_peft.methods.quantize import is_quantized
 
 Spans = tuple[tuple[int, int], ...]
 
@@ -45,16 +46,16 @@ class LoRASettings(MethodSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not (isinstance(self.r, int) and self.r > 0):
-            raise ValueError(f"{self.method} r must be a positive integer, got {self.r!r}")
+            raise UserError(f"{self.method} r must be a positive integer, got {self.r!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"{self.method} dropout must be in [0, 1), got {self.dropout!r}")
+            raise UserError(f"{self.method} dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in LORA_INITS:
-            raise ValueError(f"{self.method} init={self.init!r} is not valid; valid: {', '.join(LORA_INITS)}")
+            raise UserError(f"{self.method} init={self.init!r} is not valid; valid: {', '.join(LORA_INITS)}")
         niter = self.pissa_niter
         if niter is not None and not (isinstance(niter, int) and not isinstance(niter, bool) and niter >= 0):
-            raise ValueError(f"pissa_niter must be null (exact SVD) or an integer >= 0, got {niter!r}")
+            raise UserError(f"pissa_niter must be null (exact SVD) or an integer >= 0, got {niter!r}")
         if niter is not None and self.init != "pissa":
-            raise ValueError(f"pissa_niter={niter} needs init=pissa (init={self.init}); set pissa_niter=null")
+            raise UserError(f"pissa_niter={niter} needs init=pissa (init={self.init}); set pissa_niter=null")
 
 
 def top_singular(w: torch.Tensor, r: int, niter: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -183,7 +184,7 @@ class LoRALinear(AdapterLinear):
             w_p = w[part.rows]  # (rows, in)
             if self.r > min(w_p.shape):
                 where = " of ".join(n for n in (part.name if part.name != "all" else "", part.linear) if n)
-                raise ValueError(
+                raise UserError(
                     f"lora init=pissa needs r <= {min(w_p.shape)} here: r={self.r} is more than the rank of "
                     f"{where or 'the Linear'} ({w_p.shape[0]} x {w_p.shape[1]})"
                 )

@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from lit_peft.errors import UserError
 from lit_peft.methods.transform import BlockSettings, BlockTransform, BlockTransformMethod
 
 
@@ -21,7 +22,7 @@ class Cayley(BlockTransform):
         super().__init__(width, where, nb, block_size)
         if self.block < 2:
             given = f"block_size={block_size}" if block_size is not None else f"nb={self.nb}"
-            raise ValueError(
+            raise UserError(
                 f"{given} leaves blocks of 1 feature on the {where} (width {width}), which cannot rotate; "
                 f"use nb <= {width // 2} or block_size >= 2"
             )

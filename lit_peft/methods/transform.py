@@ -33,8 +33,9 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import nn
 
+from lit_peft.errors import UserError
 from lit_peft.methods.base import AdapterLinear, Method, MethodSettings, Part
-from lit_peft.quantize import dense_weight, is_quantized
+from lit_peft.methods.quantize import dense_weight, is_quantized
 
 
 class BlockTransform(nn.Module):
@@ -56,7 +57,7 @@ class BlockTransform(nn.Module):
         what, value = ("block_size", block_size) if block_size is not None else ("nb", nb)
         if not (isinstance(value, int) and value >= 1 and width % value == 0):
             divisors = [d for d in range(1, min(width, 64) + 1) if width % d == 0]
-            raise ValueError(
+            raise UserError(
                 f"{what}={value} does not divide the width {width} of the {where}; valid {what} here: "
                 f"{', '.join(map(str, divisors))}{', ...' if width > 64 else ''}"
             )
@@ -404,7 +405,7 @@ class TransformLinear(AdapterLinear):
     ) -> None:
         super().__init__(base, parts)
         if make_input is None and make_output is None:
-            raise ValueError("a transform adapter needs an input-side or an output-side transform")
+            raise UserError("a transform adapter needs an input-side or an output-side transform")
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.t_in = self.t_out = None
         if make_input is not None:
@@ -473,7 +474,7 @@ class TransformLinear(AdapterLinear):
             return False
         if self.compute != "auto":
             if self.compute == "low_rank" and not self.low_rank_possible:
-                raise ValueError("compute='low_rank' needs Householder-type input transforms (ETHER, ETHER+)")
+                raise UserError("compute='low_rank' needs Householder-type input transforms (ETHER, ETHER+)")
             return self.compute == "low_rank"
         if not self.low_rank_possible:
             return False
@@ -533,13 +534,13 @@ class BlockSettings(MethodSettings):
         for key in ("nb", "block_size"):
             value = getattr(self, key)
             if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                raise ValueError(f"{key} must be a positive integer or null, got {value!r}")
+                raise UserError(f"{key} must be a positive integer or null, got {value!r}")
         if self.nb is not None and self.block_size is not None:
-            raise ValueError(f"nb={self.nb} and block_size={self.block_size} both given; give one (the other null)")
+            raise UserError(f"nb={self.nb} and block_size={self.block_size} both given; give one (the other null)")
         if self.nb is None and self.block_size is None:
             object.__setattr__(self, "nb", self.default_nb)
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
 
 class BlockTransformMethod(Method):

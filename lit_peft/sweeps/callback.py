@@ -36,6 +36,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from lit_peft.env import host
+
 REPORT_FILES = ("jobs.jsonl", "report.md", "report.csv", "loss_curves.png", "loss_vs_params.png", "step_time.png")
 
 _ACTIVE: SweepReport | None = None  # the callback of the job running in this process (a sweep job's own outcome)
@@ -122,7 +124,7 @@ class SweepReport(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global SWEEP_EXIT
-        from lit_peft.signals import SIGNALS
+        from lit_peft.training.signals import SIGNALS
 
         SWEEP_EXIT = 0
         # jobs in this machine's other processes (joblib workers, submitit's local jobs): a stop request is passed on
@@ -136,7 +138,7 @@ class SweepReport(Callback):
         record: dict[str, Any] = {
             "event": "sweep",
             "pid": os.getpid(),
-            "host": _host(),
+            "host": host(),
             "time": time.time(),
             "sweep_dir": str(sweep),  # where job folders were (a moved or copied sweep maps its relative paths)
         }
@@ -164,7 +166,7 @@ class SweepReport(Callback):
             "method": _select(config, "method.name"),
             "task": _select(config, "task.name"),
             "pid": os.getpid(),
-            "host": _host(),
+            "host": host(),
             "time": time.time(),
         }
         self._sweep_dir = sweep
@@ -196,7 +198,7 @@ class SweepReport(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         global SWEEP_EXIT
-        from lit_peft.signals import PREEMPTED, SIGNALS
+        from lit_peft.training.signals import PREEMPTED, SIGNALS
 
         stopped = SIGNALS.received if SIGNALS.forwarding else None  # its workers stopped their jobs
         SIGNALS.forwarding = False
@@ -204,7 +206,7 @@ class SweepReport(Callback):
             SWEEP_EXIT = PREEMPTED if stopped is not None else 0
             return
         sweep = self._sweep(config)
-        record = {"event": "sweep_end", "pid": os.getpid(), "host": _host(), "time": time.time()}
+        record = {"event": "sweep_end", "pid": os.getpid(), "host": host(), "time": time.time()}
         self._append(sweep, {**record, "complete": stopped is None})
         self._sweep_dir = sweep
         md = self._write_report()
@@ -270,7 +272,7 @@ class SweepReport(Callback):
             return
         error = self._tail.error_line() if self._tail is not None else ""
         self._restore_stderr()
-        from lit_peft.resume import Preemption
+        from lit_peft.training.resume import Preemption
 
         if error:
             self._end("failed", error)
@@ -279,7 +281,7 @@ class SweepReport(Callback):
         else:
             self._end("killed", "")
         sweep = self._sweep_dir
-        self._append(sweep, {"event": "sweep_end", "pid": os.getpid(), "host": _host(), "time": time.time()})
+        self._append(sweep, {"event": "sweep_end", "pid": os.getpid(), "host": host(), "time": time.time()})
         if self._nothing_finished(sweep):
             return
         self._write_report()
@@ -287,10 +289,8 @@ class SweepReport(Callback):
     @staticmethod
     def _nothing_finished(sweep: Path) -> bool:
         """A sweep folder this run created in which no job finished: removed, as a failed single run's folder."""
-        try:
-            from lit_peft.cli import HYDRA_FILES, OUTPUTS
-        except ImportError:  # pragma: no cover - lit_peft.cli is part of the package
-            return False
+        from lit_peft.training.run_folder import HYDRA_FILES, OUTPUTS
+
         if not OUTPUTS.created(sweep) or not sweep.is_dir():
             return False  # it existed before, or a job finished (OUTPUTS.keep) and made it the user's
         left = {p.name for p in sweep.iterdir() if p.name not in REPORT_FILES}
@@ -301,12 +301,6 @@ class SweepReport(Callback):
                 (sweep / name).unlink()
         OUTPUTS.remove_created(sweep)
         return True
-
-
-def _host() -> str:
-    import socket
-
-    return socket.gethostname()
 
 
 def _relative(out_dir: str, sweep: Path) -> str:
@@ -343,7 +337,7 @@ def _error_line(error: Any) -> str:
     """One line for a failed job's exception: the project's user-error message, else `Type: message`."""
     if not isinstance(error, BaseException):
         return str(error or "failed")
-    from lit_peft.cli import one_line, user_error_message
+    from lit_peft.errors import one_line, user_error_message
 
     message = user_error_message(error)
     return message or f"{type(error).__name__}: {one_line(str(error))}"

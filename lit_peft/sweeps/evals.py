@@ -17,7 +17,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +177,7 @@ def _mtime(path: Path) -> int:
 @functools.cache
 def _local_tasks() -> frozenset[str]:
     """Task, group and tag names of eval/tasks/ (read from the YAML files: no lm-eval index needed)."""
-    from lit_peft.evaluation import TASKS_DIR
+    from lit_peft.inference.evaluation import TASKS_DIR
 
     names = set()
     for path in TASKS_DIR.rglob("*.yaml"):
@@ -188,7 +188,7 @@ def _local_tasks() -> frozenset[str]:
 @functools.cache
 def known_tasks(data_dir: str | None) -> frozenset[str]:
     """Every task, group and tag name lm-eval knows, with the local tasks as eval/run.py registers them."""
-    from lit_peft.evaluation import task_manager
+    from lit_peft.inference.evaluation import task_manager
 
     return frozenset(task_manager(data_dir).all_tasks)
 
@@ -227,13 +227,16 @@ def evaluate_jobs(
     data_dir: Path | None = None,
     extra_args: Sequence[str] = (),
     log=print,
+    evaluator: Callable[[list[str]], dict[str, Any]] | None = None,
 ) -> list[Job]:
     """Run eval/run.py (in this process: lm-eval is imported once) on every ok job without a current cached result;
-    returns the jobs whose evaluation failed (each also logged as an `EvalFailure` line).
+    returns the jobs whose evaluation failed (each also logged as an `EvalFailure` line). `evaluator` is the eval
+    command's `main(argv) -> results` (lit_peft.cli.eval.main, which the report command passes in: this package sits
+    below the commands and does not import them).
 
     The task names are checked first: ReportError before any job is evaluated.
     """
-    from lit_peft.io import write_json
+    from lit_peft.checkpoints.files import write_json
 
     check_eval_tasks(tasks, data_dir)
     failed: list[Job] = []
@@ -263,7 +266,7 @@ def evaluate_jobs(
         else:
             log(f"evaluating {job.name}: {target[1]} on {tasks} (limit {limit})")
             try:
-                results = run_eval_script(target, tasks, limit, data_dir, extra_args, cache.parent)
+                results = run_eval_script(target, tasks, limit, data_dir, extra_args, cache.parent, evaluator=evaluator)
             except EvalFailed as e:
                 failure(job, str(e))
                 continue
@@ -280,15 +283,14 @@ def run_eval_script(
     data_dir: Path | None,
     extra_args: Sequence[str],
     scratch_parent: Path,
+    evaluator: Callable[[list[str]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """eval/run.py's results.json for the target (run in this process, its output in a scratch folder), or
     EvalFailed with its one-line error."""
     import contextlib
-    import runpy
     import shutil
     import tempfile
 
-    root = Path(__file__).resolve().parents[2]
     scratch_parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".eval-", dir=scratch_parent))
     out = scratch / "out"
@@ -299,7 +301,9 @@ def run_eval_script(
         argv += ["--data-dir", str(data_dir)]
     errors = io.StringIO()
     try:
-        main = runpy.run_path(str(root / "eval" / "run.py"), run_name="lit_peft_report_eval")["main"]
+        if evaluator is None:
+            raise EvalFailed("no evaluator given (the report command passes lit_peft.cli.eval.main)")
+        main = evaluator
         with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
             try:
                 main(argv)

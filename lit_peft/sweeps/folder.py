@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
+from lit_peft.env import host
+from lit_peft.errors import UserError
 from lit_peft.sweeps.jobs import JOBS_FILE, read_records
 
 SWEEP_FILE = ".lit-peft-sweep.json"
@@ -31,7 +32,7 @@ SWEEP_LOCK = ".lit-peft-sweep.lock"
 NOT_THE_COMMAND = ("hydra.sweep.dir", "hydra.run.dir", "hydra.output_subdir", "hydra.job.config.override_dirname")
 
 
-class SweepFolderError(ValueError):
+class SweepFolderError(UserError):
     keep_output = True  # the folder is another sweep's: never removed by this one
 
 
@@ -81,11 +82,11 @@ def check_reuse(sweep: Path, command: list[str]) -> None:
 
 
 def record_command(sweep: Path, command: list[str]) -> None:
-    from lit_peft.io import write_json
+    from lit_peft.checkpoints.files import write_json
 
     write_json(
         sweep / SWEEP_FILE,
-        {"command": command, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()},
+        {"command": command, "pid": os.getpid(), "host": host(), "time": time.time()},
     )
 
 
@@ -117,7 +118,7 @@ def progress(sweep: Path) -> tuple[int, int | None]:
 def resumable(default_folder: str, command: list[str]) -> Path | None:
     """The newest unfinished sweep of `command` beside the dated default folder (`multirun/<date>/<time>`): same
     command, not finished, no live sweep holding it. None when there is none."""
-    from lit_peft.run_folder import lock_is_held
+    from lit_peft.training.run_folder import lock_is_held
 
     root = Path(default_folder).parent.parent
     if not root.is_dir():
@@ -136,7 +137,7 @@ def resumable(default_folder: str, command: list[str]) -> Path | None:
 
 def lock(sweep: Path):
     """This process's lock on the sweep folder, held until it exits (SweepFolderError when another sweep holds it)."""
-    from lit_peft.run_folder import FolderInUse, RunFolderLock
+    from lit_peft.training.run_folder import FolderInUse, RunFolderLock
 
     try:
         return RunFolderLock(sweep, name=SWEEP_LOCK, what="hydra.sweep.dir", by="sweep").acquire()

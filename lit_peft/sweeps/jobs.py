@@ -9,15 +9,17 @@ import json
 import logging
 import os
 import re
-import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-METRICS_FILE = "metrics.json"
-HELDOUT_FILE = "heldout_losses.json"  # {"initial"|"final": {"loss": [per-example mean], "weight": [units]}}
+from lit_peft import env
+from lit_peft.env import pid_alive
+from lit_peft.errors import UserError
+from lit_peft.training.run_folder import METRICS_FILE
+
 JOBS_FILE = "jobs.jsonl"
 REPORT_MD, REPORT_CSV = "report.md", "report.csv"
 # name: (width, height) in inches at PLOT_DPI: 1200 x 450, 800 x 500 and 800 x 450 pixels
@@ -66,7 +68,7 @@ CORE_VAL = ("val/loss", "val/ppl")
 STATUSES = ("ok", "failed", "running", "preempted", "killed", "pending", "not run")
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """A folder given to the report that is neither a sweep nor a run (a user error: one line, exit 2)."""
 
 
@@ -79,7 +81,7 @@ def write_run_metrics(out_dir: str | Path, **fields: Any) -> Path:
     The keys the report reads are documented in `RUN_METRICS_KEYS` (status defaults to 'ok'); other keys are kept.
     Numbers must be plain Python/JSON numbers (call float()/int() on tensors first).
     """
-    from lit_peft.io import write_json
+    from lit_peft.checkpoints.files import write_json
 
     data = {"status": "ok", **fields}
     for name in ("initial", "final"):
@@ -224,15 +226,9 @@ def append_record(sweep: str | Path, record: dict[str, Any]) -> None:
         os.close(fd)
 
 
-def _host() -> str:
-    return socket.gethostname()
-
-
 def process_alive(pid: Any, host: Any) -> bool | None:
     """Whether process `pid` on `host` runs; None when that cannot be told from here (another host)."""
-    from lit_peft.io import pid_alive
-
-    if not isinstance(pid, int) or host != _host():
+    if not isinstance(pid, int) or host != env.host():
         return None
     return pid_alive(pid)
 

@@ -40,7 +40,7 @@ def _figure(size: tuple[float, float]):
 
 
 def _save(fig, path: Path) -> Path:
-    from lit_peft.io import atomic_path
+    from lit_peft.checkpoints.files import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=PLOT_DPI)

@@ -51,10 +51,12 @@ def write_report(
     plots: bool = True,
     log=print,
     baseline: str | None = None,
+    evaluator=None,
 ) -> Path:
     """Write report.md, report.csv, report_groups.csv and the plots into `out_dir` (default: the first folder);
-    returns report.md. `baseline`: a job name or group label the Δ columns compare against (default: the best)."""
-    from lit_peft.io import atomic_path
+    returns report.md. `baseline`: a job name or group label the Δ columns compare against (default: the best);
+    `evaluator`: the eval command's main, for `eval_tasks` (sweeps.evals.evaluate_jobs)."""
+    from lit_peft.checkpoints.files import atomic_path
 
     folders = [Path(f) for f in folders]
     if not folders:
@@ -66,7 +68,9 @@ def write_report(
     if eval_tasks and baseline is not None:
         fill_rows(jobs, baseline)  # a baseline that names no job nor group fails before any evaluation
     if eval_tasks:
-        evaluate_jobs(jobs, eval_tasks, limit, Path(data_dir) if data_dir else None, eval_args, log=log)
+        evaluate_jobs(
+            jobs, eval_tasks, limit, Path(data_dir) if data_dir else None, eval_args, log=log, evaluator=evaluator
+        )
     table = fill_rows(jobs, baseline)
     report_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(report_dir / REPORT_CSV) as tmp:

@@ -9,7 +9,7 @@ no choice has is kept, so a misspelt setting is still refused in one line.
 
 conf/config.yaml makes this the default sweeper (`hydra/sweeper: lit_peft`, the class in
 hydra_plugins/lit_peft_sweeper/: Hydra loads sweepers from that package only); the preflight check of every job
-(lit_peft.cli) and the report's list of planned jobs use the same rule.
+(lit_peft.cli.preflight) and the report's list of planned jobs use the same rule.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+from lit_peft.paths import CONF_DIR
 
 
 @cache

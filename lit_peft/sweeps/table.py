@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from lit_peft.stats import weighted_mean_se
-from lit_peft.sweeps.jobs import CORE_TRAIN, CORE_VAL, HELDOUT_FILE, STATUSES, Job, ReportError, canonical
+from lit_peft.sweeps.jobs import CORE_TRAIN, CORE_VAL, STATUSES, Job, ReportError, canonical
+from lit_peft.training.run_folder import HELDOUT_FILE
 
 REPORT_GROUPS_CSV = "report_groups.csv"
 OPTUNA_FILE = "optimization_results.yaml"  # hydra-optuna-sweeper's best_params and best_value

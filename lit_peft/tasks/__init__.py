@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from lit_peft.errors import UserError
+from lit_peft.tasks.base import ExampleLosses, Task
 from lit_peft.tasks.distill import Distill
 from lit_peft.tasks.dpo import DPO
 from lit_peft.tasks.lrc import LowRankCloneTask
 from lit_peft.tasks.pretrain import Pretrain
-from lit_peft.tasks.sft import SFT, ExampleLosses, Task
+from lit_peft.tasks.sft import SFT
 
 TASKS: dict[str, type[Task]] = {
     "sft": SFT,
@@ -19,7 +21,7 @@ TASKS: dict[str, type[Task]] = {
 
 def get_task(name: str, **settings) -> Task:
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(TASKS))}")
+        raise UserError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(TASKS))}")
     return TASKS[name](**settings)
 
 

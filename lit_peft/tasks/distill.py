@@ -17,6 +17,8 @@ from torch import nn
 
 from lit_peft.data.steps import batch_units
 from lit_peft.data.tokenize import IGNORE_INDEX
+from lit_peft.errors import UserError
+from lit_peft.tasks.base import ExampleLosses, Task, Units
 from lit_peft.tasks.chunked_head import (
     HEAD_CHUNK,
     chunked,
@@ -26,15 +28,7 @@ from lit_peft.tasks.chunked_head import (
     row_sums,
     target_positions,
 )
-from lit_peft.tasks.sft import (
-    ExampleLosses,
-    Task,
-    Units,
-    causal_lm_loss,
-    cross_entropy_rows,
-    cross_entropy_sum,
-    target_counts,
-)
+from lit_peft.tasks.sft import causal_lm_loss, cross_entropy_rows, cross_entropy_sum, target_counts
 
 DIRECTIONS = ("forward", "reverse")
 
@@ -125,17 +119,15 @@ class Distill(Task):
         teacher_checkpoint: str | None = None,
     ) -> None:
         if teacher not in ("self", "checkpoint"):
-            raise ValueError(
-                f"unknown task.teacher {teacher!r}; valid: self, checkpoint (with task.teacher_checkpoint)"
-            )
+            raise UserError(f"unknown task.teacher {teacher!r}; valid: self, checkpoint (with task.teacher_checkpoint)")
         if teacher == "checkpoint" and not teacher_checkpoint:
-            raise ValueError("task.teacher=checkpoint needs task.teacher_checkpoint=<LitGPT checkpoint folder>")
+            raise UserError("task.teacher=checkpoint needs task.teacher_checkpoint=<LitGPT checkpoint folder>")
         if kl not in DIRECTIONS:
-            raise ValueError(f"unknown task.kl {kl!r}; valid: {', '.join(DIRECTIONS)}")
+            raise UserError(f"unknown task.kl {kl!r}; valid: {', '.join(DIRECTIONS)}")
         if not 0 <= alpha <= 1:
-            raise ValueError(f"task.alpha must be in [0, 1], got {alpha}")
+            raise UserError(f"task.alpha must be in [0, 1], got {alpha}")
         if not temperature > 0:
-            raise ValueError(f"task.temperature must be positive, got {temperature}")
+            raise UserError(f"task.temperature must be positive, got {temperature}")
         self.teacher, self.alpha, self.temperature, self.kl = teacher, alpha, temperature, kl
         self.teacher_checkpoint = teacher_checkpoint
         self._teachers: list[nn.Module] = []  # a separate teacher, kept out of the LightningModule's parameters
@@ -145,18 +137,18 @@ class Distill(Task):
             from lit_peft.methods import adapters
 
             if next(adapters(module.model), None) is None:
-                raise ValueError(
+                raise UserError(
                     "task.teacher=self needs an adapter method: with method=full the weights the teacher would use "
                     "are the ones being trained; use task.teacher=checkpoint task.teacher_checkpoint=<the base folder>"
                 )
             return
         if self._teachers:
             return
-        from lit_peft.model import load_base
+        from lit_peft.models.load import load_base
 
         teacher = load_base(self.teacher_checkpoint)
         if teacher.config.padded_vocab_size != module.model.config.padded_vocab_size:
-            raise ValueError(
+            raise UserError(
                 f"teacher {self.teacher_checkpoint} has vocabulary {teacher.config.padded_vocab_size}, the student "
                 f"{module.model.config.padded_vocab_size}: distillation needs the same vocabulary"
             )
@@ -167,7 +159,7 @@ class Distill(Task):
     def teacher_logits(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
         if self._teachers:
             return self._teachers[0](input_ids)
-        from lit_peft.cqil import original_model
+        from lit_peft.models.cqil import original_model
 
         was_training = model.training
         model.eval()
@@ -185,7 +177,7 @@ class Distill(Task):
         if self._teachers:
             teacher = self._teachers[0]
             return final_hidden(teacher, input_ids), lambda h: head_logits(teacher, h)
-        from lit_peft.cqil import original_model
+        from lit_peft.models.cqil import original_model
 
         def head(h: torch.Tensor) -> torch.Tensor:
             with original_model(model):  # an adapter on the head is off for the teacher

@@ -22,13 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_peft import cqil
-from lit_peft.cqil import original_model
 from lit_peft.data.steps import batch_units
 from lit_peft.data.tokenize import IGNORE_INDEX
+from lit_peft.errors import UserError
 from lit_peft.methods import adapters
+from lit_peft.models import cqil
+from lit_peft.models.cqil import original_model
+from lit_peft.tasks.base import ExampleLosses, Task, Units
 from lit_peft.tasks.chunked_head import compute_dtype, reply_logps_chunked
-from lit_peft.tasks.sft import ExampleLosses, Task, Units
 
 LOSSES = ("sigmoid", "ipo")
 REFERENCES = ("auto", "adapters_off", "precompute", "copy")
@@ -80,13 +81,13 @@ class DPO(Task):
         disable_dropout: bool = True,
     ) -> None:
         if loss not in LOSSES:
-            raise ValueError(f"unknown task.loss {loss!r}; valid: {', '.join(LOSSES)}")
+            raise UserError(f"unknown task.loss {loss!r}; valid: {', '.join(LOSSES)}")
         if reference not in REFERENCES:
-            raise ValueError(f"unknown task.reference {reference!r}; valid: {', '.join(REFERENCES)}")
+            raise UserError(f"unknown task.reference {reference!r}; valid: {', '.join(REFERENCES)}")
         if not beta > 0:
-            raise ValueError(f"task.beta must be positive, got {beta}")
+            raise UserError(f"task.beta must be positive, got {beta}")
         if not 0 <= label_smoothing < 0.5:
-            raise ValueError(f"task.label_smoothing must be in [0, 0.5), got {label_smoothing}")
+            raise UserError(f"task.label_smoothing must be in [0, 0.5), got {label_smoothing}")
         self.beta, self.label_smoothing, self.loss, self.reference = beta, label_smoothing, loss, reference
         self.disable_dropout = bool(disable_dropout)
         self.mode: str | None = None
@@ -100,7 +101,7 @@ class DPO(Task):
         if self.reference == "auto":
             return "adapters_off" if has_adapters else "precompute"
         if self.reference == "adapters_off" and not has_adapters:
-            raise ValueError("task.reference=adapters_off needs an adapter method; method=full has no off switch")
+            raise UserError("task.reference=adapters_off needs an adapter method; method=full has no off switch")
         return self.reference
 
     def attach(self, module) -> None:

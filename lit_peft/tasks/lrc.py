@@ -1,4 +1,4 @@
-"""Low-Rank Clone training: the student (lit_peft/lrc.py) learns from the data, the teacher's outputs and activations.
+"""Low-Rank Clone training: the student (models/lrc.py) learns from the data, the teacher's outputs and activations.
 
 loss = ce_weight * CE + kl_weight * KL + aux_scale * sum over layers and clone sites of MSE(student, teacher)
 
@@ -21,20 +21,13 @@ from torch import nn
 
 from lit_peft.data.steps import batch_units, real_positions
 from lit_peft.data.tokenize import IGNORE_INDEX
-from lit_peft.lrc import SITES, LowRankClone, capture, clone_settings
-from lit_peft.quantize import quantize_base
+from lit_peft.errors import UserError
+from lit_peft.methods.quantize import quantize_base
+from lit_peft.models.lrc import SITES, LowRankClone, capture, clone_settings
+from lit_peft.tasks.base import ExampleLosses, Task, TrainModel, Units
 from lit_peft.tasks.chunked_head import final_hidden, head_logits
 from lit_peft.tasks.distill import distill_sums_chunked, token_kl
-from lit_peft.tasks.sft import (
-    ExampleLosses,
-    Task,
-    TrainModel,
-    Units,
-    causal_lm_loss,
-    cross_entropy_rows,
-    cross_entropy_sum,
-    target_counts,
-)
+from lit_peft.tasks.sft import causal_lm_loss, cross_entropy_rows, cross_entropy_sum, target_counts
 
 KL_REDUCTIONS = ("sequence", "token")
 
@@ -79,14 +72,14 @@ class LowRankCloneTask(Task):
         clone_sites = tuple(clone_sites or ())
         bad = [s for s in clone_sites if s not in SITES]
         if bad:
-            raise ValueError(f"unknown task.clone_sites entry {bad[0]!r}; valid: {', '.join(SITES)}")
+            raise UserError(f"unknown task.clone_sites entry {bad[0]!r}; valid: {', '.join(SITES)}")
         if kl_reduction not in KL_REDUCTIONS:
-            raise ValueError(f"unknown task.kl_reduction {kl_reduction!r}; valid: {', '.join(KL_REDUCTIONS)}")
+            raise UserError(f"unknown task.kl_reduction {kl_reduction!r}; valid: {', '.join(KL_REDUCTIONS)}")
         if not temperature > 0:
-            raise ValueError(f"task.temperature must be positive, got {temperature}")
+            raise UserError(f"task.temperature must be positive, got {temperature}")
         for name, value in (("kl_weight", kl_weight), ("ce_weight", ce_weight), ("aux_scale", aux_scale)):
             if value < 0:
-                raise ValueError(f"task.{name} must be >= 0, got {value}")
+                raise UserError(f"task.{name} must be >= 0, got {value}")
         self.temperature, self.kl_weight, self.ce_weight = temperature, kl_weight, ce_weight
         self.aux_scale, self.clone_sites, self.kl_reduction = aux_scale, clone_sites, kl_reduction
 
@@ -102,7 +95,7 @@ class LowRankCloneTask(Task):
 
     def setup(self, module, datamodule) -> None:
         if not isinstance(module.model, LowRankClone):
-            raise ValueError("task=lrc needs the Low-Rank Clone model: set lrc.target_hidden_size")
+            raise UserError("task=lrc needs the Low-Rank Clone model: set lrc.target_hidden_size")
 
     @property
     def metric_units(self) -> dict[str, str]:
