@@ -312,17 +312,17 @@ def _rebuild_class():
 
         def adapted(self, x: torch.Tensor) -> torch.Tensor:
             w = self.base.weight
+            if not hasattr(self, "bench_inverse"):  # the groups' rows back in the weight's order
+                self.bench_inverse = torch.argsort(torch.cat(self.groups)).to(w.device)
             parts = []
-            for i in range(len(self.groups)):
-                w_i = self._take(w, i, 0)  # (rows, in)
+            for i, rows in enumerate(self.groups):
+                w_i = w.index_select(0, rows.to(w.device))  # (rows, in)
                 if i < len(self.part_names):
                     t = self.t_in[i]
                     h = t.blocks().to(w.dtype)  # (nb, b, b)
                     w_i = torch.einsum("fnb,nbc->fnc", w_i.unflatten(1, (t.nb, t.block)), h).flatten(1)
                 parts.append(w_i)
-            weight = torch.cat(parts, 0)
-            if not self.in_order:
-                weight = weight.index_select(0, self.inverse)
+            weight = torch.cat(parts, 0).index_select(0, self.bench_inverse)
             return F.linear(self.dropout(x), weight, self.base.bias)
 
     return Rebuild

@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT, run_cli
 
 from lit_peft.checkpoints import files as io
-from lit_peft.checkpoints.adapter import ADAPTER_META, ADAPTER_WEIGHTS, load_adapter, save_adapter
+from lit_peft.checkpoints.adapter import ADAPTER_META, ADAPTER_WEIGHTS, load_adapter, read_adapter_meta, save_adapter
 from lit_peft.checkpoints.files import MODEL_RECORD, atomic_path, check_new_output, clean_stale, recover
 from lit_peft.env import host_for_file_names
 from lit_peft.methods import METHODS
@@ -242,7 +242,7 @@ def test_corrupt_or_truncated_weights_are_named(tiny_checkpoint, tmp_path):
         load_adapter(adapter)
     (adapter / ADAPTER_META).write_text("{not json")
     with pytest.raises(ValueError, match=rf"^{adapter / ADAPTER_META} is corrupt or truncated"):
-        io.read_adapter_meta(adapter)
+        read_adapter_meta(adapter)
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, ckpt)
@@ -310,14 +310,14 @@ def test_adapter_config_shape_is_checked_where_it_is_read(tiny_checkpoint, tmp_p
     ]
     for meta, message in cases:
         path.write_text(json.dumps(meta))
-        for read in (io.read_adapter_meta, load_adapter):
+        for read in (read_adapter_meta, load_adapter):
             with pytest.raises(ValueError, match=message):
                 read(adapter)
     # a Low-Rank Clone's export (task=lrc) has `lrc` settings instead of a method: read, for convert_lrc.py
     path.write_text(json.dumps({"lrc": {"target_hidden_size": 16}, "base_checkpoint": str(tiny_checkpoint)}))
-    assert io.read_adapter_meta(adapter)["lrc"] == {"target_hidden_size": 16}
+    assert read_adapter_meta(adapter)["lrc"] == {"target_hidden_size": 16}
     path.write_text(json.dumps(good))
-    assert io.read_adapter_meta(adapter)["method"] == "lora"
+    assert read_adapter_meta(adapter)["method"] == "lora"
     (adapter / ADAPTER_WEIGHTS).unlink()
     with pytest.raises(
         ValueError, match=rf"^{path}: the adapter's weights file {adapter / ADAPTER_WEIGHTS} is missing"
@@ -325,7 +325,7 @@ def test_adapter_config_shape_is_checked_where_it_is_read(tiny_checkpoint, tmp_p
         load_adapter(adapter)
     path.unlink()
     with pytest.raises(FileNotFoundError, match=rf"^no adapter at {adapter} \(expected {ADAPTER_WEIGHTS} and"):
-        io.read_adapter_meta(adapter)
+        read_adapter_meta(adapter)
 
 
 # ---------------------------------------------------------------- copies of a checkpoint: known files, never a link

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import TINY_RUN, run_cli
 
-from lit_peft.sweeps.jobs import PLOT_DPI, PLOTS, write_run_metrics
+from lit_peft.sweeps.jobs import PLOT_DPI, PLOTS
 from lit_peft.sweeps.report import write_report
+from lit_peft.training.run_folder import write_run_metrics
 
 SWEEP_RUN = [*TINY_RUN, "hydra.sweep.subdir=${hydra.job.num}"]
 SFT_DATA = ["data.val_size=8", "data.synthetic.num_examples=48"]
@@ -264,7 +265,7 @@ def test_running_and_killed_jobs_read_from_events_alone(sweep, tmp_path):
         planned = rows(folder)["#1"]
         assert planned["status"] == status and planned["method.nb"] == "8" and planned["method"] == "oft"
 
-    write_run_metrics(folder / "0", final={"val_loss": 1.25}, steps=4, trainable_params=7, total_params=70)
+    write_run_metrics(folder / "0", final={"val/loss": 1.25}, steps=4, trainable_params=7, total_params=70)
     saved = json.loads((folder / "0" / "metrics.json").read_text())
     assert saved["status"] == "ok" and saved["final"] == {"val/loss": 1.25}  # one metric-name scheme
     write_report([folder], plots=False)

@@ -19,8 +19,9 @@ from conftest import run_cli
 
 from lit_peft.sweeps import evals
 from lit_peft.sweeps.evals import EvalFailed, check_eval_tasks, evaluate_jobs, read_metrics
-from lit_peft.sweeps.jobs import EvalValue, Job, ReportError, append_record, collect, read_records, write_run_metrics
+from lit_peft.sweeps.jobs import EvalValue, Job, ReportError, append_record, collect, read_records
 from lit_peft.sweeps.report import write_report
+from lit_peft.training.run_folder import write_run_metrics
 
 HOST = socket.gethostname()
 NAN_ERROR = "non-finite gradient at step 3 (loss nan); the last good checkpoint is kept"

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from lit_peft.sweeps.jobs import ReportError, append_record, write_run_metrics
+from lit_peft.sweeps.jobs import ReportError, append_record
 from lit_peft.sweeps.report import write_report
+from lit_peft.training.run_folder import write_run_metrics
 
 METHODS = {
     "lora": {"name": "lora", "lr": 1.0e-3, "r": 8, "alpha": 16.0, "targets": ["query", "value"]},

@@ -262,11 +262,12 @@ def _checkpoint_at(path: Path) -> bool:
 
 
 def check_resume(cfg: DictConfig) -> None:
+    from lit_peft.training.resume import RESUME_VALID as valid
+    from lit_peft.training.resume import resume_mode
+
     resume = _value(cfg, "resume")
-    keywords = (None, False, True, "auto", "false", "no", "true", "last")
-    valid = "auto | true | false | the path of a .ckpt file"
-    if resume is _ABSENT or any(resume == k and type(resume) is type(k) for k in keywords):
-        if resume in (True, "true", "last"):
+    if resume is _ABSENT or resume_mode(resume) != "path":
+        if resume is not _ABSENT and resume_mode(resume) == "last":
             out_dir = _value(cfg, "out_dir")
             if isinstance(out_dir, str) and not _checkpoint_at(Path(out_dir) / "checkpoints" / "last.ckpt"):
                 raise ConfigError(
@@ -282,15 +283,10 @@ def check_resume(cfg: DictConfig) -> None:
 
 
 def check_batches(cfg: DictConfig) -> None:
+    from lit_peft.training.batches import accumulation_steps, world_size
+
     t = cfg.trainer
-    devices = t.get("devices", 1)
-    world = (devices if _is_int(devices) and devices > 0 else 1) * int(t.get("num_nodes", 1))
-    per_step = int(t.micro_batch_size) * world
-    if int(t.global_batch_size) % per_step:
-        raise ConfigError(
-            f"trainer.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size x devices x "
-            f"num_nodes = {per_step}; valid: {', '.join(str(per_step * k) for k in (1, 2, 4, 8))}, ..."
-        )
+    accumulation_steps(int(t.global_batch_size), int(t.micro_batch_size), world_size(t))
 
 
 # ---------------------------------------------------------------------------------------- owners' own checks
@@ -390,16 +386,14 @@ def check_devices(cfg: DictConfig) -> None:
 
 
 def check_owners(cfg: DictConfig) -> None:
-    from lit_peft.data.formats import format_kind
     from lit_peft.data.templates import get_template
 
     get_template(str(cfg.model.template))
-    kind = format_kind(str(cfg.data.format))
 
     from lit_peft.methods import build_settings
     from lit_peft.methods.quantize import check_mode
     from lit_peft.models import cqil
-    from lit_peft.tasks import TASKS, get_task
+    from lit_peft.tasks import TASKS, check_data_kind, get_task
 
     check_mode(cfg.get("quantize"))
     method = {k: v for k, v in _value(cfg, "method").items() if k != "name"}
@@ -408,12 +402,7 @@ def check_owners(cfg: DictConfig) -> None:
     name = str(cfg.task.name)
     if name in TASKS:
         _constructor_kwargs("task", TASKS[name], task)
-    task_obj = get_task(name, **task)
-    if kind not in task_obj.data_kinds:
-        raise ConfigError(
-            f"task={name} trains on {' or '.join(task_obj.data_kinds)} data; data.format={cfg.data.format} is "
-            f"{kind} data (pick a data= config of that kind)"
-        )
+    check_data_kind(name, get_task(name, **task), str(cfg.data.format))
     groups = _value(cfg, "cqil")
     if groups not in (_ABSENT, None) and groups.get("groups"):
         cqil.build_settings(groups, _n_layer(_value(cfg, "model")) or 10**6)

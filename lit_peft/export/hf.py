@@ -116,8 +116,6 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, replace: bool = F
 
 # ---------------------------------------------------------------- the other families litgpt converts
 
-HF_FAMILIES = ("llama", "qwen2", "gemma", "gemma2", "phi3")
-
 
 def _family_checks(config: Config) -> tuple[str, list[tuple[str, str, bool]]]:
     """The transformers architecture a LitGPT config looks like, and what it must have to be one: (requirement, the

@@ -47,6 +47,7 @@ from lit_peft.checkpoints.files import (
     recover,
     write_json,
 )
+from lit_peft.checkpoints.kinds import folder_kind
 from lit_peft.errors import UserError, one_line
 from lit_peft.paths import MODEL_CONF_DIR, project_root
 
@@ -187,20 +188,21 @@ def quiet() -> Iterator[None]:
 
 def read_lora_adapter(adapter_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A lit-peft adapter folder that holds LoRA: (weights, metadata); other methods are refused in one line."""
-    adapter_dir = recover(Path(adapter_dir))
-    if (adapter_dir / "lit_model.pth").is_file() and not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+    adapter_dir = Path(adapter_dir)
+    kind = folder_kind(adapter_dir)
+    if kind == "checkpoint":
         raise UserError(
             f"{adapter_dir} is a whole model (method=full), not a LoRA adapter: export it with "
             f"scripts/convert_lit_checkpoint.py --checkpoint-dir {adapter_dir} --out <folder>"
         )
-    if (adapter_dir / PEFT_CONFIG).is_file() and not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+    if kind == "peft":
         raise UserError(f"{adapter_dir} is already a PEFT adapter ({PEFT_WEIGHTS}); import it with import_peft.py")
-    if not (adapter_dir / ADAPTER_WEIGHTS).is_file() or not (adapter_dir / ADAPTER_META).is_file():
+    if kind not in ("adapter", "lrc") or not (adapter_dir / ADAPTER_META).is_file():
         raise FileNotFoundError(
             f"no adapter at {adapter_dir} (expected {ADAPTER_WEIGHTS} and {ADAPTER_META}; e.g. outputs/<run>/adapter)"
         )
     meta = read_adapter_meta(adapter_dir)  # the one reader: the file's shape is checked there
-    if "lrc" in meta:
+    if kind == "lrc":
         raise UserError(f"{adapter_dir} holds a Low-Rank Clone's projections, not a LoRA adapter")
     method = meta.get("method")
     if method != "lora":
@@ -586,11 +588,23 @@ def peft_to_lit(
     comes out of `export_peft`; and the settings our export recorded beside the files) the one with the fewest
     parameters is taken, the recorded one on a tie. A per-module r no such settings hold is refused in one line.
     """
-    from peft.tuners.lora import Linear as LoraLinearPeft
+    lora_config, peft_model = _loaded_peft_model(peft_dir, base_dir, config, allow_pickle)
+    ranks, scalings, tensors = _peft_loras(peft_model, peft_dir)
+    modules = hf_modules(config)
+    parts, others = _lit_targets(config, modules, list(ranks), peft_dir)
+    candidates = _candidate_settings(peft_dir, parts, others)
+    shaped = _rank_fits(config, modules, ranks, candidates)
+    if not shaped:
+        raise _different_ranks(peft_dir, ranks)
+    scaling = _one_scaling(peft_dir, scalings)
+    trials = [_lora_values(lora_config, scaling, targets, layout, r) for targets, layout, r in shaped]
+    weights, settings, zero_filled = _fewest_parameters(config, modules, tensors, trials, peft_dir, ranks)
+    return weights, settings.to_dict(), zero_filled
 
-    from lit_peft.methods.base import MLP_TARGETS, target_linears
-    from lit_peft.methods.qkv import QKV_PARTS, qkv_rows
 
+def _loaded_peft_model(peft_dir: Path, base_dir: Path, config: Config, allow_pickle: bool) -> tuple[Any, nn.Module]:
+    """(PEFT's LoraConfig, a `PeftModel` on the meta device holding the folder's LoRA weights), checked: finite
+    values, base weights only where they equal the base's, a weight for every module the config targets."""
     lora_config = read_peft_config(peft_dir)
     state = read_peft_weights(peft_dir, allow_pickle)
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -602,6 +616,15 @@ def peft_to_lit(
     if empty:
         module = empty[0].removeprefix(PEFT_PREFIX).partition(".lora_")[0]
         raise UserError(f"PEFT adapter {peft_dir} has no weights for {module}, which its config targets")
+    return lora_config, peft_model
+
+
+def _peft_loras(
+    peft_model: nn.Module, peft_dir: Path
+) -> tuple[dict[str, int], dict[str, float], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Per Hugging Face module PEFT adapts, in model order: its r, its scaling and its (A, B). Only plain LoRA on
+    Linear layers: anything else is refused in one line."""
+    from peft.tuners.lora import Linear as LoraLinearPeft
 
     layers = dict(lora_layers(peft_model))
     if not layers:
@@ -618,18 +641,23 @@ def peft_to_lit(
             raise UserError(f"PEFT adapter {peft_dir}: {hf_name} uses {variant}, which lit-peft cannot represent")
         ranks[hf_name], scalings[hf_name] = layer.r["default"], float(layer.scaling["default"])
         tensors[hf_name] = (layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach())
+    return ranks, scalings, tensors
 
-    # Which lit-peft target each Hugging Face module is, from the converter's row map.
-    modules = hf_modules(config)
-    linear_rows: dict[str, dict[str, torch.Tensor]] = {}  # LitGPT Linear -> {HF module: its rows}
-    for hf_name, (lit_name, rows) in modules.items():
-        linear_rows.setdefault(lit_name, {})[hf_name] = rows
+
+def _lit_targets(
+    config: Config, modules: dict[str, tuple[str, torch.Tensor]], adapted: list[str], peft_dir: Path
+) -> tuple[list[str], list[str]]:
+    """The lit-peft targets of the Hugging Face modules `adapted`, from the converter's row map: (the q/k/v parts,
+    the other targets). Exactly the Linears PEFT adapts: `mlp` only where every MLP Linear of the model is one."""
+    from lit_peft.methods.base import MLP_TARGETS, target_linears
+    from lit_peft.methods.qkv import QKV_PARTS, qkv_rows
+
     probe = meta_gpt(config)
     kinds = ("projection", *MLP_TARGETS, "head")
     kind = {n: t for t in kinds for n, _, _ in target_linears(probe, (t,), "concatenated")}
     concat = qkv_rows(config, "concatenated")
     found = set()
-    for hf_name in layers:
+    for hf_name in adapted:
         if hf_name not in modules:
             raise UserError(f"PEFT adapter {peft_dir}: {hf_name} has no LitGPT counterpart")
         lit_name, rows = modules[hf_name]
@@ -639,75 +667,113 @@ def peft_to_lit(
             raise UserError(f"PEFT adapter {peft_dir}: {hf_name} is no Linear lit-peft's LoRA can target")
         found.add(target)
 
-    # Exactly the Linears PEFT adapts: `mlp` only where every MLP Linear of the model is one of them.
     parts = [p for p in QKV_PARTS if p in found]
     mlp = [t for t in MLP_TARGETS if t in kind.values()]
     others = [t for t in kinds if t in found]
     if mlp and set(mlp) <= found:
         others = [t for t in others if t not in mlp]
         others.insert(int("projection" in found), "mlp")
-    # Settings that may hold the adapter: the ones our own export recorded beside it, the concatenated layout (each of
-    # q/k/v_proj one part), and the interleaved layout with each set of parts (an export of such an adapter).
+    return parts, others
+
+
+def _candidate_settings(peft_dir: Path, parts: list[str], others: list[str]) -> list[tuple[tuple[str, ...], str]]:
+    """(targets, qkv_layout) that may hold the adapter: the ones our own export recorded beside it, the concatenated
+    layout (each of q/k/v_proj one part), and the interleaved layout with each set of parts (an export of such an
+    adapter)."""
+    from lit_peft.methods.qkv import QKV_PARTS
+
     candidates = [c for c in [export_hint(peft_dir)] if c is not None]
     candidates.append((tuple(parts + others), "concatenated"))
     if parts:
         subsets = (s for n in range(1, len(QKV_PARTS) + 1) for s in itertools.combinations(QKV_PARTS, n))
         candidates += [((*subset, *others), "interleaved") for subset in subsets]
+    return candidates
 
-    def different_ranks() -> UserError:
-        (m1, r1), (m2, r2) = sorted(ranks.items(), key=lambda kv: kv[1])[:: len(ranks) - 1]
-        return UserError(
-            f"PEFT adapter {peft_dir} has a different r per module (rank_pattern: {m1} r={r1}, {m2} r={r2}); "
-            "lit-peft's LoRA has one r for all modules"
-        )
 
-    first = next(iter(layers))
-    shaped = []  # (targets, layout, r) of the candidates whose ranks fit: r rows of A for every LoRA reaching a module
+def _rank_fits(
+    config: Config,
+    modules: dict[str, tuple[str, torch.Tensor]],
+    ranks: dict[str, int],
+    candidates: list[tuple[tuple[str, ...], str]],
+) -> list[tuple[tuple[str, ...], str, int]]:
+    """(targets, layout, r) of the candidates whose ranks fit: r rows of A for every LoRA reaching a module."""
+    first = next(iter(ranks))
+    shaped = []
     for targets, layout in candidates:
-        reach = {m: parts_reaching(config, modules[m], targets, layout) for m in layers}
+        reach = {m: parts_reaching(config, modules[m], targets, layout) for m in ranks}
         r = ranks[first] // max(reach[first], 1)
-        if all(reach[m] > 0 and ranks[m] == reach[m] * r for m in layers):
+        if all(reach[m] > 0 and ranks[m] == reach[m] * r for m in ranks):
             shaped.append((targets, layout, r))
-    if not shaped:
-        raise different_ranks()
+    return shaped
+
+
+def _different_ranks(peft_dir: Path, ranks: dict[str, int]) -> UserError:
+    """The error for a per-module r (PEFT's rank_pattern) that no settings hold, naming the smallest and largest."""
+    (m1, r1), (m2, r2) = sorted(ranks.items(), key=lambda kv: kv[1])[:: len(ranks) - 1]
+    return UserError(
+        f"PEFT adapter {peft_dir} has a different r per module (rank_pattern: {m1} r={r1}, {m2} r={r2}); "
+        "lit-peft's LoRA has one r for all modules"
+    )
+
+
+def _one_scaling(peft_dir: Path, scalings: dict[str, float]) -> float:
+    """The adapter's alpha/r, the same for every module (lit-peft's LoRA has one); else a one-line error."""
     if max(scalings.values()) - min(scalings.values()) > 1e-6 * max(map(abs, scalings.values())):
         (m1, s1), (m2, s2) = sorted(scalings.items(), key=lambda kv: kv[1])[:: len(scalings) - 1]
         raise UserError(
             f"PEFT adapter {peft_dir} has a different alpha/r per module (alpha_pattern: {m1} {s1:g}, {m2} {s2:g}); "
             "lit-peft's LoRA has one scaling for all modules"
         )
-    scaling = next(iter(scalings.values()))
+    return next(iter(scalings.values()))
 
-    def alpha_for(r: int) -> float:
-        """alpha = scaling * r: the config's own lora_alpha where that is it (no rounding), else to 12 digits."""
-        alpha, rslora = float(lora_config.lora_alpha), lora_config.use_rslora
-        if not rslora and lora_config.r == r and math.isclose(alpha / r, scaling, rel_tol=1e-9):
-            return alpha
-        return float(f"{scaling * r:.12g}")
 
+def _lora_values(lora_config, scaling: float, targets: tuple[str, ...], layout: str, r: int) -> dict[str, Any]:
+    """Our LoRA settings for one candidate, with PEFT's dropout and alpha = scaling * r."""
+    return {
+        "r": r,
+        "alpha": _alpha(lora_config, scaling, r),
+        "dropout": float(lora_config.lora_dropout),
+        "targets": list(targets),
+        "qkv_layout": layout,
+    }
+
+
+def _alpha(lora_config, scaling: float, r: int) -> float:
+    """alpha = scaling * r: the config's own lora_alpha where that is it (no rounding), else to 12 digits."""
+    alpha, rslora = float(lora_config.lora_alpha), lora_config.use_rslora
+    if not rslora and lora_config.r == r and math.isclose(alpha / r, scaling, rel_tol=1e-9):
+        return alpha
+    return float(f"{scaling * r:.12g}")
+
+
+def _fewest_parameters(
+    config: Config,
+    modules: dict[str, tuple[str, torch.Tensor]],
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    trials: list[dict[str, Any]],
+    peft_dir: Path,
+    ranks: dict[str, int],
+) -> tuple[dict[str, torch.Tensor], Any, list[str]]:
+    """`lora_from_peft` for the settings `trials` that hold the PEFT LoRAs exactly, with the fewest parameters (the
+    adapter itself, not one padded with zeros; the first on a tie); a one-line error where none does."""
+    linear_rows: dict[str, dict[str, torch.Tensor]] = {}  # LitGPT Linear -> {HF module: its rows}
+    for hf_name, (lit_name, rows) in modules.items():
+        linear_rows.setdefault(lit_name, {})[hf_name] = rows
     best, reason = None, None
-    for targets, layout, r in shaped:
-        values = {
-            "r": r,
-            "alpha": alpha_for(r),
-            "dropout": float(lora_config.lora_dropout),
-            "targets": list(targets),
-            "qkv_layout": layout,
-        }
+    for values in trials:
         try:
             fitted = lora_from_peft(config, tensors, values, linear_rows)
         except ValueError as e:  # NotExact, or recorded settings this model refuses
-            reason = reason or (one_line(e) if layout == "concatenated" else None)
+            reason = reason or (one_line(e) if values["qkv_layout"] == "concatenated" else None)
             continue
         size = sum(v.numel() for v in fitted[0].values())
-        if best is None or size < best[0]:  # the fewest parameters: the adapter itself, not one padded with zeros
+        if best is None or size < best[0]:
             best = (size, *fitted)
     if best is None:
         if len(set(ranks.values())) > 1:
-            raise different_ranks()
+            raise _different_ranks(peft_dir, ranks)
         raise UserError(f"PEFT adapter {peft_dir} cannot be represented by lit-peft's LoRA ({reason})")
-    _, weights, settings, zero_filled = best
-    return weights, settings.to_dict(), zero_filled
+    return best[1:]
 
 
 def import_peft(

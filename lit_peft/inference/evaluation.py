@@ -381,11 +381,6 @@ def evaluate(
     return results
 
 
-def headline(results: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """{task: {metric: value}} with lm-eval's 'acc,none' keys shortened to 'acc' and stderr left out."""
-    return {task: {m: v for m, (v, _) in row.items()} for task, row in _metrics(results).items()}
-
-
 def _metrics(results: dict[str, Any]) -> dict[str, dict[str, tuple[float, float | None]]]:
     """{task: {metric: (value, lm-eval's standard error or None)}}."""
     table: dict[str, dict[str, tuple[float, float | None]]] = {}

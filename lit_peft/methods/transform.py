@@ -419,10 +419,6 @@ class TransformLinear(AdapterLinear):
         rest = (~covered).nonzero().flatten()
         if len(rest):
             self.groups.append(rest)
-        # Groups concatenated in this order, and back (for code that works on whole groups, e.g. a rebuilt W H).
-        order = torch.cat(self.groups)
-        self.in_order = bool((order == torch.arange(len(order))).all())
-        self.register_buffer("inverse", torch.argsort(order), persistent=False)
         self.transforms = [*(self.t_in or []), *(self.t_out or [])]  # the Function's factors, in this order
         self.compute = "auto"  # the input side's route: "direct", "low_rank" or "auto" (`low_rank_is_cheaper`)
         n_in, n_parts = len(self.t_in or []), len(parts)
@@ -434,10 +430,6 @@ class TransformLinear(AdapterLinear):
             )
             for i, rows in enumerate(self.groups)
         )
-
-    def _take(self, t: torch.Tensor, i: int, dim: int = -1) -> torch.Tensor:
-        """Group i's rows of t along `dim`: a view when they are one run."""
-        return _cols(t, self.plan[i].runs, dim)
 
     def adapted(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x)

@@ -10,11 +10,10 @@ import torch
 from litgpt import GPT, Config
 
 from lit_peft.checkpoints.adapter import (
-    ADAPTER_META,
-    ADAPTER_WEIGHTS,
     load_adapter,
 )
-from lit_peft.checkpoints.files import CheckpointNotFound, load_weights, read_json, recover
+from lit_peft.checkpoints.files import CheckpointNotFound, load_weights, read_json
+from lit_peft.checkpoints.kinds import folder_kind
 from lit_peft.errors import UserError
 from lit_peft.methods import Method, MethodSettings, build_settings
 from lit_peft.methods.quantize import check_mode, quantize_base
@@ -31,16 +30,15 @@ def check_checkpoint_dir(checkpoint_dir: str | Path) -> Path:
     adapter: merge it; a Low-Rank Clone: fold it; a run folder: its adapter or model); else where to download one.
     A folder a crash left mid-replacement is restored first (`lit_peft.checkpoints.files.recover`).
     """
-    checkpoint_dir = recover(Path(checkpoint_dir))
-    if (checkpoint_dir / "model_config.yaml").is_file():
+    checkpoint_dir = Path(checkpoint_dir)
+    kind = folder_kind(checkpoint_dir)
+    if kind == "checkpoint":
         return checkpoint_dir
-    if checkpoint_dir.exists() and not checkpoint_dir.is_dir():
+    if kind == "file":
         raise NotADirectoryError(f"checkpoint {checkpoint_dir} is a file; a LitGPT checkpoint is a folder")
     q = shlex.quote
-    if (checkpoint_dir / ADAPTER_META).is_file() or (checkpoint_dir / ADAPTER_WEIGHTS).is_file():
-        meta_file = checkpoint_dir / ADAPTER_META
-        meta = read_json(meta_file) if meta_file.is_file() else {}
-        if isinstance(meta, dict) and "lrc" in meta:
+    if kind in ("adapter", "lrc", "peft"):
+        if kind == "lrc":
             raise UserError(
                 f"{checkpoint_dir} holds a Low-Rank Clone's projections, not a model checkpoint: fold them into one "
                 f"first: python scripts/convert_lrc.py --clone {q(str(checkpoint_dir))} "
@@ -50,11 +48,11 @@ def check_checkpoint_dir(checkpoint_dir: str | Path) -> Path:
             f"{checkpoint_dir} is an adapter, not a model checkpoint: merge it into its base first: "
             f"python scripts/merge.py --adapter {q(str(checkpoint_dir))} --out {q(str(checkpoint_dir) + '-merged')}"
         )
-    if (checkpoint_dir / "model" / "model_config.yaml").is_file():
+    if kind == "run_model":
         raise UserError(
             f"{checkpoint_dir} is a training run's folder: its fine-tuned model is {checkpoint_dir / 'model'}"
         )
-    if (checkpoint_dir / "adapter" / ADAPTER_META).is_file():
+    if kind == "run_adapter":
         adapter = checkpoint_dir / "adapter"
         raise UserError(
             f"{checkpoint_dir} is a training run's folder and {adapter} an adapter, not a model checkpoint: merge it "
@@ -208,12 +206,12 @@ def load_adapter_into(model: GPT, adapter_dir: str | Path, dtype: torch.dtype | 
     With `dtype`, the model is cast to it after the method is installed (a 4-bit base computes in it) and the
     adapter's weights stay float32, as during training under a `-true` precision; None leaves dtypes as they are.
     """
-    weights, meta = load_adapter(adapter_dir)
-    if "lrc" in meta:
+    if folder_kind(adapter_dir) == "lrc":
         raise UserError(
             f"{adapter_dir} holds a Low-Rank Clone's projections, not an adapter: fold them into a model with "
             f"`python scripts/convert_lrc.py --clone {adapter_dir} --out <folder>` and use that folder"
         )
+    weights, meta = load_adapter(adapter_dir)
     install_architecture(model, meta.get("architecture") or {})
     install_method(model, meta["method"], meta["settings"], quantize=meta.get("quantize"), compute_dtype=dtype)
     expected = set(trainable_state_dict(model))

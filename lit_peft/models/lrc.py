@@ -33,6 +33,7 @@ from litgpt import GPT, Config
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from lit_peft.checkpoints.kinds import folder_kind
 from lit_peft.errors import UserError
 from lit_peft.methods.base import Part, settings_from_dict
 from lit_peft.methods.qkv import QKV_PARTS, qkv_rows
@@ -424,9 +425,12 @@ def convert(
     from lit_peft.methods.quantize import quantize_base
     from lit_peft.models.load import load_base
 
-    weights, meta = load_adapter(clone_dir)
-    if "lrc" not in meta:
+    kind = folder_kind(clone_dir)
+    if kind not in ("lrc", "adapter"):
+        load_adapter(clone_dir)  # names the file that is missing
+    if kind != "lrc":
         raise UserError(f"{clone_dir} is not a Low-Rank Clone export (no 'lrc' settings in its adapter_config.json)")
+    weights, meta = load_adapter(clone_dir)
     teacher_dir, out_dir = Path(teacher_dir or meta["base_checkpoint"]), Path(out_dir)
     check_new_output(out_dir, {"teacher checkpoint": teacher_dir, "clone": clone_dir}, overwrite, "converting")
     teacher = load_base(teacher_dir)

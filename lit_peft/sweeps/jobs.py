@@ -28,28 +28,7 @@ PLOT_DPI = 100
 STALE_AFTER_S = 15 * 60  # a job without a process record that wrote nothing for this long counts as killed
 EVAL_DIR = "eval"
 
-RUN_METRICS_KEYS = {
-    "status": "'ok' for a run that finished (the only value train.py writes today)",
-    "initial": "held-out metrics before training, {'val/loss': ..., 'val/loss_se': its standard error, 'val/ppl': ..., "
-    "'val/<task metric>': ...}",
-    "final": "held-out metrics after the last step, same keys",
-    "held_out_examples": "size of the held-out set (examples, or pairs for DPO)",
-    "steps": "optimizer steps taken (the trainer's global step)",
-    "tokens": "real (non-padding) tokens trained on, all ranks",
-    "wall_time_s": "seconds from the start of train() to the end of the run",
-    "peak_memory_bytes": "peak memory of the job (reset when it starts: several jobs share a sweep's process)",
-    "peak_memory_kind": "'cuda_max_allocated' (torch.cuda.max_memory_allocated since the job started), "
-    "'cpu_job_peak_rss' (the kernel's peak resident set, reset at the job's start), 'cpu_job_sampled_rss' (sampled), "
-    "or 'cpu_max_rss' (the process's lifetime peak, older runs)",
-    "trainable_params": "parameters the optimizer updates",
-    "total_params": "all parameters of the trained model (frozen base included)",
-    "config_digest": "digest of the run's resolved settings (the resume identity)",
-    "method": "method name (lora, ether, ..., full)",
-    "task": "task name (sft, dpo, distill, lrc, pretrain)",
-}
-
-# Metric names before the `train/...`, `val/...` scheme, and the ones the table reads itself (not task metrics).
-ALIASES = {"train_loss": "train/loss", "lr": "train/lr", "tokens_per_sec": "train/tokens_per_sec"}
+# the metrics the table reads itself (not task metrics)
 IGNORED_TAGS = {"epoch", "hp_metric"}
 CORE_TRAIN = {
     "train/loss",
@@ -75,32 +54,6 @@ class ReportError(UserError):
 # ---------------------------------------------------------------------------------------------- what runs write
 
 
-def write_run_metrics(out_dir: str | Path, **fields: Any) -> Path:
-    """Write `<out_dir>/metrics.json` atomically at the end of a run; returns its path.
-
-    The keys the report reads are documented in `RUN_METRICS_KEYS` (status defaults to 'ok'); other keys are kept.
-    Numbers must be plain Python/JSON numbers (call float()/int() on tensors first).
-    """
-    from lit_peft.checkpoints.files import write_json
-
-    data = {"status": "ok", **fields}
-    for name in ("initial", "final"):
-        if name in data and data[name] is not None:
-            data[name] = {canonical(str(k)): float(v) for k, v in dict(data[name]).items()}
-    path = Path(out_dir) / METRICS_FILE
-    write_json(path, data)
-    return path
-
-
-def canonical(tag: str) -> str:
-    """A metric name in the `train/...`, `val/...` scheme (older runs logged val_loss, train_loss, lr)."""
-    if tag in ALIASES:
-        return ALIASES[tag]
-    if tag.startswith("val_"):
-        return "val/" + tag[4:]
-    return tag
-
-
 @dataclass
 class Point:
     step: int
@@ -124,7 +77,7 @@ def read_scalars(folder: Path) -> dict[str, list[Point]]:
             for tag in acc.Tags().get("scalars", []):
                 if tag in IGNORED_TAGS:
                     continue
-                points = out.setdefault(canonical(tag), [])
+                points = out.setdefault(tag, [])
                 points.extend(Point(int(e.step), float(e.wall_time), float(e.value)) for e in acc.Scalars(tag))
     finally:
         quiet.setLevel(level)
@@ -392,89 +345,121 @@ def collect(folders: Sequence[Path], report_dir: Path, stale_after_s: float = ST
     now = time.time()
     jobs: list[Job] = []
     seen: set[str] = set()
-    report_dir = Path(report_dir).resolve()
-
-    several = len(folders) > 1
-    names: set[str] = set()
-
-    def name_of(folder: Path, base: Path) -> str:
-        """The folder relative to the report's folder; with several inputs, prefixed by the input's name."""
-        rel = os.path.relpath(folder, report_dir)
-        if rel.startswith("..") or rel == ".":
-            rel = os.path.relpath(folder, base)
-            rel = folder.name if rel.startswith("..") or rel == "." else rel
-            if several and _key(base) != _key(folder):
-                rel = f"{base.name}/{rel}"
-        name, i = rel, 1
-        while name in names:
-            i += 1
-            name = f"{rel} ({i})"
-        names.add(name)
-        return name
-
+    names = _JobNames(Path(report_dir).resolve(), several=len(folders) > 1)
     for given in folders:
         given = Path(given).resolve()
-        if is_run_dir(given):
-            if _key(given) not in seen:
-                seen.add(_key(given))
-                name = name_of(given, given.parent)
-                jobs.append(load_job(Job(name=name, folder=given), now, stale_after_s))
-            continue
-        found = {_key(f): f for f in run_dirs(given)}
-        by_dir: dict[str, dict[str, Any]] = {}
-        planned: list[dict[str, Any]] = []
-        sweep_alive = False
-        origin: str | None = None
-        for rec in read_records(given):
-            event = rec.get("event")
-            if event == "sweep":
-                planned = [j for j in rec.get("jobs") or [] if isinstance(j, dict)]
-                sweep_alive = bool(process_alive(rec.get("pid"), rec.get("host")))
-                origin = str(rec["sweep_dir"]) if rec.get("sweep_dir") else None
-            elif event == "sweep_end":
-                sweep_alive = False
-            elif event in ("start", "end") and rec.get("out_dir"):
-                entry = by_dir.setdefault(_key(record_dir(str(rec["out_dir"]), given, origin, found)), {})
-                if event == "start":
-                    entry.clear()  # a job run again (same folder) starts over
-                entry[event] = rec
-        order: list[tuple[float, str]] = []
-        for key, entry in by_dir.items():
-            rec = entry.get("start") or entry.get("end")
-            order.append((float(rec.get("num", 1e9)), key))
-        for key in found:
-            if key not in by_dir:
-                order.append((1e9, key))
-        started_nums = set()
-        for _, key in sorted(order, key=lambda t: (t[0], t[1])):
-            if key in seen:
-                continue
-            seen.add(key)
-            entry = by_dir.get(key, {})
-            folder = found.get(key) or (Path(key) if Path(key).is_dir() else None)
-            rec = entry.get("start") or entry.get("end") or {}
-            if "num" in rec:
-                started_nums.add(rec["num"])
-            path = folder or Path(key)
-            job = Job(name=name_of(path, given), folder=folder, num=rec.get("num"))
-            jobs.append(load_job(job, now, stale_after_s, entry))
-        for plan in planned:
-            if plan.get("num") in started_nums:
-                continue
-            status = "pending" if sweep_alive else "not run"
-            job = Job(
-                name=name_of(given / f"#{plan.get('num')}", given),
-                folder=None,
-                num=plan.get("num"),
-                overrides=list(plan.get("overrides") or []),
-                status=status,
-            )
-            job.method, job.task = job.override_map.get("method"), job.override_map.get("task")
-            jobs.append(job)
+        if not is_run_dir(given):
+            jobs += _sweep_jobs(given, names, seen, now, stale_after_s)
+        elif _key(given) not in seen:
+            seen.add(_key(given))
+            jobs.append(load_job(Job(name=names.name_of(given, given.parent), folder=given), now, stale_after_s))
     for job in jobs:
         if job.status == "ok" and job.folder is not None:
             read_cached_evals(job)
     return jobs
+
+
+class _JobNames:
+    """Job names, each unique in the report: a repeated one gets a count, e.g. `run (2)`."""
+
+    def __init__(self, report_dir: Path, several: bool) -> None:
+        self.report_dir, self.several = report_dir, several
+        self.taken: set[str] = set()
+
+    def name_of(self, folder: Path, base: Path) -> str:
+        """The folder relative to the report's folder; with several inputs, prefixed by the input's name."""
+        rel = os.path.relpath(folder, self.report_dir)
+        if rel.startswith("..") or rel == ".":
+            rel = os.path.relpath(folder, base)
+            rel = folder.name if rel.startswith("..") or rel == "." else rel
+            if self.several and _key(base) != _key(folder):
+                rel = f"{base.name}/{rel}"
+        name, i = rel, 1
+        while name in self.taken:
+            i += 1
+            name = f"{rel} ({i})"
+        self.taken.add(name)
+        return name
+
+
+class _SweepRecords(NamedTuple):
+    """What a sweep's jobs.jsonl says: the latest run of each job folder ({"start": record, "end": record}, keyed
+    by `_key`), the jobs the sweep planned, and whether the sweep's process still runs."""
+
+    by_dir: dict[str, dict[str, Any]]
+    planned: list[dict[str, Any]]
+    alive: bool
+
+
+def _sweep_records(sweep: Path, found: dict[str, Path]) -> _SweepRecords:
+    """The records of `sweep`'s jobs.jsonl, each job's mapped to its folder in `sweep` (see `record_dir`)."""
+    by_dir: dict[str, dict[str, Any]] = {}
+    planned: list[dict[str, Any]] = []
+    alive = False
+    origin: str | None = None
+    for rec in read_records(sweep):
+        event = rec.get("event")
+        if event == "sweep":
+            planned = [j for j in rec.get("jobs") or [] if isinstance(j, dict)]
+            alive = bool(process_alive(rec.get("pid"), rec.get("host")))
+            origin = str(rec["sweep_dir"]) if rec.get("sweep_dir") else None
+        elif event == "sweep_end":
+            alive = False
+        elif event in ("start", "end") and rec.get("out_dir"):
+            entry = by_dir.setdefault(_key(record_dir(str(rec["out_dir"]), sweep, origin, found)), {})
+            if event == "start":
+                entry.clear()  # a job run again (same folder) starts over
+            entry[event] = rec
+    return _SweepRecords(by_dir, planned, alive)
+
+
+def _sweep_jobs(sweep: Path, names: _JobNames, seen: set[str], now: float, stale_after_s: float) -> list[Job]:
+    """The jobs of one sweep folder not in `seen` (which gains them): those with a folder or a record, loaded, in
+    job-number order, then the planned ones that never started."""
+    found = {_key(f): f for f in run_dirs(sweep)}
+    records = _sweep_records(sweep, found)
+    jobs: list[Job] = []
+    started_nums = set()
+    for key in _job_order(records.by_dir, found):
+        if key in seen:
+            continue
+        seen.add(key)
+        entry = records.by_dir.get(key, {})
+        folder = found.get(key) or (Path(key) if Path(key).is_dir() else None)
+        rec = entry.get("start") or entry.get("end") or {}
+        if "num" in rec:
+            started_nums.add(rec["num"])
+        job = Job(name=names.name_of(folder or Path(key), sweep), folder=folder, num=rec.get("num"))
+        jobs.append(load_job(job, now, stale_after_s, entry))
+    for plan in records.planned:
+        if plan.get("num") not in started_nums:
+            jobs.append(_planned_job(plan, sweep, names, records.alive))
+    return jobs
+
+
+def _job_order(by_dir: dict[str, dict[str, Any]], found: dict[str, Path]) -> list[str]:
+    """The keys of a sweep's recorded and found job folders, by job number (none: last), then by key."""
+    order: list[tuple[float, str]] = []
+    for key, entry in by_dir.items():
+        rec = entry.get("start") or entry.get("end")
+        order.append((float(rec.get("num", 1e9)), key))
+    for key in found:
+        if key not in by_dir:
+            order.append((1e9, key))
+    return [key for _, key in sorted(order, key=lambda t: (t[0], t[1]))]
+
+
+def _planned_job(plan: dict[str, Any], sweep: Path, names: _JobNames, sweep_alive: bool) -> Job:
+    """A job the sweep planned that never started: pending while the sweep's process runs, else not run."""
+    job = Job(
+        name=names.name_of(sweep / f"#{plan.get('num')}", sweep),
+        folder=None,
+        num=plan.get("num"),
+        overrides=list(plan.get("overrides") or []),
+        status="pending" if sweep_alive else "not run",
+    )
+    job.method, job.task = job.override_map.get("method"), job.override_map.get("task")
+    return job
 
 
 def check_folder(folder: Path) -> None:

@@ -4,11 +4,12 @@
 
 Every number is read from what a job wrote, never recomputed or guessed:
 
-- `<job>/metrics.json`, written at the end of each run (`write_run_metrics`, keys in `RUN_METRICS_KEYS`): trainable
-  and total parameters, optimizer steps, tokens seen, wall time, peak memory, held-out metrics before and after;
+- `<job>/metrics.json`, written at the end of each run (`training.run_folder.write_run_metrics`, keys in
+  `RUN_METRICS_KEYS`): trainable and total parameters, optimizer steps, tokens seen, wall time, peak memory,
+  held-out metrics before and after;
 - the job's tensorboard events (`EventAccumulator`): the curves of the plots, the median step time and tokens/s, and
   every number above that a killed or still running job has not written to metrics.json yet (parameters, steps,
-  peak memory, the latest held-out metrics); metric names of both schemes (`val_loss`, `val/loss`) are read;
+  peak memory, the latest held-out metrics);
 - `<sweep>/jobs.jsonl`, kept by the Hydra callback (`lit_peft.sweeps.callback.SweepReport`): each job's start and end,
   with the one-line error of a failed job (whose folder a failed run removes) and the jobs a sweep never started;
 - `<job>/.hydra/config.yaml`, resolved: every setting whose value differs between jobs becomes a column (the effective

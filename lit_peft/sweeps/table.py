@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lit_peft.stats import weighted_mean_se
-from lit_peft.sweeps.jobs import CORE_TRAIN, CORE_VAL, STATUSES, Job, ReportError, canonical
+from lit_peft.sweeps.jobs import CORE_TRAIN, CORE_VAL, STATUSES, Job, ReportError
 from lit_peft.training.run_folder import HELDOUT_FILE
 
 REPORT_GROUPS_CSV = "report_groups.csv"
@@ -297,7 +297,7 @@ def _held_out(job: Job, name: str, when: str) -> float | None:
     saved = job.metrics.get(when)
     if isinstance(saved, dict):
         for key, value in saved.items():
-            if canonical(str(key)) == name and _number(value) and math.isfinite(value):
+            if str(key) == name and _number(value) and math.isfinite(value):
                 return float(value)
         return None
     points = val_points(job, name)
@@ -313,7 +313,7 @@ def _held_out_se(job: Job, name: str, when: str, losses: dict) -> tuple[float | 
     saved = job.metrics.get(when)
     if isinstance(saved, dict):
         for key, value in saved.items():
-            if canonical(str(key)) == f"{name}_se" and _number(value) and math.isfinite(value):
+            if str(key) == f"{name}_se" and _number(value) and math.isfinite(value):
                 return float(value), "metrics.json"
     if name == LOSS and when in losses:
         return weighted_mean_se(*losses[when]), HELDOUT_FILE
@@ -348,7 +348,7 @@ def val_names(jobs: Sequence[Job]) -> list[str]:
     for job in jobs:
         saved = [job.metrics.get(w) for w in ("initial", "final")]
         for key in (*[k for d in saved if isinstance(d, dict) for k in d], *job.scalars):
-            name = canonical(str(key))
+            name = str(key)
             if name.startswith("val/") and not name.endswith("_se"):
                 names[name] = None
     rest = sorted(n for n in names if n not in CORE_VAL)

@@ -85,13 +85,12 @@ class NonFiniteError(UserError):
             what = f"weights ({', '.join(weights[:2])}{', ...' if len(weights) > 2 else ''})"
         else:
             what = f"gradient (loss {loss:.4g})" if gradient else f"loss ({loss})"
-        value = ""
         hint = (
             f"after {allowed} skipped step(s) (trainer.max_nonfinite_skips={allowed})"
             if allowed
             else "(trainer.max_nonfinite_skips=N skips up to N such steps)"
         )
-        super().__init__(f"non-finite {what}{value} at step {step}, nothing of it was saved {hint}")
+        super().__init__(f"non-finite {what} at step {step}, nothing of it was saved {hint}")
 
 
 def rng_state() -> dict[str, Any]:

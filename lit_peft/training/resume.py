@@ -93,11 +93,26 @@ def damaged(path: Path) -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
+RESUME_KEYWORDS = {None: "off", False: "off", "false": "off", "no": "off", True: "last", "true": "last", "last": "last"}
+RESUME_KEYWORDS["auto"] = "auto"
+RESUME_VALID = "auto | true | false | the path of a .ckpt file"
+
+
+def resume_mode(resume: Any) -> str:
+    """What `resume=` asks for: 'off', 'last' (<out_dir>/checkpoints/last.ckpt, which must exist), 'auto' (last.ckpt
+    when there is one, else a fresh start) or 'path' (a checkpoint file). Keywords match by type too (1 is no True)."""
+    for keyword, mode in RESUME_KEYWORDS.items():
+        if resume == keyword and type(resume) is type(keyword):
+            return mode
+    return "path"
+
+
 def checkpoint_path(resume: Any, ckpt_dir: Path) -> Path | None:
     """The checkpoint `resume` names (last.ckpt for auto/true), whether or not it exists; None for resume=false."""
-    if resume in (None, False, "false", "no"):
+    mode = resume_mode(resume)
+    if mode == "off":
         return None
-    return ckpt_dir / "last.ckpt" if resume in (True, "true", "last", "auto") else Path(str(resume))
+    return ckpt_dir / "last.ckpt" if mode in ("last", "auto") else Path(str(resume))
 
 
 def resume_checkpoint(resume: Any, ckpt_dir: Path) -> Path | None:
@@ -106,7 +121,7 @@ def resume_checkpoint(resume: Any, ckpt_dir: Path) -> Path | None:
     if path is None:
         return None
     if not (path.is_file() or is_sharded_checkpoint(path)):
-        if resume == "auto":
+        if resume_mode(resume) == "auto":
             return None
         raise ResumeError(f"resume={resume}: no checkpoint at {path}")
     reason = damaged(path)

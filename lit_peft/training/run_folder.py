@@ -20,8 +20,9 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+from lit_peft.checkpoints.files import write_json
 from lit_peft.env import host
 from lit_peft.errors import UserError
 
@@ -32,6 +33,38 @@ KEEP_ON_CLEAR = {LOCK_FILE, "run.log", "tokens"}  # the lock, this process's log
 
 METRICS_FILE = "metrics.json"
 HELDOUT_FILE = "heldout_losses.json"  # {"initial"|"final": {"loss": [per-example mean], "weight": [units]}}
+
+RUN_METRICS_KEYS = {
+    "status": "'ok' for a run that finished (the only value a run writes)",
+    "initial": "held-out metrics before training, {'val/loss': ..., 'val/loss_se': its standard error, 'val/ppl': ..., "
+    "'val/<task metric>': ...}",
+    "final": "held-out metrics after the last step, same keys",
+    "held_out_examples": "size of the held-out set (examples, or pairs for DPO)",
+    "steps": "optimizer steps taken (the trainer's global step)",
+    "tokens": "real (non-padding) tokens trained on, all ranks",
+    "wall_time_s": "seconds from the start of train() to the end of the run",
+    "peak_memory_bytes": "peak memory of the job (reset when it starts: several jobs share a sweep's process)",
+    "peak_memory_kind": "'cuda_max_allocated' (torch.cuda.max_memory_allocated since the job started), "
+    "'cpu_job_peak_rss' (the kernel's peak resident set, reset at the job's start), 'cpu_job_sampled_rss' (sampled), "
+    "or 'cpu_max_rss' (the process's lifetime peak, older runs)",
+    "trainable_params": "parameters the optimizer updates",
+    "total_params": "all parameters of the trained model (frozen base included)",
+    "config_digest": "digest of the run's resolved settings (the resume identity)",
+    "method": "method name (lora, ether, ..., full)",
+    "task": "task name (sft, dpo, distill, lrc, pretrain)",
+}
+
+
+def write_run_metrics(out_dir: str | Path, **fields: Any) -> Path:
+    """Write `<out_dir>/metrics.json` atomically at the end of a run; returns its path.
+
+    The keys the report reads are documented in `RUN_METRICS_KEYS` (status defaults to 'ok'); other keys are kept.
+    Numbers must be plain Python/JSON numbers (call float()/int() on tensors first).
+    """
+    data = {"status": "ok", **fields}
+    path = Path(out_dir) / METRICS_FILE
+    write_json(path, data)
+    return path
 
 
 class FolderInUse(UserError):

@@ -19,13 +19,13 @@ from lit_peft.checkpoints.files import write_json
 from lit_peft.checkpoints.hub import prepare_checkpoint
 from lit_peft.console import info, run_logging
 from lit_peft.data.datamodule import SFTDataModule, record_loader
-from lit_peft.data.formats import format_kind
 from lit_peft.data.preference import PreferenceDataModule
 from lit_peft.data.templates import get_template
 from lit_peft.data.text import TextDataModule
 from lit_peft.errors import ConfigError
 from lit_peft.models.load import enable_gradient_checkpointing, load_base, load_config, precision_dtype
-from lit_peft.tasks import get_task
+from lit_peft.tasks import check_data_kind, get_task
+from lit_peft.training.batches import accumulation_steps, world_size
 from lit_peft.training.callbacks import AtomicCheckpointIO, ExportAdapter
 from lit_peft.training.compile import uncompile_blocks
 from lit_peft.training.fsdp import check_resume_strategy
@@ -47,19 +47,9 @@ from lit_peft.training.resume import (
     resume_checkpoint,
     run_identity,
 )
-from lit_peft.training.run_folder import HELDOUT_FILE, claim, lock_run_folder, release_run_folder
+from lit_peft.training.run_folder import HELDOUT_FILE, claim, lock_run_folder, release_run_folder, write_run_metrics
 from lit_peft.training.signals import SIGNALS
 from lit_peft.training.summary import run_summary, step_progress_bar
-
-
-def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
-    per_step = micro_batch_size * world_size
-    if global_batch_size % per_step:
-        raise ConfigError(
-            f"trainer.global_batch_size={global_batch_size} is not a multiple of micro_batch_size x devices x num_nodes"
-            f" = {per_step}"
-        )
-    return global_batch_size // per_step
 
 
 def build_strategy(cfg: DictConfig) -> Any:
@@ -77,13 +67,7 @@ def build_datamodule(
     d = OmegaConf.to_container(cfg.data, resolve=True)
     if max_seq_length is not None:
         d["max_seq_length"] = max_seq_length
-    kind = format_kind(str(d["format"]))
-    if kind not in task.data_kinds:
-        wanted = " or ".join(task.data_kinds)
-        raise ConfigError(
-            f"task={cfg.task.name} trains on {wanted} data; data.format={d['format']} is {kind} data "
-            f"(pick a data= config of that kind, e.g. {EXAMPLE_DATA[task.data_kinds[0]]})"
-        )
+    kind = check_data_kind(str(cfg.task.name), task, str(d["format"]))
     common = dict(
         max_seq_length=int(d["max_seq_length"]),
         micro_batch_size=int(cfg.trainer.micro_batch_size),
@@ -121,9 +105,6 @@ def build_datamodule(
             **common,
         )
     return SFTDataModule(tokenizer, template, load, d["format"], source, max_examples=d.get("max_examples"), **common)
-
-
-EXAMPLE_DATA = {"conversation": "data=alpaca", "text": "data=text", "preference": "data=hh_rlhf"}
 
 
 def train(cfg: DictConfig, accepted: Callable[[], None] | None = None, defaults: dict | None = None) -> dict[str, Any]:
@@ -175,7 +156,7 @@ def _train(
     out_dir = Path(cfg.out_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     t = cfg.trainer
-    world = int(t.devices if isinstance(t.devices, int) else 1) * int(t.num_nodes)
+    world = world_size(t)
     accumulate = accumulation_steps(int(t.global_batch_size), int(t.micro_batch_size), world)
 
     task = get_task(cfg.task.name, **{k: v for k, v in cfg.task.items() if k != "name"})
@@ -362,7 +343,7 @@ def _train(
         "config_digest": identity_digest({k: v for k, v in identity.items() if k != "data"}),
     }
     if trainer.is_global_zero:
-        write_json(out_dir / "metrics.json", metrics)
+        write_run_metrics(out_dir, **metrics)
         if initial_examples is not None or final_examples is not None:
             write_json(out_dir / HELDOUT_FILE, {"initial": initial_examples, "final": final_examples})
         if logger and final:  # the HParams tab ranks runs by these (no hp_metric: see build_logger)
