@@ -26,6 +26,22 @@ class ConfigError(UserError):
 
 # --------------------------------------------------------------------------------------------------- the error path
 
+_last_reported: list[str] = []  # the last `error:` line this process printed (cli.args.fail.exit)
+
+
+def remember_reported(message: str) -> str:
+    """Note the one-line error the process is about to print; a sweep records it as its failed job's error."""
+    _last_reported[:] = [message]
+    return message
+
+
+def last_reported(forget: bool = False) -> str:
+    """The last one-line error printed ('' when none); `forget` clears it (a new sweep job starts clean)."""
+    message = _last_reported[0] if _last_reported else ""
+    if forget:
+        _last_reported.clear()
+    return message
+
 
 def one_line(text: str) -> str:
     """A multi-line message as one line: detail and hint lines dropped, the rest joined with '; '."""

@@ -12,7 +12,7 @@ PACKAGE = ROOT / "lit_peft"
 # Lowest first. A package may import its own layer's base modules and any lower layer; never a higher one, nor a
 # sibling of its own layer (training and inference do not know each other; nor do export and sweeps).
 LAYERS = [
-    {"errors", "env", "paths", "stats", "console", "__init__"},
+    {"errors", "env", "paths", "stats", "console", "compat", "__init__"},
     {"methods"},
     {"checkpoints"},
     {"data"},

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
+from lit_peft.compat import basic_sweeper
 from lit_peft.sweeps.sweeper import applicable
+
+BasicSweeper = basic_sweeper()
 
 
 class GroupAwareSweeper(BasicSweeper):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from lit_peft.env import debug_enabled
-from lit_peft.errors import one_line, user_error_message
+from lit_peft.errors import one_line, remember_reported, user_error_message
 
 
 class fail:  # noqa: N801 - a namespace of two helpers
@@ -21,7 +21,7 @@ class fail:  # noqa: N801 - a namespace of two helpers
 
     @staticmethod
     def exit(message: str, code: int = 2) -> NoReturn:
-        fail.last_message = one_line(message)
+        fail.last_message = remember_reported(one_line(message))
         print(f"error: {fail.last_message}", file=sys.stderr)
         sys.exit(code)
 

@@ -36,7 +36,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from lit_peft.compat import basic_sweeper, job_exception
 from lit_peft.env import host
+from lit_peft.errors import last_reported
 
 REPORT_FILES = ("jobs.jsonl", "report.md", "report.csv", "loss_curves.png", "loss_vs_params.png", "step_time.png")
 
@@ -51,28 +53,9 @@ def job_outcome(status: str, error: str) -> None:
         return
     if status == "preempted":
         _ACTIVE._end(status, error)
-        _ACTIVE._restore_stderr()
         _ACTIVE._write_report()
     else:
         _ACTIVE._outcome = (status, error)
-
-
-class _StderrTail:
-    """sys.stderr, passed through unchanged, remembering its last lines (to find a job's `error: ...` line)."""
-
-    def __init__(self, stream: Any, keep: int = 65536) -> None:
-        self._stream, self._keep, self._text = stream, keep, ""
-
-    def write(self, text: str) -> int:
-        self._text = (self._text + text)[-self._keep :]
-        return self._stream.write(text)
-
-    def error_line(self) -> str:
-        lines = [ln for ln in self._text.splitlines() if ln.startswith("error: ")]
-        return lines[-1][len("error: ") :] if lines else ""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
 
 
 def _multirun(config: DictConfig) -> bool:
@@ -93,7 +76,7 @@ def planned_jobs(config: DictConfig) -> list[dict[str, Any]] | None:
     target = str(_select(config, "hydra.sweeper._target_") or "")
     if not target.endswith(("BasicSweeper", "GroupAwareSweeper")):
         return None
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # its own splitting: the same order
+    BasicSweeper = basic_sweeper()  # its own splitting: the same order
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from lit_peft.sweeps.sweeper import applicable
@@ -115,7 +98,6 @@ class SweepReport(Callback):
     def __init__(self, enabled: bool = True, plots: bool = True) -> None:
         self.enabled, self.plots = enabled, plots
         self._current: dict[str, Any] | None = None
-        self._tail: _StderrTail | None = None
         self._sweep_dir: Path | None = None
         self._registered = False
         self._outcome: tuple[str, str] | None = None
@@ -171,9 +153,7 @@ class SweepReport(Callback):
         }
         self._sweep_dir = sweep
         self._append(sweep, self._current)
-        if not isinstance(sys.stderr, _StderrTail):
-            self._tail = _StderrTail(sys.stderr)
-            sys.stderr = self._tail
+        last_reported(forget=True)  # an earlier job's error is not this one's
         if not self._registered:
             atexit.register(self._at_exit)
             self._registered = True
@@ -185,15 +165,14 @@ class SweepReport(Callback):
 
         status, error = "ok", ""
         if job_return.status == JobStatus.FAILED:
-            status, error = "failed", _error_line(job_return._return_value)
+            status, error = "failed", _error_line(job_exception(job_return))
         elif job_return.status != JobStatus.COMPLETED:
             status = "killed"
         elif self._outcome is not None:  # the job failed and returned (finetune/run.py: +inf), the sweep goes on
             status, error = self._outcome
-            error = error or (self._tail.error_line() if self._tail is not None else "")
+            error = error or last_reported()
         self._outcome = None
         self._end(status, error)
-        self._restore_stderr()
         self._write_report()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -250,11 +229,6 @@ class SweepReport(Callback):
         self._append(self._sweep_dir, record)
         self._current = None
 
-    def _restore_stderr(self) -> None:
-        if self._tail is not None and sys.stderr is self._tail:
-            sys.stderr = self._tail._stream
-        self._tail = None
-
     def _write_report(self) -> Path | None:
         if self._sweep_dir is None or not self._sweep_dir.is_dir():
             return None
@@ -270,8 +244,7 @@ class SweepReport(Callback):
         """A job that never reached on_job_end: SystemExit (a user error, exit 2; a preemption, exit 3) or Ctrl-C."""
         if self._current is None or self._sweep_dir is None:
             return
-        error = self._tail.error_line() if self._tail is not None else ""
-        self._restore_stderr()
+        error = last_reported()
         from lit_peft.training.resume import Preemption
 
         if error:

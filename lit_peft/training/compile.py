@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lit_peft.compat import compiled_call, set_compiled_call
 from lit_peft.errors import UserError
 
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # trainer.compile=true is inductor; the others debug it
@@ -43,8 +44,8 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
     compiled = torch.compile(run_block, backend=backend)
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     for block in blocks:
-        if block._compiled_call_impl is None:  # what nn.Module.__call__ runs instead of _call_impl when it is set
-            block._compiled_call_impl = partial(compiled, block)
+        if compiled_call(block) is None:
+            set_compiled_call(block, partial(compiled, block))
     return len(blocks)
 
 
@@ -53,7 +54,7 @@ def uncompile_blocks(model: nn.Module) -> int:
     block (a reference cycle), so a job drops them when it ends, and its model goes with its last reference."""
     from litgpt.model import Block
 
-    blocks = [m for m in model.modules() if isinstance(m, Block) and m._compiled_call_impl is not None]
+    blocks = [m for m in model.modules() if isinstance(m, Block) and compiled_call(m) is not None]
     for block in blocks:
-        block._compiled_call_impl = None
+        set_compiled_call(block, None)
     return len(blocks)

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from lit_peft.compat import should_accumulate
 from lit_peft.data.steps import batch_units, unpack_units
 from lit_peft.errors import UserError
 from lit_peft.methods import regularization
@@ -365,7 +366,7 @@ class FineTuneModule(L.LightningModule):
         return False
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.trainer.fit_loop._should_accumulate():
+        if should_accumulate(self.trainer):
             return
         elapsed = time.perf_counter() - (self._step_start or time.perf_counter())
         tokens = getattr(self, "_tokens", 0) * self.trainer.world_size

@@ -24,6 +24,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from lit_peft.compat import should_accumulate
 from lit_peft.errors import UserError
 from lit_peft.training.fsdp import is_sharded_checkpoint
 
@@ -407,7 +408,7 @@ class Preemption(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, *args: Any) -> None:
         from lit_peft.training.signals import SIGNALS
 
-        if trainer.fit_loop._should_accumulate():
+        if should_accumulate(trainer):
             return
         received = SIGNALS.received
         if not trainer.strategy.reduce_boolean_decision(received is not None, all=False):
