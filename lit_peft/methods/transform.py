@@ -394,6 +394,36 @@ def _low_rank_input_backward(
     return grad_x
 
 
+# The input side's cost model, in passes over one element (memory-bound reads and writes), fitted to forward +
+# backward times of SmolLM2-135M's Linears on a 2-core CPU at 512 and 4096 tokens (checked end to end with
+# bench/methods.py's "direct" / "low-rank" rows at --seq 256 and 1024): the direct route makes ~15 passes over x per
+# group (transform, update, backward's transform and sum); the low-rank route ~2 + sum of K over x, its skinny matmuls
+# (3 K nb multiply-adds per adapted output row, ~19 of which cost one pass), 3 passes over the weight per step and
+# more small operations (~1e7 passes' worth).
+PASSES_DIRECT = 15
+MACS_PER_PASS = 19
+FIXED_LOW_RANK = 10_000_000
+
+
+def low_rank_route_is_cheaper(
+    tokens: int, in_features: int, out_features: int, ks: list[int], skinny_macs: int, device: str = "cpu"
+) -> bool:
+    """The automatic route of a TransformLinear's input side: True for one matmul plus low-rank corrections, False
+    for transforming x per group (the direct route, the definition).
+
+    `ks`: the reflections per group (K, one group per fused part); `skinny_macs`: the low-rank route's multiply-adds
+    per token (3 K nb per adapted output row). On the CPU the model above decides: the low-rank route wins on long
+    batches, on a fused qkv (three groups transform x on the direct route) and on small nb; the direct route on
+    short batches and on Linears much wider out than in at nb=32. On other devices the direct route is chosen: the
+    model was fitted on a CPU and no GPU measurement backs the other route yet (`compute="low_rank"` forces it).
+    """
+    if device != "cpu":
+        return False
+    direct = tokens * PASSES_DIRECT * len(ks) * in_features
+    low_rank = tokens * ((2 + sum(ks)) * in_features + skinny_macs // MACS_PER_PASS)
+    return low_rank + 3 * out_features * in_features + FIXED_LOW_RANK < direct
+
+
 class TransformLinear(AdapterLinear):
     def __init__(
         self,
@@ -439,16 +469,6 @@ class TransformLinear(AdapterLinear):
                 return self._function(x.to(torch.get_autocast_dtype(device)))
         return self._function(x)
 
-    # The input side's cost model, in passes over one element (memory-bound reads and writes), fitted to forward +
-    # backward times of SmolLM2-135M's Linears on a 2-core CPU at 512 and 4096 tokens (checked end to end with
-    # bench/methods.py's "direct" / "low-rank" rows at --seq 256 and 1024):
-    # the direct route makes ~15 passes over x per group (transform, update, backward's transform and sum); the
-    # low-rank route ~2 + sum of K over x, its skinny matmuls (3 K nb multiply-adds per adapted output row, ~19 of
-    # which cost one pass), 3 passes over the weight per step and more small operations (~1e7 passes' worth).
-    PASSES_DIRECT: ClassVar[int] = 15
-    MACS_PER_PASS: ClassVar[int] = 19
-    FIXED_LOW_RANK: ClassVar[int] = 10_000_000
-
     @property
     def low_rank_possible(self) -> bool:
         """Whether the input side is Householder-type everywhere (ETHER, ETHER+), so the low-rank route applies."""
@@ -470,12 +490,11 @@ class TransformLinear(AdapterLinear):
             return self.compute == "low_rank"
         if not self.low_rank_possible:
             return False
-        i, o = self.base.in_features, self.base.out_features
         ks = [len(t.signs) for t in self.t_in]
-        direct = tokens * self.PASSES_DIRECT * len(self.t_in) * i
         skinny = 3 * sum(k * t.nb * size for k, t, size in zip(ks, self.t_in, self.part_sizes, strict=True))
-        low_rank = tokens * ((2 + sum(ks)) * i + skinny // self.MACS_PER_PASS) + 3 * o * i + self.FIXED_LOW_RANK
-        return low_rank < direct
+        return low_rank_route_is_cheaper(
+            tokens, self.base.in_features, self.base.out_features, ks, skinny, self.base.weight.device.type
+        )
 
     def _function(self, x: torch.Tensor) -> torch.Tensor:
         factors = [t.factor().to(x.dtype) for t in self.transforms]

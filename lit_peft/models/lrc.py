@@ -108,6 +108,27 @@ def as_slice(rows: torch.Tensor) -> slice | torch.Tensor:
     return slice(start, start + len(rows)) if torch.equal(rows, torch.arange(start, start + len(rows))) else rows
 
 
+def factored_route_is_cheaper(side: str, tokens: int, o: int, i: int, d_s: int, n_proj: int, train: bool) -> bool:
+    """Whether a ProjectedLinear goes through the teacher's width (factored) rather than generating the student's
+    weight first, by multiply-adds (a count, not a fitted model: the same on every device).
+
+    `side`: "in" (W_s = W_t P, (o, d_s)) or "out" (W_s = P^T W_t, (d_s, i)); the teacher weight is (o, i); `n_proj`:
+    projections on the input side (one per fused qkv part). Counted for forward + backward when the projections train
+    (the backward of a generated weight pays its generation again for dP and two token-sized matmuls; the factored
+    route pays no weight gradient for the frozen W_t), for the forward alone otherwise. Small batches and wide outputs
+    (the vocabulary head) favour the factored route, long batches the generated weight; ties go to the factored route
+    (no weight materialised).
+    """
+    twice, thrice = (2, 3) if train else (1, 1)
+    if side == "in":
+        generated = twice * o * i * d_s + thrice * tokens * d_s * o
+        factored = thrice * n_proj * tokens * d_s * i + twice * tokens * i * o
+    else:
+        generated = twice * d_s * o * i + thrice * tokens * i * d_s
+        factored = twice * tokens * i * o + thrice * tokens * o * d_s
+    return factored <= generated
+
+
 class ProjectedLinear(nn.Module):
     """A student Linear generated from a frozen teacher Linear and trainable projections (d_t, d_s).
 
@@ -163,27 +184,13 @@ class ProjectedLinear(nn.Module):
         return self.generated()[0]
 
     def factored_is_cheaper(self, tokens: int) -> bool:
-        """Whether going through the teacher's width costs fewer multiply-adds than generating the weight first.
-
-        Counted for forward + backward when the projections train (the backward of a generated weight pays its
-        generation again for dP and two token-sized matmuls; the factored route pays no weight gradient for the frozen
-        W_t), for the forward alone otherwise. Small batches and wide outputs (the vocabulary head) favour the
-        factored route, long batches the generated weight; ties go to the factored route (no weight materialised).
-        """
+        """The route for `tokens` rows: `compute` when set, else `factored_route_is_cheaper` for this layer's shapes."""
         if self.compute != "auto":
             return self.compute == "factored"
         train = torch.is_grad_enabled() and any(p.requires_grad for p in self.proj.values())
-        twice, thrice = (2, 3) if train else (1, 1)
-        o, i = self.teacher.out_features, self.teacher.in_features  # the teacher weight is (o, i)
-        if self.side == "in":  # W_s = W_t @ P: (o, d_s)
-            d_s = self.in_features
-            generated = twice * o * i * d_s + thrice * tokens * d_s * o
-            factored = thrice * len(self.proj) * tokens * d_s * i + twice * tokens * i * o
-        else:  # W_s = P^T @ W_t: (d_s, i)
-            d_s = self.out_features
-            generated = twice * d_s * o * i + thrice * tokens * i * d_s
-            factored = twice * tokens * i * o + thrice * tokens * o * d_s
-        return factored <= generated
+        d_s = self.in_features if self.side == "in" else self.out_features
+        o, i = self.teacher.out_features, self.teacher.in_features
+        return factored_route_is_cheaper(self.side, tokens, o, i, d_s, len(self.proj), train)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // x.size(-1)
