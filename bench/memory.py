@@ -11,8 +11,9 @@ is the process's peak resident memory while stepping (sampled every millisecond;
 activations and temporaries, without the Python runtime.
 Every variant adapts query, key, value, projection and mlp (LoRA r=8; ETHER one block); the loss is next-token
 cross-entropy on every token, through the SFT task: `--head chunked` runs the head a chunk of target positions at a
-time (tasks/chunked_head.py, the default in training), `--head full` computes the full (B, T, V) logits. Ratios are
-to the fp32 base with the same head, and chunked to full, all measured in one run.
+time (tasks/chunked_head.py, what training does), `--head full` computes the full (B, T, V) logits (the bench's own
+loss: no task has that route). Ratios are to the fp32 base with the same head, and chunked to full, all measured in
+one run.
 """
 
 from __future__ import annotations
@@ -128,7 +129,14 @@ def worker(model_key: str, variant: str, head: str, steps: int, batch: int, seq:
     idx = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     idx = idx.to(device)
     task = SFT()  # every token a target: the labels are the inputs
-    task.head_chunk = HEAD_CHUNK if head == "chunked" else 0
+    task.head_chunk = HEAD_CHUNK
+
+    def full_logits_loss(model, batch):  # what the tasks did before the chunked head: the (B, T, V) logits at once
+        logits = model(batch["input_ids"])[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten()), {}
+
+    if head != "chunked":
+        task = full_logits_loss
 
     sampler = RssPeak()
     if cuda:

@@ -31,9 +31,6 @@ def test_methods_bench_rows(monkeypatch):
     expected = bench.VARIANTS + (bench.PEER_VARIANTS if peers else [])
     assert list(rows) == expected
     for name, cells in rows.items():
-        if cells[0].startswith("skipped") and name == "oft b=32":  # until OFT has its block_size setting
-            assert "block_size" in cells[0]
-            continue
         assert not cells[0].startswith(("skipped", "failed")), f"{name}: {cells[0]}"
         sec, vs_lora, vs_floor = (float(c) for c in cells[:3])
         assert all(math.isfinite(v) and v > 0 for v in (sec, vs_lora, vs_floor)), (name, cells)

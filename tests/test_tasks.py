@@ -426,6 +426,8 @@ def test_the_chunked_head_never_sees_more_positions_than_a_chunk():
 
 
 def test_the_low_rank_clone_loss_with_a_chunked_head_equals_the_full_logits_one():
+    import torch.nn.functional as F
+
     from lit_peft.models.lrc import LowRankClone, LRCSettings
     from lit_peft.tasks.lrc import LowRankCloneTask
 
@@ -433,7 +435,7 @@ def test_the_low_rank_clone_loss_with_a_chunked_head_equals_the_full_logits_one(
     clone = LowRankClone(GPT(tiny_config()), LRCSettings(16)).double()
     batch = pair_batch(vocab=259)
     results = []
-    for chunk in (5, 0):  # 0: the full (B, T, V) logits of student and teacher
+    for chunk in (5, 1000):  # 1000: every target position in one chunk
         task = LowRankCloneTask(temperature=3.0, kl_reduction="token")
         task.head_chunk = chunk
         loss, metrics = task(clone, batch)
@@ -446,3 +448,13 @@ def test_the_low_rank_clone_loss_with_a_chunked_head_equals_the_full_logits_one(
     assert got.keys() == want.keys() and want
     for n in want:
         torch.testing.assert_close(got[n], want[n], msg=n)
+    # the head's parts against their definitions on the full (B, T, V) logits
+    ids, targets = batch["input_ids"], batch["labels"][:, 1:]
+    mask = targets != -100
+    with torch.no_grad():
+        student, teacher = clone.student(ids)[:, :-1], clone.teacher(ids)[:, :-1]
+    s, t = (F.log_softmax(x / 3.0, -1) for x in (student, teacher))
+    picked = lambda logps: -(logps.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * mask).sum() / mask.sum()  # noqa: E731
+    torch.testing.assert_close(metrics["ce"], picked(F.log_softmax(student, -1)))
+    torch.testing.assert_close(metrics["teacher_ce"], picked(F.log_softmax(teacher, -1)))
+    torch.testing.assert_close(metrics["kl"], ((t.exp() * (t - s)).sum(-1) * mask).sum() / mask.sum())

@@ -62,7 +62,7 @@ class Task:
     `attach(module)` runs before a checkpoint is restored and before the strategy wraps the model (what must be taken
     from the untrained weights); `setup(module, datamodule)` runs on the device before the first step;
     `state_dict()` is saved with Lightning checkpoints. `head_chunk`: target positions per chunk of the output head's
-    logits (tasks/chunked_head.py); 0 computes the full (B, T, V) logits, as the model's forward does.
+    logits (tasks/chunked_head.py): no task materialises the full (B, T, V) logits.
     `examples`: when given, the task records every example's loss sum and weight in it (`ExampleLosses`), for the
     held-out loss's standard error and per-example comparisons between runs.
     """

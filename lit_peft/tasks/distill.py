@@ -28,7 +28,7 @@ from lit_peft.tasks.chunked_head import (
     row_sums,
     target_positions,
 )
-from lit_peft.tasks.sft import causal_lm_loss, cross_entropy_rows, cross_entropy_sum, target_counts
+from lit_peft.tasks.sft import target_counts
 
 DIRECTIONS = ("forward", "reverse")
 
@@ -41,27 +41,6 @@ def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempera
     if direction == "reverse":
         return (s.exp() * (s - t)).sum(-1)
     return (t.exp() * (t - s)).sum(-1)
-
-
-def distill_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    alpha: float,
-    temperature: float,
-    direction: str = "forward",
-    tokens: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss over the target tokens (labels[:, 1:] != -100), summed and divided by `tokens` (default: their
-    number here); its parts `kd` and `ce` are means over this batch's target tokens."""
-    targets = labels[:, 1:] != IGNORE_INDEX
-    n = targets.sum().clamp(min=1)
-    tokens = n if tokens is None else tokens.clamp(min=1)
-    kl = token_kl(student_logits[:, :-1], teacher_logits[:, :-1], temperature, direction)
-    kd = (kl * targets).sum()
-    ce = cross_entropy_sum(student_logits, labels) if alpha < 1 else torch.zeros((), device=kd.device)
-    loss = (alpha * temperature**2 * kd + (1 - alpha) * ce) / tokens
-    return loss, {"kd": kd.detach() / n, "ce": ce.detach() / n}
 
 
 class DistillSums(NamedTuple):
@@ -199,24 +178,7 @@ class Distill(Task):
         examples: ExampleLosses | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         totals = totals if totals is not None else batch_units(batch)
-        if self.head_chunk:
-            return self.chunked_loss(model, batch, totals, examples)
-        teacher = self.teacher_logits(model, batch["input_ids"])
-        student = model(batch["input_ids"])
-        loss, metrics = distill_loss(
-            student, teacher, batch["labels"], self.alpha, self.temperature, self.kl, totals["tokens"]
-        )
-        if examples is not None:
-            labels = batch["labels"]
-            with torch.no_grad():
-                kl = token_kl(student[:, :-1], teacher[:, :-1], self.temperature, self.kl)  # (B, T-1)
-                kd_rows = (kl * (labels[:, 1:] != IGNORE_INDEX)).sum(-1)
-                ce_rows = cross_entropy_rows(student, labels) if self.alpha < 1 else torch.zeros_like(kd_rows)
-            examples.record(self.combine(kd_rows, ce_rows), target_counts(labels))
-        if self.alpha == 1:  # CE is not part of the loss: still report the student's
-            metrics["ce"] = causal_lm_loss(student.detach(), batch["labels"])
-        metrics["teacher_ce"] = causal_lm_loss(teacher, batch["labels"])  # the same tokens under the teacher
-        return loss, metrics
+        return self.chunked_loss(model, batch, totals, examples)
 
     def combine(self, kd: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
         """alpha T^2 KD + (1 - alpha) CE, of sums over the same tokens (per row or in total)."""
@@ -230,7 +192,7 @@ class Distill(Task):
         totals: Units,
         examples: ExampleLosses | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The loss and metrics of `distill_loss`, without either model's full logits."""
+        """alpha T^2 KD + (1 - alpha) CE over the target tokens, and its parts, without either model's full logits."""
         labels = batch["labels"]
         teacher, teacher_head = self.teacher_hidden(model, batch["input_ids"])
         student = final_hidden(model, batch["input_ids"])

@@ -178,9 +178,7 @@ class DPO(Task):
         self, model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per row (sum of the target tokens' log-probabilities, their number); the head a chunk at a time."""
-        if self.head_chunk:
-            return reply_logps_chunked(model, input_ids, labels, self.head_chunk)
-        return reply_logps(model(input_ids), labels)
+        return reply_logps_chunked(model, input_ids, labels, self.head_chunk)
 
     # ---------------------------------------------------------------- loss
 

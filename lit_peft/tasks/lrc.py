@@ -20,14 +20,13 @@ import torch
 from torch import nn
 
 from lit_peft.data.steps import batch_units, real_positions
-from lit_peft.data.tokenize import IGNORE_INDEX
 from lit_peft.errors import UserError
 from lit_peft.methods.quantize import quantize_base
 from lit_peft.models.lrc import SITES, LowRankClone, capture, clone_settings
 from lit_peft.tasks.base import ExampleLosses, Task, TrainModel, Units
 from lit_peft.tasks.chunked_head import final_hidden, head_logits
-from lit_peft.tasks.distill import distill_sums_chunked, token_kl
-from lit_peft.tasks.sft import causal_lm_loss, cross_entropy_rows, cross_entropy_sum, target_counts
+from lit_peft.tasks.distill import distill_sums_chunked
+from lit_peft.tasks.sft import target_counts
 
 KL_REDUCTIONS = ("sequence", "token")
 
@@ -103,8 +102,8 @@ class LowRankCloneTask(Task):
         return {"kl": kl_unit, "clone": "positions", **{f"clone_{site}": "positions" for site in SITES}}
 
     def outputs(self, gpt: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        """The final hidden states (B, T, C) when the head runs in chunks, else the logits (B, T, V)."""
-        return final_hidden(gpt, input_ids) if self.head_chunk else gpt(input_ids)
+        """The final hidden states (B, T, C): the heads run a chunk of target positions at a time."""
+        return final_hidden(gpt, input_ids)
 
     def __call__(
         self,
@@ -123,27 +122,16 @@ class LowRankCloneTask(Task):
             student = self.outputs(model.student, input_ids)
 
         kl_unit = self.metric_units["kl"]
-        kl_rows = ce_rows = None  # per row (B,), for `examples`
-        if self.head_chunk:  # final hidden states: the heads run a chunk of target positions at a time
-            kl_sum, ce_sum, teacher_ce_sum, kl_rows, ce_rows = distill_sums_chunked(
-                model.student,
-                student,
-                lambda h: head_logits(model.teacher, h),
-                teacher,
-                labels,
-                self.temperature,
-                chunk=self.head_chunk,
-            )
-            teacher_ce = teacher_ce_sum / local["tokens"].clamp(min=1)
-        else:
-            targets = labels[:, 1:] != IGNORE_INDEX
-            kl_sum = (token_kl(student[:, :-1], teacher[:, :-1], self.temperature, "forward") * targets).sum()
-            ce_sum = cross_entropy_sum(student, labels)
-            teacher_ce = causal_lm_loss(teacher, labels)
-            if examples is not None:
-                with torch.no_grad():
-                    kl = token_kl(student[:, :-1], teacher[:, :-1], self.temperature, "forward")  # (B, T-1)
-                    kl_rows, ce_rows = (kl * targets).sum(-1), cross_entropy_rows(student, labels)
+        kl_sum, ce_sum, teacher_ce_sum, kl_rows, ce_rows = distill_sums_chunked(
+            model.student,
+            student,
+            lambda h: head_logits(model.teacher, h),
+            teacher,
+            labels,
+            self.temperature,
+            chunk=self.head_chunk,
+        )
+        teacher_ce = teacher_ce_sum / local["tokens"].clamp(min=1)
         mask = real_positions(labels)
         clones = clone_losses(model, student_acts, teacher_acts, mask) if sites else {}
         clone_sum = sum(clones.values(), torch.zeros((), device=student.device))
