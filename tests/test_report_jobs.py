@@ -323,7 +323,7 @@ def test_a_failed_evaluation_is_reported_and_exits_non_zero(tmp_path, fake_eval,
     make_job(sweep / "0")
     make_job(sweep / "1")
 
-    def run(target, *args):
+    def run(target, *args, **kwargs):
         if target[1].parent.name == "1":
             raise EvalFailed("CUDA out of memory")
         return copy.deepcopy(canned_results())

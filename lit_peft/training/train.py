@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -145,22 +146,21 @@ def release_job(compiled: bool) -> None:
     gc.collect()
 
 
-def _train(
-    cfg: DictConfig,
-    accepted: Callable[[], None] | None,
-    defaults: dict | None,
-    owner: bool = True,
-    memory: JobMemory | None = None,
-) -> dict[str, Any]:
-    started = time.perf_counter()
-    out_dir = Path(cfg.out_dir)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    t = cfg.trainer
-    world = world_size(t)
-    accumulate = accumulation_steps(int(t.global_batch_size), int(t.micro_batch_size), world)
+@dataclasses.dataclass
+class Start:
+    """Where a run starts: its identity, the checkpoint it resumes from (None: fresh) and what that one says."""
 
-    task = get_task(cfg.task.name, **{k: v for k, v in cfg.task.items() if k != "name"})
-    checkpoint_dir = prepare_checkpoint(cfg.model)
+    identity: dict[str, Any]
+    record: RunRecord
+    resume_from: Path | None = None
+    resumed_step: int | None = None
+    reexport: bool = False  # a finished run whose export at its last step was cut short
+    done: bool = False  # finished, with everything written: nothing to do
+
+
+def _start(cfg: DictConfig, checkpoint_dir: Path, export_name: str, owner: bool, defaults: dict | None) -> Start:
+    """Claim the run folder (rank 0) and decide what to resume: a checkpoint of the same run, or none."""
+    out_dir, t, started = Path(cfg.out_dir), cfg.trainer, time.perf_counter()
     ckpt_dir = out_dir / "checkpoints"
     config = OmegaConf.to_container(cfg, resolve=True)
     peeked = _peek_checkpoint(ckpt_dir, cfg.get("resume"))  # read once: its identity, then its contents to resume
@@ -172,30 +172,28 @@ def _train(
             info(note)
     resume_from = resume_checkpoint(cfg.get("resume"), ckpt_dir)
     check_resume_strategy(resume_from, cfg.strategy)  # a sharded checkpoint needs strategy=fsdp
-    resumed_step = None
-    reexport = False
-    record = RunRecord(started)
-    export_name = task.export_name(cfg.method.name)
-    if resume_from is not None:
-        saved = peeked[1] if peeked and peeked[0] == resume_from else load_checkpoint(resume_from)
-        resumed_step = int(saved.get("global_step", 0))
-        record = RunRecord(started, saved)
-        check_identity(saved.get("lit_peft_run"), identity, resume_from, defaults)
-        if finished(saved, t.max_steps, t.max_epochs):
-            missing = missing_outputs(out_dir, export_name, resumed_step)
-            if not missing:
-                info(
-                    f"already finished: {resume_from} is at step {resumed_step} (trainer.max_steps={t.max_steps}); "
-                    "nothing was changed (raise trainer.max_steps to train on)"
-                )
-                export_dir = out_dir / export_name
-                return {"out_dir": str(out_dir), "export": str(export_dir), "initial": {}, "final": {}, "log_dir": None}
-            info(f"finished at step {resumed_step}; completing what its run did not write: {', '.join(missing)}")
-            reexport = export_step(out_dir / export_name) != resumed_step  # decided before anything is written,
-            # so every rank takes the same decision (the export is collective)
-        del saved
-    if accepted is not None:
-        accepted()
+    if resume_from is None:
+        return Start(identity, RunRecord(started))
+    saved = peeked[1] if peeked and peeked[0] == resume_from else load_checkpoint(resume_from)
+    start = Start(identity, RunRecord(started, saved), resume_from, int(saved.get("global_step", 0)))
+    check_identity(saved.get("lit_peft_run"), identity, resume_from, defaults)
+    if finished(saved, t.max_steps, t.max_epochs):
+        missing = missing_outputs(out_dir, export_name, start.resumed_step)
+        if not missing:
+            info(
+                f"already finished: {resume_from} is at step {start.resumed_step} (trainer.max_steps={t.max_steps}); "
+                "nothing was changed (raise trainer.max_steps to train on)"
+            )
+            start.done = True
+            return start
+        info(f"finished at step {start.resumed_step}; completing what its run did not write: {', '.join(missing)}")
+        # decided before anything is written, so every rank takes the same decision (the export is collective)
+        start.reexport = export_step(out_dir / export_name) != start.resumed_step
+    return start
+
+
+def _context_length(cfg: DictConfig, checkpoint_dir: Path) -> int:
+    """data.max_seq_length, cut to the model's context (said when it is)."""
     block_size = load_config(checkpoint_dir).block_size
     max_seq_length = int(cfg.data.max_seq_length)
     if max_seq_length > block_size:
@@ -203,29 +201,12 @@ def _train(
             f"data.max_seq_length={max_seq_length} is above the model's context of {block_size} tokens "
             f"({checkpoint_dir.name}): examples are cut to {block_size}"
         )
-        max_seq_length = block_size
-    tokenizer = Tokenizer(checkpoint_dir)
-    base = load_base(checkpoint_dir, max_seq_length=max_seq_length)
-    built = task.build_model(base, cfg, precision_dtype(str(cfg.precision)))  # the method installed, or the task's own
-    model = built.model
-    if t.get("gradient_checkpointing"):
-        enable_gradient_checkpointing(built.trunk)
+    return min(max_seq_length, block_size)
 
-    template = get_template(cfg.model.template, cfg.model.get("system_prompt"))
-    data = build_datamodule(cfg, tokenizer, template, task, out_dir, max_seq_length)
-    data.setup("fit")  # fail fast on bad data, before anything is written
-    module = FineTuneModule(
-        model,
-        task,
-        instantiate(cfg.optim),
-        warmup_steps=int(cfg.schedule.warmup_steps),
-        min_lr_ratio=float(cfg.schedule.min_lr_ratio),
-        save_full_state=built.full,
-        max_nonfinite_skips=int(t.get("max_nonfinite_skips") or 0),
-        compile=t.get("compile", False),
-        memory=memory,
-    )
-    meta = {
+
+def _adapter_meta(cfg: DictConfig, built: Any, checkpoint_dir: Path) -> dict[str, Any]:
+    """What the export records beside the weights: the method and its settings, the base, the prompt, the config."""
+    return {
         **built.meta,
         "quantize": cfg.get("quantize"),
         "base_checkpoint": str(checkpoint_dir.resolve()),  # the adapter is used from other folders too
@@ -234,16 +215,11 @@ def _train(
         "lit_peft_version": __version__,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    export = ExportAdapter(
-        out_dir,
-        meta,
-        checkpoint_dir,
-        full=built.full,
-        every_n_steps=t.save_every_n_steps,
-        name=task.export_name(cfg.method.name),
-    )
+
+
+def _checkpointing(t: DictConfig, ckpt_dir: Path) -> ModelCheckpoint:
     keep = int(t.get("keep_last_checkpoints") or 0)
-    checkpointing = ModelCheckpoint(
+    return ModelCheckpoint(
         dirpath=ckpt_dir,
         save_last=True,  # last.ckpt, always this run's: no last-v1.ckpt beside a stale one
         enable_version_counter=False,
@@ -254,13 +230,13 @@ def _train(
         auto_insert_metric_name=False,
         every_n_train_steps=t.save_every_n_steps,
     )
-    final_checkpoint = FinalCheckpoint(ckpt_dir / "last.ckpt")
-    final_checkpoint.saved_step = resumed_step  # a resumed run's checkpoint is not written again at its step
-    preemption = Preemption(final_checkpoint)
-    logger = build_logger(cfg.logger)
+
+
+def _trainer(cfg: DictConfig, out_dir: Path, accumulate: int, logger: Any, callbacks: list[L.Callback]) -> L.Trainer:
+    t = cfg.trainer
     strategy = build_strategy(cfg.strategy)
     precision = precision_plugin(str(cfg.precision), strategy)  # keeps adapters float32 under -true half precision
-    trainer = L.Trainer(
+    return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
@@ -276,15 +252,7 @@ def _train(
         limit_val_batches=t.limit_val_batches,
         num_sanity_val_steps=0,
         logger=logger,
-        callbacks=[
-            checkpointing,
-            RunIdentity(identity),
-            record,
-            final_checkpoint,
-            preemption,
-            export,
-            *([step_progress_bar()] if t.progress_bar else []),
-        ],
+        callbacks=[*callbacks, *([step_progress_bar()] if t.progress_bar else [])],
         plugins=[AtomicCheckpointIO(), *([precision] if precision else [])],
         default_root_dir=out_dir,
         enable_progress_bar=t.progress_bar,
@@ -292,65 +260,107 @@ def _train(
         deterministic=t.get("deterministic", False),
         use_distributed_sampler=False,  # the DataModule shards by rank itself, in the same order as one process
     )
-    if logger:  # before anything saves the logger (hparams.yaml is written once), for the HParams tab
-        logger.log_hyperparams(hyperparameters(cfg))
-    initial_examples = None  # per-example losses before training: this run's, or a resumed run's first segment's
-    if t.validate_first and resume_from is None:  # a resumed run keeps the first segment's (none: empty)
-        trainer.validate(module, datamodule=data, verbose=False)
-        record.initial = held_out(trainer)
-        initial_examples = held_out_examples(module)
-        if trainer.is_global_zero and initial_examples is not None:  # kept also if the run stops before its end
-            write_json(out_dir / HELDOUT_FILE, {"initial": initial_examples})
-    elif resume_from is not None:
-        initial_examples = earlier_examples(out_dir)
-    initial = record.initial
+
+
+def _fit(trainer: L.Trainer, module: FineTuneModule, data: Any, start: Start, final: FinalCheckpoint) -> None:
+    """trainer.fit; a non-finite stop names the last good checkpoint and keeps the folder that holds it."""
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=str(resume_from) if resume_from else None)
+        trainer.fit(module, datamodule=data, ckpt_path=str(start.resume_from) if start.resume_from else None)
     except NonFiniteError as e:
-        last = final_checkpoint.saved_step if final_checkpoint.saved_step is not None else resumed_step
-        where = (
-            f"the last good checkpoint is {ckpt_dir / 'last.ckpt'} (step {last})"
-            if last
-            else "no checkpoint was written"
-        )
+        last = final.saved_step if final.saved_step is not None else start.resumed_step
+        where = f"the last good checkpoint is {final.path} (step {last})" if last else "no checkpoint was written"
         stopped = ConfigError(f"{e}; {where}")
         stopped.keep_output = True  # the folder holds what was trained before the failure
         raise stopped from None
     finally:
         SIGNALS.deferred = False
     SIGNALS.honour()  # a stop request noted in the loop: its step is checkpointed; the entry point exits 3
-    if reexport:  # a finished run whose export at its last step was cut short
+
+
+def _train(
+    cfg: DictConfig,
+    accepted: Callable[[], None] | None,
+    defaults: dict | None,
+    owner: bool = True,
+    memory: JobMemory | None = None,
+) -> dict[str, Any]:
+    out_dir, t = Path(cfg.out_dir), cfg.trainer
+    ckpt_dir = out_dir / "checkpoints"
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    accumulate = accumulation_steps(int(t.global_batch_size), int(t.micro_batch_size), world_size(t))
+    task = get_task(cfg.task.name, **{k: v for k, v in cfg.task.items() if k != "name"})
+    checkpoint_dir = prepare_checkpoint(cfg.model)
+    export_name = task.export_name(cfg.method.name)
+    start = _start(cfg, checkpoint_dir, export_name, owner, defaults)
+    if start.done:
+        export_dir = out_dir / export_name
+        return {"out_dir": str(out_dir), "export": str(export_dir), "initial": {}, "final": {}, "log_dir": None}
+    if accepted is not None:
+        accepted()
+
+    # the model with its method (or the task's own model), the data, the LightningModule
+    max_seq_length = _context_length(cfg, checkpoint_dir)
+    base = load_base(checkpoint_dir, max_seq_length=max_seq_length)
+    built = task.build_model(base, cfg, precision_dtype(str(cfg.precision)))
+    model = built.model
+    if t.get("gradient_checkpointing"):
+        enable_gradient_checkpointing(built.trunk)
+    template = get_template(cfg.model.template, cfg.model.get("system_prompt"))
+    data = build_datamodule(cfg, Tokenizer(checkpoint_dir), template, task, out_dir, max_seq_length)
+    data.setup("fit")  # fail fast on bad data, before anything is written
+    module = FineTuneModule(
+        model,
+        task,
+        instantiate(cfg.optim),
+        warmup_steps=int(cfg.schedule.warmup_steps),
+        min_lr_ratio=float(cfg.schedule.min_lr_ratio),
+        save_full_state=built.full,
+        max_nonfinite_skips=int(t.get("max_nonfinite_skips") or 0),
+        compile=t.get("compile", False),
+        memory=memory,
+    )
+
+    # Lightning: checkpoints, the run's records, preemption, the export
+    meta = _adapter_meta(cfg, built, checkpoint_dir)
+    export = ExportAdapter(
+        out_dir, meta, checkpoint_dir, full=built.full, every_n_steps=t.save_every_n_steps, name=export_name
+    )
+    final_checkpoint = FinalCheckpoint(ckpt_dir / "last.ckpt")
+    final_checkpoint.saved_step = start.resumed_step  # a resumed run's checkpoint is not written again at its step
+    callbacks = [
+        _checkpointing(t, ckpt_dir),
+        RunIdentity(start.identity),
+        start.record,
+        final_checkpoint,
+        Preemption(final_checkpoint),
+        export,
+    ]
+    logger = build_logger(cfg.logger)
+    trainer = _trainer(cfg, out_dir, accumulate, logger, callbacks)
+    if logger:  # before anything saves the logger (hparams.yaml is written once), for the HParams tab
+        logger.log_hyperparams(hyperparameters(cfg))
+
+    # validate, train, validate
+    initial_examples = None  # per-example losses before training: this run's, or a resumed run's first segment's
+    if t.validate_first and start.resume_from is None:  # a resumed run keeps the first segment's (none: empty)
+        trainer.validate(module, datamodule=data, verbose=False)
+        start.record.initial = held_out(trainer)
+        initial_examples = held_out_examples(module)
+        if trainer.is_global_zero and initial_examples is not None:  # kept also if the run stops before its end
+            write_json(out_dir / HELDOUT_FILE, {"initial": initial_examples})
+    elif start.resume_from is not None:
+        initial_examples = earlier_examples(out_dir)
+    _fit(trainer, module, data, start, final_checkpoint)
+    if start.reexport:
         export.export(trainer, module)
     if t.validate_last and module.validated_at != trainer.global_step:  # not again at the same step (same weights)
         trainer.validate(module, datamodule=data, verbose=False)
-    final = held_out(trainer)
-    final_examples = held_out_examples(module)
-    peak, peak_kind = module.memory.read()
-    metrics = {
-        "status": "ok",
-        "method": cfg.method.name,
-        "task": cfg.task.name,
-        "initial": initial,
-        "final": final,
-        "held_out_examples": len(data.val) if data.val is not None else 0,
-        "steps": trainer.global_step,
-        "tokens": module.tokens_seen,
-        "wall_time_s": round(record.wall_time_s(), 3),  # all segments of a resumed run
-        "peak_memory_bytes": peak,
-        "peak_memory_kind": peak_kind,
-        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "total_params": sum(p.numel() for p in model.parameters()),
-        "config_digest": identity_digest({k: v for k, v in identity.items() if k != "data"}),
-    }
+
+    metrics = _metrics(cfg, trainer, module, data, start, held_out(trainer))
     if trainer.is_global_zero:
-        write_run_metrics(out_dir, **metrics)
-        if initial_examples is not None or final_examples is not None:
-            write_json(out_dir / HELDOUT_FILE, {"initial": initial_examples, "final": final_examples})
-        if logger and final:  # the HParams tab ranks runs by these (no hp_metric: see build_logger)
-            logger.log_hyperparams(hyperparameters(cfg), metrics=hparams_metrics(final), step=trainer.global_step)
-            logger.finalize("success")  # flushed and closed, as Lightning leaves it after a stage
+        _write_results(cfg, out_dir, metrics, initial_examples, held_out_examples(module), logger, trainer)
         paths = {
-            task.export_name(cfg.method.name): str(export.target),
+            export_name: str(export.target),
             "checkpoint": str(ckpt_dir / "last.ckpt") if (ckpt_dir / "last.ckpt").exists() else None,
             "logs": logger.log_dir if logger else None,
             "run.log": str(out_dir / "run.log"),
@@ -360,11 +370,55 @@ def _train(
     return {
         "out_dir": str(out_dir),
         "export": str(export.target),
-        "initial": initial,
-        "final": final,
+        "initial": metrics["initial"],
+        "final": metrics["final"],
         "metrics": metrics,
         "log_dir": logger.log_dir if logger else None,
     }
+
+
+def _metrics(
+    cfg: DictConfig, trainer: L.Trainer, module: FineTuneModule, data: Any, start: Start, final: dict[str, float]
+) -> dict[str, Any]:
+    """metrics.json's content (training.run_folder.RUN_METRICS_KEYS)."""
+    model = module.model
+    peak, peak_kind = module.memory.read()
+    return {
+        "status": "ok",
+        "method": cfg.method.name,
+        "task": cfg.task.name,
+        "initial": start.record.initial,
+        "final": final,
+        "held_out_examples": len(data.val) if data.val is not None else 0,
+        "steps": trainer.global_step,
+        "tokens": module.tokens_seen,
+        "wall_time_s": round(start.record.wall_time_s(), 3),  # all segments of a resumed run
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": peak_kind,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "config_digest": identity_digest({k: v for k, v in start.identity.items() if k != "data"}),
+    }
+
+
+def _write_results(
+    cfg: DictConfig,
+    out_dir: Path,
+    metrics: dict[str, Any],
+    initial_examples: dict | None,
+    final_examples: dict | None,
+    logger: Any,
+    trainer: L.Trainer,
+) -> None:
+    """metrics.json, the per-example held-out losses, and the logger's HParams (rank 0)."""
+    write_run_metrics(out_dir, **metrics)
+    if initial_examples is not None or final_examples is not None:
+        write_json(out_dir / HELDOUT_FILE, {"initial": initial_examples, "final": final_examples})
+    if logger and metrics["final"]:  # the HParams tab ranks runs by these (no hp_metric: see build_logger)
+        logger.log_hyperparams(
+            hyperparameters(cfg), metrics=hparams_metrics(metrics["final"]), step=trainer.global_step
+        )
+        logger.finalize("success")  # flushed and closed, as Lightning leaves it after a stage
 
 
 def held_out_examples(module: FineTuneModule) -> dict[str, list] | None:
