@@ -14,6 +14,7 @@ from conftest import TINY_RUN, run_cli, tiny_config
 from litgpt import GPT
 from litgpt.model import Block
 
+from lit_peft.checkpoints.files import ARCH_FILE
 from lit_peft.methods import build_settings
 from lit_peft.models import cqil
 from lit_peft.models.cqil import CQILSettings, cqil_disabled, original_model
@@ -269,7 +270,7 @@ def test_cqil_settings_travel_with_adapter_merge_and_loading(cqil_run, tiny_chec
     model, _, _ = load_for_inference(None, cqil_run / "adapter", tiny_checkpoint)
     assert model.cqil.groups == ((0, 1),)
     merged = merge_checkpoint(cqil_run / "adapter", tmp_path / "merged")
-    assert json.loads((merged / cqil.ARCH_FILE).read_text())["cqil"]["groups"] == [[0, 1]]
+    assert json.loads((merged / ARCH_FILE).read_text())["cqil"]["groups"] == [[0, 1]]
     plain = load_base(merged).eval()
     assert plain.cqil.groups == ((0, 1),)
     with torch.no_grad():
