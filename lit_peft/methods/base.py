@@ -111,13 +111,26 @@ def settings_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise UserError(f"unknown setting {unknown[0]!r} {where}; valid settings: {', '.join(sorted(names))}")
+        valid = f"valid settings: {', '.join(sorted(names))}" if names else "it has no settings"
+        raise UserError(f"unknown setting {unknown[0]!r} {where}; {valid}")
     return cls(**values)
 
 
 @dataclasses.dataclass(frozen=True)
-class MethodSettings:
-    """Base for a method's settings: validated, serialisable, rebuilt from the saved adapter config."""
+class Settings:
+    """Base for every method's settings: validated, serialisable, rebuilt from the saved adapter config."""
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Settings:
+        return settings_from_dict(cls, values, "for this method")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSettings(Settings):
+    """Settings of a method that wraps Linears: which ones (`targets`) and how a fused qkv is laid out."""
 
     targets: tuple[str, ...] = ("query", "value")
     qkv_layout: str = "concatenated"
@@ -133,19 +146,12 @@ class MethodSettings:
         if self.qkv_layout not in QKV_LAYOUTS:
             raise UserError(f"unknown qkv_layout {self.qkv_layout!r}; valid: {', '.join(QKV_LAYOUTS)}")
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> MethodSettings:
-        return settings_from_dict(cls, values, "for this method")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
 
 class Method:
     """A fine-tuning method: settings type, the adapter it builds, and which parameters train."""
 
     name: ClassVar[str]
-    Settings: ClassVar[type[MethodSettings]] = MethodSettings
+    Settings: ClassVar[type[Settings]] = MethodSettings
     wraps_linears: ClassVar[bool] = True
 
     def make_adapter(self, base: nn.Linear, parts: list[Part], settings: MethodSettings) -> AdapterLinear:

@@ -6,12 +6,12 @@ import dataclasses
 
 from litgpt import GPT
 
-from lit_peft.methods.base import Method, MethodSettings
+from lit_peft.methods.base import Method, Settings
 
 
 @dataclasses.dataclass(frozen=True)
-class FullSettings(MethodSettings):
-    targets: tuple[str, ...] = ("query", "key", "value", "projection", "mlp", "head")
+class FullSettings(Settings):
+    """None: every weight trains."""
 
 
 class Full(Method):
