@@ -26,21 +26,23 @@ class ConfigError(UserError):
 
 # --------------------------------------------------------------------------------------------------- the error path
 
-_last_reported: list[str] = []  # the last `error:` line this process printed (cli.args.fail.exit)
+_reported: list[str] = []  # every `error:` line this process printed (cli.args.fail.exit), in order
 
 
 def remember_reported(message: str) -> str:
     """Note the one-line error the process is about to print; a sweep records it as its failed job's error."""
-    _last_reported[:] = [message]
+    _reported.append(message)
     return message
 
 
-def last_reported(forget: bool = False) -> str:
-    """The last one-line error printed ('' when none); `forget` clears it (a new sweep job starts clean)."""
-    message = _last_reported[0] if _last_reported else ""
-    if forget:
-        _last_reported.clear()
-    return message
+def report_mark() -> int:
+    """A mark to ask later for the errors printed since (a sweep job takes one when it starts)."""
+    return len(_reported)
+
+
+def last_reported(since: int | None) -> str:
+    """The last one-line error printed since `since` (a report_mark); '' when none, or when there is no mark."""
+    return _reported[-1] if since is not None and len(_reported) > since else ""
 
 
 def one_line(text: str) -> str:

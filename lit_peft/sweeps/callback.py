@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lit_peft.compat import basic_sweeper, job_exception
 from lit_peft.env import host
-from lit_peft.errors import last_reported
+from lit_peft.errors import last_reported, report_mark
 
 REPORT_FILES = ("jobs.jsonl", "report.md", "report.csv", "loss_curves.png", "loss_vs_params.png", "step_time.png")
 
@@ -101,6 +101,7 @@ class SweepReport(Callback):
         self._sweep_dir: Path | None = None
         self._registered = False
         self._outcome: tuple[str, str] | None = None
+        self._mark: int | None = None  # errors.report_mark() when this job started
 
     # ------------------------------------------------------------------------------------------- Hydra's hooks
 
@@ -153,7 +154,7 @@ class SweepReport(Callback):
         }
         self._sweep_dir = sweep
         self._append(sweep, self._current)
-        last_reported(forget=True)  # an earlier job's error is not this one's
+        self._mark = report_mark()  # an earlier job's error is not this one's
         if not self._registered:
             atexit.register(self._at_exit)
             self._registered = True
@@ -170,7 +171,7 @@ class SweepReport(Callback):
             status = "killed"
         elif self._outcome is not None:  # the job failed and returned (finetune/run.py: +inf), the sweep goes on
             status, error = self._outcome
-            error = error or last_reported()
+            error = error or last_reported(self._mark)
         self._outcome = None
         self._end(status, error)
         self._write_report()
@@ -244,7 +245,7 @@ class SweepReport(Callback):
         """A job that never reached on_job_end: SystemExit (a user error, exit 2; a preemption, exit 3) or Ctrl-C."""
         if self._current is None or self._sweep_dir is None:
             return
-        error = last_reported()
+        error = last_reported(self._mark)
         from lit_peft.training.resume import Preemption
 
         if error:
